@@ -1,0 +1,147 @@
+"""Typed config schemas, registered in Hydra's ConfigStore before composition.
+
+Each group's YAML files name their schema in ``defaults`` (``_schema`` here, ``_schema_<loss>``
+for losses, stored by the loss registry), so an unknown key or a wrong type fails at composition
+with a message naming the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from importlib.resources import files
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+
+@dataclass
+class TinyModelConfig:
+    """A random Llama built in code (tests, smoke runs). Its byte-level tokenizer is built too."""
+
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 128
+    max_position_embeddings: int = 512
+    tie_word_embeddings: bool = True
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = MISSING  # Hub id or local directory (the tokenizer comes from here too)
+    revision: str | None = None
+    source: str = "hub"  # hub | gguf (convert a GGUF file once, cache safetensors) | tiny
+    gguf_package: str | None = None  # Python package shipping the GGUF file (source=gguf)
+    gguf_file: str | None = None  # file name inside that package, or an absolute path
+    dtype: str = "float32"  # dtype of the weights: float32 (bf16 autocast on GPU) | bfloat16
+    attn_implementation: str = "auto"  # auto: flash_attention_2 if flash-attn imports, else sdpa
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+
+
+@dataclass
+class DatasetConfig:
+    schema: str = "canonical"  # canonical | ultrafeedback | ultrafeedback_binarized | armorm
+    path: str = MISSING  # Hub id, or a local .jsonl/.json/.parquet file
+    train_split: str = "train"
+    eval_path: str | None = None  # local eval file; else eval_split of ``path``
+    eval_split: str | None = None  # None and no eval_path: hold out eval_size rows of train
+    eval_size: int = 64
+    max_train_examples: int | None = None
+    max_eval_examples: int | None = None
+    score_field: str = "fine-grained_score"  # ultrafeedback only: which rating becomes the score
+    bad_rows: str = "error"  # error: stop naming file/row/key | skip: drop, log the count
+    pairs: str = "best_vs_worst"  # for pairwise (K = 2) losses: best_vs_worst|best_vs_each|all_pairs
+    max_length: int = 1024  # prompt + response tokens per sequence
+    max_prompt_length: int = 512
+    prompt_truncation: str = "keep_end"  # keep_end (drop the oldest tokens) | skip | error
+    response_truncation: str = "cut_end"  # cut_end (response loses its EOS) | skip | error
+    system_prompt: str | None = None  # prepended as a system message when the prompt has none
+    cache: bool = True  # cache tokenized data under ${cache_dir}/tokenized
+
+
+@dataclass
+class OptimizerConfig:
+    _target_: str = "torch.optim.AdamW"  # or bitsandbytes.optim.AdamW8bit / PagedAdamW8bit
+    _partial_: bool = True  # params are passed by the loop
+    lr: float = 1e-6
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 0  # optimizer steps; 0 = derive from epochs
+    epochs: float = 1.0
+    global_batch_groups: int = 32  # prompt groups per optimizer step (all ranks together)
+    micro_batch_groups: int = 4  # groups per forward; accumulation = global / micro
+    warmup_ratio: float = 0.1
+    schedule: str = "cosine"  # cosine | linear | constant (after linear warmup)
+    min_lr_ratio: float = 0.0
+    max_grad_norm: float = 1.0
+    eval_every: int = 0  # steps; 0 = only before and after training
+    eval_batch_groups: int = 8
+    save_every: int = 0  # steps; 0 = only at the end
+    keep_last: int = 2  # checkpoints kept
+    resume: str = "auto"  # auto (latest checkpoint in the run dir) | never | <checkpoint dir>
+    stop_at_step: int = 0  # checkpoint and stop here as if preempted (time-boxed jobs); 0 = off
+    export_final: bool = True  # HF-format model + tokenizer in <run_dir>/final
+    log_every: int = 1
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
+    logps_chunk_size: int = 1024  # response tokens per log-prob chunk (peak memory ~ chunk x vocab)
+    num_threads: int = 0  # torch CPU threads; 0 = torch's default
+    progress: bool = True  # console progress bar
+
+
+@dataclass
+class LoggerConfig:
+    kind: str = "none"  # none | wandb  (metrics.jsonl is always written)
+    project: str = "prefopt"
+    entity: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+    mode: str = "auto"  # auto: online with WANDB_API_KEY, else offline | online | offline
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = MISSING
+    dataset: DatasetConfig = MISSING
+    loss: Any = MISSING  # each loss YAML brings its own schema (loss/_schema_<name>)
+    optimizer: OptimizerConfig = MISSING
+    trainer: TrainerConfig = MISSING
+    logger: LoggerConfig = MISSING
+    exp_name: str = "default"
+    seed: int = 0
+    run_dir: str = MISSING  # set by conf/train.yaml from hydra's output dir
+    cache_dir: str = MISSING  # converted models, tokenized data
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="_train_schema", node=TrainConfig)
+    for group, node in [
+        ("model", ModelConfig),
+        ("dataset", DatasetConfig),
+        ("optimizer", OptimizerConfig),
+        ("trainer", TrainerConfig),
+        ("logger", LoggerConfig),
+    ]:
+        cs.store(group=group, name="_schema", node=node)
+
+
+
+def asset_path(name: str) -> str:
+    """Path of a file shipped in ``prefopt/assets`` (``${asset:name}`` in configs)."""
+    return str(files("prefopt") / "assets" / name)
+
+
+register_configs()
+if not OmegaConf.has_resolver("asset"):
+    OmegaConf.register_new_resolver("asset", asset_path)

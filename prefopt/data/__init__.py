@@ -1,0 +1,1 @@
+"""Data: raw rows -> Example (schemas) -> TokenizedGroup (tokenize) -> Batch (collate)."""

@@ -1,0 +1,86 @@
+"""Group views -> Batch (padded layout) and the deterministic, resumable order of views.
+
+Padded layout: one row per (group, response): prompt + response, right-padded. It is the
+reference layout; packed and prompt-shared layouts replace ``collate`` and keep ``Batch``'s
+(B, K) fields, so the statistics and losses do not change.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from prefopt.data.tokenize import TokenizedGroup
+
+
+class Batch(NamedTuple):
+    input_ids: Tensor  # (N, T) one row per real response, right-padded
+    attention_mask: Tensor  # (N, T)
+    response_mask: Tensor  # (N, T) True on response tokens (the trained-on targets)
+    row_group: Tensor  # (N,) group index b of each row
+    row_slot: Tensor  # (N,) response slot k of each row
+    scores: Tensor  # (B, K) float32
+    mask: Tensor  # (B, K) bool, real responses
+    has_eos: Tensor  # (B, K) bool
+
+    @property
+    def num_groups(self) -> int:
+        return self.scores.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(*(t.to(device, non_blocking=True) for t in self))
+
+
+def collate(groups: list[tuple[TokenizedGroup, tuple[int, ...]]], pad_id: int) -> Batch:
+    """Lay out groups (each with the response indices of its view) as padded rows."""
+    B = len(groups)
+    K = max(len(idx) for _, idx in groups)
+    rows = [(b, k, g.prompt_ids, g.response_ids[r]) for b, (g, idx) in enumerate(groups)
+            for k, r in enumerate(idx)]
+    T = max(len(p) + len(r) for *_, p, r in rows)
+    input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), T), dtype=torch.bool)
+    response_mask = torch.zeros((len(rows), T), dtype=torch.bool)
+    for n, (_, _, p, r) in enumerate(rows):
+        input_ids[n, : len(p) + len(r)] = torch.tensor(p + r)
+        attention_mask[n, : len(p) + len(r)] = True
+        response_mask[n, len(p) : len(p) + len(r)] = True
+    scores = torch.zeros((B, K), dtype=torch.float32)
+    mask = torch.zeros((B, K), dtype=torch.bool)
+    has_eos = torch.zeros((B, K), dtype=torch.bool)
+    for b, (g, idx) in enumerate(groups):
+        scores[b, : len(idx)] = torch.tensor([g.scores[r] for r in idx], dtype=torch.float32)
+        mask[b, : len(idx)] = True
+        has_eos[b, : len(idx)] = torch.tensor([g.has_eos[r] for r in idx])
+    return Batch(
+        input_ids,
+        attention_mask,
+        response_mask,
+        torch.tensor([b for b, *_ in rows]),
+        torch.tensor([k for _, k, *_ in rows]),
+        scores,
+        mask,
+        has_eos,
+    )
+
+
+def view_order(num_views: int, seed: int, epoch: int) -> list[int]:
+    """The permutation of views for one epoch: a pure function of (seed, epoch), so a resumed
+    run that knows how many views it consumed continues with exactly the next ones."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(num_views, generator=gen).tolist()
+
+
+def views_at(num_views: int, seed: int, start: int, count: int) -> list[int]:
+    """Indices of the ``count`` views after the first ``start`` of the endless epoch stream."""
+    out: list[int] = []
+    while len(out) < count:
+        epoch, offset = divmod(start + len(out), num_views)
+        out.extend(view_order(num_views, seed, epoch)[offset : offset + count - len(out)])
+    return out

@@ -1,0 +1,131 @@
+"""Example -> TokenizedGroup with the model's chat template.
+
+Conventions (tested in tests/test_data.py):
+- the prompt is the chat template applied with ``add_generation_prompt=True``; it carries exactly
+  one leading BOS when the tokenizer uses one (templates that write BOS and tokenizers that add it
+  are both handled, never doubled);
+- each response is its text tokenized with special-token strings split (a literal "</s>" in the
+  text is text), followed by exactly one EOS; only response tokens are trained on;
+- truncation: an over-long prompt keeps its end (the latest turns; BOS stays), an over-long
+  response is cut at the end and so loses its EOS (``has_eos`` False). Both are counted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
+
+from prefopt.data.example import DataError, Example
+
+PROMPT_TRUNCATION = ("keep_end", "skip", "error")
+RESPONSE_TRUNCATION = ("cut_end", "skip", "error")
+
+
+@dataclass(frozen=True)
+class TokenizeOptions:
+    max_length: int = 1024  # prompt + response tokens of one sequence
+    max_prompt_length: int = 512
+    prompt_truncation: str = "keep_end"
+    response_truncation: str = "cut_end"
+    system_prompt: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.prompt_truncation not in PROMPT_TRUNCATION:
+            raise ValueError(f"dataset.prompt_truncation must be one of {PROMPT_TRUNCATION}")
+        if self.response_truncation not in RESPONSE_TRUNCATION:
+            raise ValueError(f"dataset.response_truncation must be one of {RESPONSE_TRUNCATION}")
+        if not 0 < self.max_prompt_length < self.max_length:
+            raise ValueError("dataset.max_prompt_length must be in (0, dataset.max_length)")
+
+
+@dataclass(frozen=True)
+class TokenizedGroup:
+    prompt_ids: list[int]
+    response_ids: list[list[int]]  # each ends with EOS unless truncation cut it
+    has_eos: list[bool]
+    scores: list[float]
+    id: str = ""
+
+
+def _adds_bos(tok: PreTrainedTokenizerBase) -> bool:
+    bos = tok.bos_token_id
+    return bos is not None and tok("a", add_special_tokens=True).input_ids[:1] == [bos]
+
+
+def tokenizer_fingerprint(tok: PreTrainedTokenizerBase) -> str:
+    """Hash of everything tokenization depends on: vocabulary, merges, specials, chat template."""
+    parts = [
+        tok.backend_tokenizer.to_str() if hasattr(tok, "backend_tokenizer") else repr(tok),
+        str(tok.chat_template),
+        str((tok.bos_token_id, tok.eos_token_id, _adds_bos(tok))),
+    ]
+    return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:16]
+
+
+class Tokenizer:
+    """Tokenizes Examples for one tokenizer and one set of options, counting truncations."""
+
+    def __init__(self, tok: PreTrainedTokenizerBase, opts: TokenizeOptions) -> None:
+        if tok.eos_token_id is None:
+            raise ValueError("the tokenizer has no EOS token; responses must end with one")
+        self.tok, self.opts = tok, opts
+        self.bos, self.eos = tok.bos_token_id, tok.eos_token_id
+        self.add_bos = _adds_bos(tok)
+        self.counts: Counter[str] = Counter()
+
+    def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        if self.opts.system_prompt and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": self.opts.system_prompt}, *messages]
+        text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = self.tok(text, add_special_tokens=False).input_ids
+        if self.add_bos and ids[:1] != [self.bos]:
+            ids = [self.bos, *ids]
+        while self.bos is not None and ids[:2] == [self.bos, self.bos]:
+            ids = ids[1:]
+        return ids
+
+    def response_ids(self, text: str) -> list[int]:
+        if self.tok.eos_token and text.endswith(self.tok.eos_token):
+            text = text[: -len(self.tok.eos_token)]
+        ids = self.tok(text, add_special_tokens=False, split_special_tokens=True).input_ids
+        return [*ids, self.eos]
+
+    def __call__(self, ex: Example, where: str) -> TokenizedGroup | None:
+        """The tokenized group, or None when a truncation policy says skip (counted)."""
+        o = self.opts
+        prompt = self.prompt_ids(ex.prompt)
+        if len(prompt) > o.max_prompt_length:
+            if o.prompt_truncation == "error":
+                raise DataError(f"{where}: key 'prompt': {len(prompt)} tokens > "
+                                f"dataset.max_prompt_length={o.max_prompt_length}")
+            if o.prompt_truncation == "skip":
+                self.counts["skipped_long_prompt"] += 1
+                return None
+            head = prompt[:1] if prompt[:1] == [self.bos] else []
+            prompt = head + prompt[len(prompt) - (o.max_prompt_length - len(head)):]
+            self.counts["truncated_prompts"] += 1
+        budget = o.max_length - len(prompt)
+        responses, has_eos = [], []
+        for k, text in enumerate(ex.responses):
+            ids = self.response_ids(text)
+            if len(ids) > budget:
+                if o.response_truncation == "error":
+                    raise DataError(f"{where}: key 'responses'[{k}]: {len(prompt)} prompt + "
+                                    f"{len(ids)} response tokens > dataset.max_length={o.max_length}")
+                if o.response_truncation == "skip":
+                    self.counts["skipped_long_response"] += 1
+                    return None
+                ids = ids[:budget]
+                self.counts["truncated_responses"] += 1
+            responses.append(ids)
+            has_eos.append(ids[-1] == self.eos)
+        self.counts["groups"] += 1
+        return TokenizedGroup(prompt, responses, has_eos, list(ex.scores), ex.id)
+
+
+def options_key(opts: TokenizeOptions) -> str:
+    return json.dumps(opts.__dict__, sort_keys=True)

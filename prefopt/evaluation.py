@@ -1,0 +1,70 @@
+"""Forward + loss for one batch, shared by training and evaluation, and held-out evaluation."""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+
+import datasets
+import torch
+from transformers import PreTrainedModel
+
+from prefopt.data.collate import Batch, collate
+from prefopt.data.loading import View, group_at
+from prefopt.losses import LossSpec
+from prefopt.losses.registry import LossFn
+from prefopt.metrics import MetricSums
+from prefopt.stats import group_stats
+from prefopt.types import LossOutput
+
+
+def forward_loss(
+    policy: PreTrainedModel,
+    ref: PreTrainedModel | None,
+    batch: Batch,
+    spec: LossSpec,
+    loss_fn: LossFn,
+    chunk_size: int,
+) -> LossOutput:
+    stats = group_stats(policy, batch, chunk_size)
+    ref_stats = None
+    if spec.needs_reference:
+        with torch.no_grad():
+            ref_stats = group_stats(ref, batch, chunk_size)
+    return loss_fn(stats, ref_stats, batch.scores)
+
+
+def batches(
+    data: datasets.Dataset, views: list[View], order: list[int], size: int, pad_id: int,
+    device: torch.device,
+):
+    """Collated batches of ``size`` views taken in ``order``."""
+    for start in range(0, len(order), size):
+        chunk = [views[i] for i in order[start : start + size]]
+        yield collate([(group_at(data, row), idx) for row, idx in chunk], pad_id).to(device)
+
+
+@torch.no_grad()
+def evaluate(
+    policy: PreTrainedModel,
+    ref: PreTrainedModel | None,
+    data: datasets.Dataset,
+    views: list[View],
+    spec: LossSpec,
+    loss_fn: LossFn,
+    *,
+    batch_groups: int,
+    pad_id: int,
+    chunk_size: int,
+    autocast: AbstractContextManager,
+) -> dict[str, float]:
+    """Mean loss and metrics over every valid held-out group (same definitions as training)."""
+    was_training = policy.training
+    policy.eval()
+    sums = MetricSums()
+    for batch in batches(data, views, list(range(len(views))), batch_groups, pad_id,
+                         next(policy.parameters()).device):
+        with autocast:
+            out = forward_loss(policy, ref, batch, spec, loss_fn, chunk_size)
+        sums.add(out, batch.num_tokens)
+    policy.train(was_training)
+    return sums.finish()

@@ -1,0 +1,82 @@
+"""Metric loggers behind one small protocol: metrics.jsonl always, W&B when asked, nothing off rank 0."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Protocol
+
+from omegaconf import DictConfig, OmegaConf
+
+from prefopt.parallel import is_main
+
+
+class MetricLogger(Protocol):
+    def log(self, metrics: dict[str, float], step: int) -> None: ...
+    def close(self) -> None: ...
+
+
+class JsonlLogger:
+    def __init__(self, path: Path) -> None:
+        self.file = path.open("a", encoding="utf-8")
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class WandbLogger:
+    """W&B run in the run dir; offline mode when no API key is configured (sync later)."""
+
+    def __init__(self, cfg: DictConfig, run_dir: str, config: dict[str, Any]) -> None:
+        import wandb
+
+        mode = cfg.mode
+        if mode == "auto":
+            has_key = os.environ.get("WANDB_API_KEY") or Path.home().joinpath(".netrc").is_file()
+            mode = os.environ.get("WANDB_MODE") or ("online" if has_key else "offline")
+        self.run = wandb.init(
+            project=cfg.project,
+            entity=cfg.entity,
+            group=cfg.group,
+            tags=list(cfg.tags),
+            dir=run_dir,
+            config=config,
+            mode=mode,
+            resume="allow",
+            id=Path(run_dir).name.replace(":", "-")[-64:] if mode != "disabled" else None,
+        )
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self.run.log(metrics, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class MultiLogger:
+    def __init__(self, loggers: list[MetricLogger]) -> None:
+        self.loggers = loggers
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        for lg in self.loggers:
+            lg.log(metrics, step)
+
+    def close(self) -> None:
+        for lg in self.loggers:
+            lg.close()
+
+
+def build_logger(cfg: DictConfig, run_dir: str, full_config: DictConfig) -> MetricLogger:
+    if not is_main():
+        return MultiLogger([])
+    loggers: list[MetricLogger] = [JsonlLogger(Path(run_dir, "metrics.jsonl"))]
+    if cfg.kind == "wandb":
+        loggers.append(WandbLogger(cfg, run_dir, OmegaConf.to_container(full_config, resolve=True)))
+    elif cfg.kind != "none":
+        raise ValueError(f"logger.kind must be 'none' or 'wandb', got {cfg.kind!r}")
+    return MultiLogger(loggers)

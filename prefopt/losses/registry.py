@@ -1,0 +1,72 @@
+"""Loss registry: ``name -> LossSpec(fn, config dataclass, capabilities)``.
+
+A loss is a pure function ``fn(policy, ref, scores, **hparams) -> LossOutput`` over (B, K)
+statistics. Its hyper-parameter dataclass is the schema of ``conf/loss/<name>.yaml``: the decorator
+stores it in Hydra's ConfigStore as ``loss/_schema_<name>`` so a typo or a wrong type in a loss key
+fails at composition. The loop reads the capabilities (``needs_reference``, ``k``) and never the name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+
+from prefopt.types import LossOutput
+
+LossFn = Callable[..., LossOutput]
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    name: str
+    fn: LossFn
+    config_cls: type
+    needs_reference: bool  # reference log-probs required (frozen copy of the start model)
+    k: int | None  # responses per group the loss accepts; None = any K >= 2; 2 = pairwise
+
+
+LOSSES: dict[str, LossSpec] = {}
+
+
+@dataclass
+class LossConfig:
+    """Base of every loss schema; ``name`` selects the registry entry."""
+
+    name: str = "???"
+
+
+def register_loss(
+    name: str, config_cls: type, *, needs_reference: bool = False, k: int | None = None
+) -> Callable[[LossFn], LossFn]:
+    """Register ``fn`` under ``name`` with its hyper-parameter dataclass ``config_cls``."""
+
+    def decorator(fn: LossFn) -> LossFn:
+        if name in LOSSES:
+            raise ValueError(f"loss {name!r} is registered twice")
+        if not issubclass(config_cls, LossConfig):
+            raise TypeError(f"{config_cls.__name__} must subclass LossConfig")
+        LOSSES[name] = LossSpec(name, fn, config_cls, needs_reference, k)
+        ConfigStore.instance().store(group="loss", name=f"_schema_{name}", node=config_cls)
+        return fn
+
+    return decorator
+
+
+def get_spec(name: str) -> LossSpec:
+    try:
+        return LOSSES[name]
+    except KeyError:
+        raise KeyError(f"unknown loss {name!r}; registered losses: {sorted(LOSSES)}") from None
+
+
+def build_loss(cfg: Any) -> tuple[LossSpec, LossFn]:
+    """Return the spec and ``fn`` with the config's hyper-parameters bound as keywords."""
+    spec = get_spec(cfg.name)
+    hparams = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(spec.config_cls)}
+    hparams.pop("name")
+    return spec, functools.partial(spec.fn, **hparams)
