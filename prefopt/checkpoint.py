@@ -46,7 +46,10 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(
-    run_dir: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: TrainState,
+    run_dir: str,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: TrainState,
     keep_last: int,
 ) -> Path:
     root = Path(run_dir, "checkpoints")

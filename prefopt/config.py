@@ -8,9 +8,8 @@ with a message naming the key.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
-
 from importlib.resources import files
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
@@ -55,7 +54,9 @@ class DatasetConfig:
     max_eval_examples: int | None = None
     score_field: str = "fine-grained_score"  # ultrafeedback only: which rating becomes the score
     bad_rows: str = "error"  # error: stop naming file/row/key | skip: drop, log the count
-    pairs: str = "best_vs_worst"  # for pairwise (K = 2) losses: best_vs_worst|best_vs_each|all_pairs
+    pairs: str = (
+        "best_vs_worst"  # for pairwise (K = 2) losses: best_vs_worst|best_vs_each|all_pairs
+    )
     max_length: int = 1024  # prompt + response tokens per sequence
     max_prompt_length: int = 512
     prompt_truncation: str = "keep_end"  # keep_end (drop the oldest tokens) | skip | error
@@ -134,7 +135,6 @@ def register_configs() -> None:
         ("logger", LoggerConfig),
     ]:
         cs.store(group=group, name="_schema", node=node)
-
 
 
 def asset_path(name: str) -> str:

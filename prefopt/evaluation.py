@@ -34,7 +34,11 @@ def forward_loss(
 
 
 def batches(
-    data: datasets.Dataset, views: list[View], order: list[int], size: int, pad_id: int,
+    data: datasets.Dataset,
+    views: list[View],
+    order: list[int],
+    size: int,
+    pad_id: int,
     device: torch.device,
 ):
     """Collated batches of ``size`` views taken in ``order``."""
@@ -61,8 +65,9 @@ def evaluate(
     was_training = policy.training
     policy.eval()
     sums = MetricSums()
-    for batch in batches(data, views, list(range(len(views))), batch_groups, pad_id,
-                         next(policy.parameters()).device):
+    for batch in batches(
+        data, views, list(range(len(views))), batch_groups, pad_id, next(policy.parameters()).device
+    ):
         with autocast:
             out = forward_loss(policy, ref, batch, spec, loss_fn, chunk_size)
         sums.add(out, batch.num_tokens)

@@ -1,4 +1,4 @@
-"""Metric loggers behind one small protocol: metrics.jsonl always, W&B when asked, nothing off rank 0."""
+"""Metric loggers behind one protocol: metrics.jsonl always, W&B when asked, nothing off rank 0."""
 
 from __future__ import annotations
 

@@ -18,7 +18,8 @@ from prefopt.types import GroupStats
 
 
 def _chunk_logps(hidden: Tensor, targets: Tensor, head: nn.Module, softcap: float | None) -> Tensor:
-    logits = head(hidden).float()  # (C, V)
+    logits = head(hidden)  # (C, V)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32, keep fp64
     if softcap:  # Gemma-2 style final logit soft-capping
         logits = softcap * torch.tanh(logits / softcap)
     picked = logits.gather(-1, targets[:, None]).squeeze(-1)
@@ -61,11 +62,11 @@ def group_stats(model: PreTrainedModel, batch: Batch, chunk_size: int = 1024) ->
     )  # (M,)
     lengths = target_mask.sum(1)  # (N,)
     rows = torch.arange(len(lengths), device=lengths.device).repeat_interleave(lengths)
-    row_logps = torch.zeros(len(lengths), device=logps.device).index_add(0, rows, logps)
+    row_logps = logps.new_zeros(len(lengths)).index_add(0, rows, logps)
     row_last = logps[lengths.cumsum(0) - 1]  # targets are in row order, so each row's final token
     return GroupStats(
         logps=_to_groups(batch, row_logps, 0.0),
-        lengths=_to_groups(batch, lengths.float(), 1.0),
+        lengths=_to_groups(batch, lengths.to(logps.dtype), 1.0),
         eos_logps=_to_groups(batch, row_last, 0.0),
         has_eos=batch.has_eos,
         mask=batch.mask,

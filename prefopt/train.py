@@ -23,13 +23,16 @@ import math
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import prefopt.losses  # noqa: F401  (registers loss schemas before composition)
 from prefopt import parallel
@@ -39,12 +42,13 @@ from prefopt.checkpoint import (
     resolve_resume,
     save_checkpoint,
 )
-from prefopt.data.collate import collate, views_at
-from prefopt.data.loading import build_splits, group_at, make_views
+from prefopt.data.collate import Batch, views_at
+from prefopt.data.loading import DataSplits, build_splits, make_views
 from prefopt.data.tokenize import TokenizeOptions, Tokenizer
-from prefopt.evaluation import evaluate, forward_loss
+from prefopt.evaluation import batches, evaluate, forward_loss
 from prefopt.logger import build_logger
-from prefopt.losses import build_loss
+from prefopt.losses import LossSpec, build_loss
+from prefopt.losses.registry import LossFn
 from prefopt.metrics import MetricSums
 from prefopt.models import load_model, load_tokenizer
 from prefopt.optim import build_optimizer, lr_at
@@ -81,21 +85,82 @@ def validate(cfg: DictConfig) -> None:
 
 def git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            timeout=5,
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
 
 def print_eval(title: str, before: dict[str, float], after: dict[str, float] | None) -> None:
-    keys = ["loss", "rewards/accuracy", "rewards/margin", "avg_logps/chosen", "avg_logps/rejected",
-            "lengths/chosen", "lengths/rejected", "valid_groups"]
+    keys = [
+        "loss",
+        "rewards/accuracy",
+        "rewards/margin",
+        "avg_logps/chosen",
+        "avg_logps/rejected",
+        "lengths/chosen",
+        "lengths/rejected",
+        "valid_groups",
+    ]
     lines = [f"{title:<22}{'before':>12}" + (f"{'after':>12}" if after else "")]
     for k in keys:
         row = f"{k:<22}{before.get(k, math.nan):>12.4f}"
         lines.append(row + (f"{after.get(k, math.nan):>12.4f}" if after else ""))
     print("\n".join(lines), flush=True)
+
+
+def prepare_data(cfg: DictConfig, tok: PreTrainedTokenizerBase, spec: LossSpec) -> DataSplits:
+    """Tokenized train/eval groups and their views (score-ordered pairs for pairwise losses)."""
+    d = cfg.dataset
+    opts = TokenizeOptions(d.max_length, d.max_prompt_length, d.prompt_truncation,
+                           d.response_truncation, d.system_prompt)  # fmt: skip
+    cache = str(Path(cfg.cache_dir)) if d.cache else None
+    train, eval_data, counts = build_splits(d, Tokenizer(tok, opts), cache, cfg.seed)
+    log.info("data: %d train / %d eval groups; %s", len(train), len(eval_data), dict(counts))
+    if spec.k not in (None, 2):
+        raise ValueError(f"loss {spec.name!r} wants K={spec.k}; only K=2 or any K is supported")
+    pairs = d.pairs if spec.k == 2 else None
+    return DataSplits(train, make_views(train, pairs), eval_data, make_views(eval_data, pairs),
+                      counts)  # fmt: skip
+
+
+def train_step(
+    policy: PreTrainedModel,
+    ref: PreTrainedModel | None,
+    micro_batches: Iterator[Batch],
+    spec: LossSpec,
+    loss_fn: LossFn,
+    t: DictConfig,
+    autocast: AbstractContextManager,
+) -> tuple[dict[str, float], float]:
+    """Accumulate gradients over the micro-batches, normalise by the step's valid groups, clip.
+
+    Returns the step's metrics and the gradient norm, NaN when the step must not be applied
+    (a non-finite loss or gradient, or no valid group).
+    """
+    sums = MetricSums()
+    for batch in micro_batches:
+        with autocast:
+            out = forward_loss(policy, ref, batch, spec, loss_fn, t.logps_chunk_size)
+        loss_sum = out.losses[out.valid].sum()
+        if not torch.isfinite(loss_sum):
+            return sums.finish(), math.nan  # the loop zeroes the partial gradients
+        if out.valid.any():
+            loss_sum.backward()
+        sums.add(out, batch.num_tokens)
+    metrics = sums.finish()
+    if metrics["valid_groups"] == 0:
+        return metrics, math.nan
+    params = [p for p in policy.parameters() if p.grad is not None]
+    for p in params:  # one normalisation for accumulation and ranks: mean over valid groups
+        p.grad.div_(metrics["valid_groups"])
+    return metrics, float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm))
 
 
 def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, float]:
@@ -110,53 +175,39 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, float]
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     use_bf16 = t.precision == "bf16" or (t.precision == "auto" and world.device.type == "cuda")
     autocast = (torch.autocast(world.device.type, dtype=torch.bfloat16) if use_bf16
-                else contextlib.nullcontext())
+                else contextlib.nullcontext())  # fmt: skip
 
-    # ---- tokenizer, data, loss ----
+    # ---- loss, tokenizer, data, models, optimizer ----
     spec, loss_fn = build_loss(cfg.loss)
     tok = load_tokenizer(cfg.model, cfg.cache_dir)
-    d = cfg.dataset
-    tokenizer = Tokenizer(tok, TokenizeOptions(d.max_length, d.max_prompt_length,
-                                               d.prompt_truncation, d.response_truncation,
-                                               d.system_prompt))
-    train_data, eval_data, counts = build_splits(
-        d, tokenizer, str(Path(cfg.cache_dir)) if d.cache else None, cfg.seed)
-    log.info("data: %d train / %d eval groups; %s", len(train_data), len(eval_data), dict(counts))
-    if spec.k not in (None, 2):
-        raise ValueError(f"loss {spec.name!r} wants K={spec.k}; only pairwise or any-K is supported")
-    pairs = d.pairs if spec.k == 2 else None
-    train_views, eval_views = make_views(train_data, pairs), make_views(eval_data, pairs)
+    data = prepare_data(cfg, tok, spec)
     G = t.global_batch_groups
-    max_steps = t.max_steps or math.ceil(t.epochs * len(train_views) / G)
-
-    # ---- models and optimizer ----
+    max_steps = t.max_steps or math.ceil(t.epochs * len(data.train_views) / G)
     policy = load_model(cfg.model, cfg.cache_dir, tok, cfg.seed).to(world.device)
     ref = None
     if spec.needs_reference:  # a frozen copy of the starting weights
         ref = copy.deepcopy(policy).eval().requires_grad_(False)
-    params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = build_optimizer(cfg.optimizer, params)
+    optimizer = build_optimizer(cfg.optimizer, [p for p in policy.parameters() if p.requires_grad])
     state = TrainState()
     resume_from = resolve_resume(t.resume, run_dir)
     if resume_from is not None:
         state = load_checkpoint(resume_from, policy, optimizer)
-        log.info("resumed from %s at step %d (%d views consumed)", resume_from, state.step,
-                 state.consumed)
+        log.info("resumed from %s at step %d", resume_from, state.step)
     policy.train()
     logger = build_logger(cfg.logger, run_dir, cfg)
-    eval_kwargs = dict(batch_groups=t.eval_batch_groups, pad_id=tok.pad_token_id,
-                       chunk_size=t.logps_chunk_size, autocast=autocast)
 
     def run_eval() -> dict[str, float]:
-        metrics = evaluate(policy, ref, eval_data, eval_views, spec, loss_fn, **eval_kwargs)
+        metrics = evaluate(policy, ref, data.eval, data.eval_views, spec, loss_fn,
+                           batch_groups=t.eval_batch_groups, pad_id=tok.pad_token_id,
+                           chunk_size=t.logps_chunk_size, autocast=autocast)  # fmt: skip
         logger.log({f"eval/{k}": v for k, v in metrics.items()}, step=state.step)
         return metrics
 
     eval_before = run_eval() if state.step == 0 else None
     best_eval = eval_before
     preempt = Preemption()
-    bar = tqdm(total=max_steps, initial=state.step, disable=not (t.progress and parallel.is_main()),
-               dynamic_ncols=True)
+    bar = tqdm(total=max_steps, initial=state.step, dynamic_ncols=True,
+               disable=not (t.progress and parallel.is_main()))  # fmt: skip
     consecutive_skips = 0
 
     # ---- training loop ----
@@ -165,40 +216,20 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, float]
         lr = lr_at(state.step, cfg.optimizer.lr, t, max_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        step_views = views_at(len(train_views), cfg.seed, state.consumed, G)
-        sums, finite = MetricSums(), True
-        for start in range(0, G, t.micro_batch_groups):
-            micro = [train_views[i] for i in step_views[start : start + t.micro_batch_groups]]
-            batch = collate([(group_at(train_data, r), idx) for r, idx in micro],
-                            tok.pad_token_id).to(world.device)
-            with autocast:
-                out = forward_loss(policy, ref, batch, spec, loss_fn, t.logps_chunk_size)
-            loss_sum = out.losses[out.valid].sum()
-            if not torch.isfinite(loss_sum):
-                finite = False
-                break
-            if out.valid.any():
-                loss_sum.backward()
-            sums.add(out, batch.num_tokens)
-        metrics = sums.finish()
-        n_valid = metrics["valid_groups"]
-        grad_norm = math.nan
-        if finite and n_valid > 0:
-            for p in params:  # one normalisation for accumulation and ranks: mean over valid groups
-                if p.grad is not None:
-                    p.grad.div_(n_valid)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm))
-        if finite and n_valid > 0 and math.isfinite(grad_norm):
+        order = views_at(len(data.train_views), cfg.seed, state.consumed, G)
+        micro_batches = batches(data.train, data.train_views, order, t.micro_batch_groups,
+                                tok.pad_token_id, world.device)  # fmt: skip
+        metrics, grad_norm = train_step(policy, ref, micro_batches, spec, loss_fn, t, autocast)
+        if math.isfinite(grad_norm):
             optimizer.step()
             consecutive_skips = 0
-        else:
+        else:  # never let a NaN reach the weights; the data is consumed all the same
             state.skipped_steps += 1
             consecutive_skips += 1
-            log.warning("step %d skipped: loss finite=%s, valid groups=%d, grad norm=%s",
-                        state.step, finite, n_valid, grad_norm)
+            log.warning("step %d skipped: no valid group, or a non-finite loss or gradient",
+                        state.step)  # fmt: skip
             if consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
-                raise FloatingPointError(f"{consecutive_skips} consecutive steps were skipped "
-                                         "(non-finite loss or gradient); stopping")
+                raise FloatingPointError(f"{consecutive_skips} consecutive steps skipped; stopping")
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
         state.consumed += G
@@ -210,19 +241,18 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, float]
         if state.step % t.log_every == 0 or state.step == max_steps:
             logger.log({**{f"train/{k}": v for k, v in metrics.items()}, "train/lr": lr,
                         "train/grad_norm": grad_norm, "train/skipped_steps": state.skipped_steps,
-                        "perf/tokens_per_s": metrics["tokens"] / dt}, step=state.step)
+                        "perf/tokens_per_s": metrics["tokens"] / dt}, step=state.step)  # fmt: skip
         bar.update(1)
         bar.set_postfix(loss=f"{metrics.get('loss', math.nan):.4f}",
-                        tok_s=f"{metrics['tokens'] / dt:.0f}")
+                        tok_s=f"{metrics['tokens'] / dt:.0f}")  # fmt: skip
         if t.eval_every and state.step % t.eval_every == 0 and state.step < max_steps:
             m = run_eval()
-            if best_eval is None or m["loss"] < best_eval["loss"]:
-                best_eval = m
+            best_eval = m if best_eval is None or m["loss"] < best_eval["loss"] else best_eval
         stop = preempt.requested or (t.stop_at_step and state.step >= t.stop_at_step)
         if (t.save_every and state.step % t.save_every == 0) or stop or state.step == max_steps:
             save_checkpoint(run_dir, policy, optimizer, state, t.keep_last)
         if stop and state.step < max_steps:
-            log.warning("stopping at step %d; rerun with the same run dir to resume", state.step)
+            log.warning("stopped at step %d; rerun with the same run dir to resume", state.step)
             bar.close()
             logger.close()
             return {}
@@ -232,19 +262,17 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, float]
     eval_after = run_eval()
     if best_eval is None or eval_after["loss"] <= best_eval["loss"]:
         best_eval = eval_after
-    if eval_before is not None:
-        print_eval("held-out metrics", eval_before, eval_after)
-    else:
-        print_eval("held-out metrics (after)", eval_after, None)
+    print_eval("held-out metrics", eval_before or eval_after, eval_after if eval_before else None)
     if t.export_final and parallel.is_main():
         policy.save_pretrained(Path(run_dir, "final"))
         tok.save_pretrained(Path(run_dir, "final"))
     summary = {
         "overrides": overrides or [], "loss": spec.name, "steps": state.step,
         "skipped_steps": state.skipped_steps, "tokens": state.tokens,
-        "train_wall_time_s": state.wall_time, "commit": git_commit(), "data_counts": dict(counts),
-        "eval_before": eval_before, "eval_final": eval_after, "eval_best": best_eval,
-    }
+        "train_wall_time_s": state.wall_time, "commit": git_commit(),
+        "data_counts": dict(data.counts), "eval_before": eval_before, "eval_final": eval_after,
+        "eval_best": best_eval,
+    }  # fmt: skip
     Path(run_dir, "summary.json").write_text(json.dumps(summary, indent=2))
     logger.close()
     return eval_after

@@ -16,7 +16,7 @@ class GroupStats(NamedTuple):
     """Statistics of B prompt groups with up to K responses each. Every tensor is (B, K)."""
 
     logps: Tensor  # sum of response-token log-probs; prompt and padding excluded, EOS included
-    lengths: Tensor  # response token counts (EOS included); 1 in empty slots so divisions stay finite
+    lengths: Tensor  # response token counts (EOS included); 1 in empty slots (finite division)
     eos_logps: Tensor  # log-prob of the final response token, which is EOS where has_eos
     has_eos: Tensor  # bool; False where truncation cut the response before its EOS
     mask: Tensor  # bool; False marks empty slots of groups with fewer than K responses
@@ -31,7 +31,7 @@ class GroupStats(NamedTuple):
 
 
 class LossOutput(NamedTuple):
-    """What a loss returns. The loop sums ``losses[valid]`` and divides by the global valid count."""
+    """A loss's result; the loop sums ``losses[valid]`` and divides by the global valid count."""
 
     losses: Tensor  # (B,) per-group loss, finite wherever valid
     valid: Tensor  # (B,) bool; False for groups without signal (e.g. all scores equal)

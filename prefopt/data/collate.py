@@ -41,8 +41,11 @@ def collate(groups: list[tuple[TokenizedGroup, tuple[int, ...]]], pad_id: int) -
     """Lay out groups (each with the response indices of its view) as padded rows."""
     B = len(groups)
     K = max(len(idx) for _, idx in groups)
-    rows = [(b, k, g.prompt_ids, g.response_ids[r]) for b, (g, idx) in enumerate(groups)
-            for k, r in enumerate(idx)]
+    rows = [
+        (b, k, g.prompt_ids, g.response_ids[r])
+        for b, (g, idx) in enumerate(groups)
+        for k, r in enumerate(idx)
+    ]
     T = max(len(p) + len(r) for *_, p, r in rows)
     input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), T), dtype=torch.bool)

@@ -16,6 +16,7 @@ import os
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import datasets
 
@@ -29,9 +30,18 @@ from prefopt.data.tokenize import (
 )
 
 log = logging.getLogger(__name__)
+datasets.disable_progress_bars()  # one bar per cache write drowns the training log
 CACHE_VERSION = "1"
 PAIR_MODES = ("best_vs_worst", "best_vs_each", "all_pairs")
 View = tuple[int, tuple[int, ...]]  # (row of the tokenized dataset, response indices)
+
+
+class DataSplits(NamedTuple):
+    train: datasets.Dataset
+    train_views: list[View]
+    eval: datasets.Dataset
+    eval_views: list[View]
+    counts: Counter[str]
 
 
 def _is_local(path: str) -> bool:
@@ -87,15 +97,25 @@ def load_tokenized(
         raise ValueError(f"dataset.bad_rows must be 'error' or 'skip', got {bad_rows!r}")
     key = hashlib.sha256(
         "\x00".join(
-            [CACHE_VERSION, _source_key(path, split), schema, repr(parse_opts), bad_rows,
-             str(max_examples), tokenizer_fingerprint(tokenizer.tok), options_key(tokenizer.opts)]
+            [
+                CACHE_VERSION,
+                _source_key(path, split),
+                schema,
+                repr(parse_opts),
+                bad_rows,
+                str(max_examples),
+                tokenizer_fingerprint(tokenizer.tok),
+                options_key(tokenizer.opts),
+            ]
         ).encode()
     ).hexdigest()[:20]
     target = Path(cache_dir, "tokenized", key) if cache_dir else None
     if target is not None and (target / "counts.json").is_file():
         counts = Counter(json.loads((target / "counts.json").read_text()))
         return datasets.load_from_disk(str(target / "data")), counts
-    columns: dict[str, list] = {k: [] for k in ("prompt_ids", "response_ids", "has_eos", "scores", "id")}
+    columns: dict[str, list] = {
+        k: [] for k in ("prompt_ids", "response_ids", "has_eos", "scores", "id")
+    }
     counts: Counter[str] = Counter()
     for where, row in itertools.islice(iter_rows(path, split), max_examples):
         try:
@@ -163,13 +183,15 @@ def build_splits(
     parse = ParseOptions(score_field=cfg.score_field)
 
     def load(path: str, split: str, limit: int | None) -> tuple[datasets.Dataset, Counter[str]]:
-        return load_tokenized(path, split, cfg.schema, parse, tokenizer, cache_dir, cfg.bad_rows,
-                              limit)
+        return load_tokenized(
+            path, split, cfg.schema, parse, tokenizer, cache_dir, cfg.bad_rows, limit
+        )
 
     train, counts = load(cfg.path, cfg.train_split, cfg.max_train_examples)
     if cfg.eval_path or cfg.eval_split:
-        eval_data, eval_counts = load(cfg.eval_path or cfg.path, cfg.eval_split or "train",
-                                      cfg.max_eval_examples)
+        eval_data, eval_counts = load(
+            cfg.eval_path or cfg.path, cfg.eval_split or "train", cfg.max_eval_examples
+        )
         counts.update({f"eval_{k}": v for k, v in eval_counts.items()})
     else:
         if cfg.eval_size >= len(train):

@@ -100,13 +100,15 @@ class Tokenizer:
         prompt = self.prompt_ids(ex.prompt)
         if len(prompt) > o.max_prompt_length:
             if o.prompt_truncation == "error":
-                raise DataError(f"{where}: key 'prompt': {len(prompt)} tokens > "
-                                f"dataset.max_prompt_length={o.max_prompt_length}")
+                raise DataError(
+                    f"{where}: key 'prompt': {len(prompt)} tokens > "
+                    f"dataset.max_prompt_length={o.max_prompt_length}"
+                )
             if o.prompt_truncation == "skip":
                 self.counts["skipped_long_prompt"] += 1
                 return None
             head = prompt[:1] if prompt[:1] == [self.bos] else []
-            prompt = head + prompt[len(prompt) - (o.max_prompt_length - len(head)):]
+            prompt = head + prompt[len(prompt) - (o.max_prompt_length - len(head)) :]
             self.counts["truncated_prompts"] += 1
         budget = o.max_length - len(prompt)
         responses, has_eos = [], []
@@ -114,8 +116,10 @@ class Tokenizer:
             ids = self.response_ids(text)
             if len(ids) > budget:
                 if o.response_truncation == "error":
-                    raise DataError(f"{where}: key 'responses'[{k}]: {len(prompt)} prompt + "
-                                    f"{len(ids)} response tokens > dataset.max_length={o.max_length}")
+                    raise DataError(
+                        f"{where}: key 'responses'[{k}]: {len(prompt)} prompt + "
+                        f"{len(ids)} response tokens > dataset.max_length={o.max_length}"
+                    )
                 if o.response_truncation == "skip":
                     self.counts["skipped_long_response"] += 1
                     return None

@@ -65,7 +65,9 @@ def simpo_loss(
     gamma: float,
     label_smoothing: float,
 ) -> LossOutput:
-    """SimPO (Meng et al. 2024, Eq. 6): -log sigmoid(beta/|y_w| log pi_w - beta/|y_l| log pi_l - gamma).
+    """SimPO (Meng et al. 2024, Eq. 6).
+
+    -log sigmoid(beta/|y_w| log pi_w - beta/|y_l| log pi_l - gamma)
 
     Reference-free; ``ref`` is ignored. |y| counts response tokens including EOS.
     """

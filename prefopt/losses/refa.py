@@ -5,7 +5,8 @@ Notation follows ``shared/papers/digest-refa.md``: mean split Y+ = {r > r_bar}, 
 reading L1), deviation dS = (r - r_bar)^p (App. C.4), EOS regularizer R (Eq. 33).
 
 Policy for groups whose scores are all equal (Y+ empty, the loss is -log 0, digest U7): the group
-is invalid; it gets no loss, is excluded from the batch mean and counted in ``skipped_groups``.
+is invalid; it gets no loss (its EOS regularizer is dropped too), is excluded from the batch mean
+and counted in ``skipped_groups``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from prefopt.losses.common import (
-    has_preference,
     masked_logsumexp,
     masked_mean,
     preference_metrics,
@@ -31,6 +31,8 @@ def score_deviation(scores: Tensor, mask: Tensor, p: float, mode: str) -> Tensor
     """(B, K) dS = (r - r_bar)^p ("signed", App. C.4 literally) or |r - r_bar|^p ("abs", SWEPO)."""
     centred = scores - masked_mean(scores, mask)[:, None]
     if mode == "signed":
+        if p != int(p):
+            raise ValueError(f"deviation='signed' needs an integer p (got {p}); use 'abs'")
         return centred.pow(p)
     if mode == "abs":
         return centred.abs().pow(p)
@@ -81,12 +83,13 @@ def refa_dynamic_loss(
     Reference-free; ``ref`` is ignored.
     """
     mask = policy.mask
-    valid = has_preference(scores, mask)  # (B,)
     ell = policy.avg_logps if length_normalize else policy.logps  # (B, K)
     z = beta * (ell + alpha * score_deviation(scores, mask, p, deviation))  # (B, K)
     r_bar = masked_mean(scores, mask)[:, None]
     pos = mask & (scores > r_bar)  # Eq. 1
     neg = mask & ~pos  # Eq. 2: ties with the mean are negative
+    # U7 on the sets themselves: with near-equal scores the rounded mean can reach the maximum.
+    valid = pos.any(-1) & neg.any(-1)  # (B,)
     # Invalid groups get both sets filled so the LSEs stay finite (no NaN reaches backward).
     pos, neg = pos | ~valid[:, None], neg | ~valid[:, None]
     z = z.masked_fill(~mask, 0.0)
@@ -98,7 +101,6 @@ def refa_dynamic_loss(
     metrics |= {
         "refa/contrastive": contrastive.detach(),
         "refa/eos_reg": reg.detach(),
-        "refa/positives": (pos & mask).sum(-1).float(),
+        "refa/positives": (pos & mask & valid[:, None]).sum(-1).float(),
     }
     return LossOutput(losses, valid, metrics)
-

@@ -3,7 +3,7 @@
 A loss is a pure function ``fn(policy, ref, scores, **hparams) -> LossOutput`` over (B, K)
 statistics. Its hyper-parameter dataclass is the schema of ``conf/loss/<name>.yaml``: the decorator
 stores it in Hydra's ConfigStore as ``loss/_schema_<name>`` so a typo or a wrong type in a loss key
-fails at composition. The loop reads the capabilities (``needs_reference``, ``k``) and never the name.
+fails at composition. The loop reads the capabilities (``needs_reference``, ``k``), never the name.
 """
 
 from __future__ import annotations

@@ -1,0 +1,162 @@
+# .venv/bin/pytest tests/test_train.py -q
+"""End to end on the tiny model: entrypoint, every loss, resume, accumulation, NaN guard."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, arithmetic_rows, write_jsonl
+from hydra import compose, initialize_config_dir
+from safetensors.torch import load_file
+
+from prefopt.losses import LOSSES, build_loss
+from prefopt.train import run, train_step
+
+
+def _cfg(run_dir: Path, data: tuple[Path, Path], *overrides: str):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose("train", overrides=[
+            f"run_dir={run_dir}", f"cache_dir={run_dir.parent / 'cache'}", "model=tiny",
+            "trainer=debug", f"dataset.path={data[0]}", f"dataset.eval_path={data[1]}",
+            *overrides,
+        ])  # fmt: skip
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_entrypoint_trains_three_steps_and_exports(tmp_path, tiny_data):
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PREFOPT_CACHE": str(tmp_path / "cache")}
+    cmd = [sys.executable, "-m", "prefopt.train", "loss=simpo", "model=tiny", "trainer=debug",
+           "trainer.max_steps=3", "trainer.export_final=true", f"hydra.run.dir={run_dir}",
+           f"dataset.path={tiny_data[0]}", f"dataset.eval_path={tiny_data[1]}"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "held-out metrics" in proc.stdout and "rewards/accuracy" in proc.stdout
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["loss"] == "simpo"
+    assert math.isfinite(summary["eval_final"]["loss"])
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    train_lines = [m for m in _metrics(run_dir) if "train/loss" in m]
+    assert [m["step"] for m in train_lines] == [1, 2, 3]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "final")
+    tok = AutoTokenizer.from_pretrained(run_dir / "final")
+    assert model.config.vocab_size == len(tok)
+
+
+@pytest.mark.parametrize("loss", sorted(LOSSES))
+def test_every_loss_trains_three_steps(tmp_path, tiny_data, loss):
+    run_dir = tmp_path / "run"
+    final = run(_cfg(run_dir, tiny_data, f"loss={loss}"))
+    assert math.isfinite(final["loss"]) and final["valid_groups"] == 8
+    losses = [m["train/loss"] for m in _metrics(run_dir) if "train/loss" in m]
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+
+
+def _weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "checkpoints" / f"step_{step:06d}" / "model.safetensors")
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, tiny_data):
+    common = ("loss=refa_dynamic", "trainer.max_steps=4", "optimizer.lr=1e-3")
+    straight = tmp_path / "straight"
+    run(_cfg(straight, tiny_data, *common))
+    resumed = tmp_path / "resumed"
+    assert run(_cfg(resumed, tiny_data, *common, "trainer.stop_at_step=2")) == {}
+    assert [p.name for p in (resumed / "checkpoints").iterdir()] == ["step_000002"]
+    run(_cfg(resumed, tiny_data, *common))  # resume=auto picks up step 2
+    a, b = _weights(straight, 4), _weights(resumed, 4)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    start = _weights(resumed, 2)
+    assert any(not torch.equal(start[k], b[k]) for k in b)  # the resumed half did train
+    la = [m["train/loss"] for m in _metrics(straight) if "train/loss" in m]
+    lb = [m["train/loss"] for m in _metrics(resumed) if "train/loss" in m]
+    assert la == lb  # same data in the same order, nothing lost or repeated
+
+
+def _step_grads(tmp_path, tiny_data, micro: int) -> list[torch.Tensor]:
+    from prefopt.evaluation import batches
+    from prefopt.models import load_model, load_tokenizer
+    from prefopt.train import prepare_data
+
+    cfg = _cfg(tmp_path / f"g{micro}", tiny_data, "loss=refa_dynamic",
+               "trainer.global_batch_groups=4", f"trainer.micro_batch_groups={micro}",
+               "trainer.max_grad_norm=1e9")  # fmt: skip
+    tok = load_tokenizer(cfg.model, cfg.cache_dir)
+    spec, loss_fn = build_loss(cfg.loss)
+    data = prepare_data(cfg, tok, spec)
+    model = load_model(cfg.model, cfg.cache_dir, tok, seed=0).double()
+    mbs = batches(data.train, data.train_views, [0, 1, 2, 3], micro, tok.pad_token_id, "cpu")
+    import contextlib
+
+    train_step(model, None, mbs, spec, loss_fn, cfg.trainer, contextlib.nullcontext())
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def test_gradient_accumulation_is_normalised_like_one_big_batch(tmp_path, tiny_data):
+    one = _step_grads(tmp_path, tiny_data, micro=4)
+    accumulated = _step_grads(tmp_path, tiny_data, micro=1)
+    for a, b in zip(one, accumulated, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_groups_without_preference_are_skipped_and_counted(tmp_path):
+    rows = arithmetic_rows(16, seed=0)
+    for r in rows[::2]:
+        r["scores"] = [5.0] * 4  # all equal: REFA's positive set is empty
+    data = (write_jsonl(tmp_path / "t.jsonl", rows), write_jsonl(tmp_path / "e.jsonl", rows[:4]))
+    run_dir = tmp_path / "run"
+    run(_cfg(run_dir, data, "loss=refa_dynamic"))
+    steps = [m for m in _metrics(run_dir) if "train/loss" in m]
+    assert sum(m["train/skipped_groups"] for m in steps) > 0
+    assert all(math.isfinite(m["train/loss"]) for m in steps)
+
+
+def test_non_finite_loss_never_reaches_the_optimizer(tmp_path, tiny_data):
+    from prefopt.types import LossOutput
+
+    def nan_loss(policy, ref, scores):
+        losses = policy.logps.sum(-1) * float("nan")
+        return LossOutput(losses, torch.ones_like(losses, dtype=torch.bool), {})
+
+    cfg = _cfg(tmp_path / "r", tiny_data, "loss=simpo")
+    from prefopt.evaluation import batches
+    from prefopt.models import load_model, load_tokenizer
+    from prefopt.train import prepare_data
+
+    tok = load_tokenizer(cfg.model, cfg.cache_dir)
+    spec, _ = build_loss(cfg.loss)
+    data = prepare_data(cfg, tok, spec)
+    model = load_model(cfg.model, cfg.cache_dir, tok, seed=0)
+    mbs = batches(data.train, data.train_views, [0, 1], 2, tok.pad_token_id, "cpu")
+    import contextlib
+
+    _, grad_norm = train_step(model, None, mbs, spec, nan_loss, cfg.trainer,
+                              contextlib.nullcontext())  # fmt: skip
+    assert math.isnan(grad_norm)  # the loop skips optimizer.step() on a NaN norm
+    assert all(p.grad is None for p in model.parameters())  # backward never ran on the NaN
+
+
+def test_all_steps_non_finite_stops_with_clear_error(tmp_path, tiny_data, monkeypatch):
+    import prefopt.train as train_mod
+
+    monkeypatch.setattr(train_mod, "MAX_CONSECUTIVE_SKIPS", 2)
+    rows = arithmetic_rows(8, seed=0)
+    for r in rows:
+        r["scores"] = [1.0] * 4  # no group has a preference: every step is skipped
+    data = (write_jsonl(tmp_path / "t.jsonl", rows), write_jsonl(tmp_path / "e.jsonl", rows))
+    with pytest.raises(FloatingPointError, match="consecutive steps skipped"):
+        run(_cfg(tmp_path / "run", data, "loss=refa_dynamic"))
