@@ -199,6 +199,8 @@ def test_register_schema_decorator() -> None:
     try:
         assert SCHEMAS["_test_tmp"] is parse_tmp
         assert parse_row("_test_tmp", {}, WHERE, OPTS).responses == ["a", "b"]
+        with pytest.raises(ValueError, match="registered twice"):
+            register_schema("_test_tmp")(parse_tmp)
     finally:
         del SCHEMAS["_test_tmp"]
 

@@ -47,6 +47,8 @@ def register_schema(name: str) -> Callable[[Parser], Parser]:
     """Return a decorator that registers a parser in :data:`SCHEMAS` under ``name``."""
 
     def decorate(fn: Parser) -> Parser:
+        if name in SCHEMAS:
+            raise ValueError(f"schema {name!r} is registered twice")
         SCHEMAS[name] = fn
         return fn
 
