@@ -28,6 +28,7 @@ class TrainState:
     skipped_steps: int = 0  # steps dropped because the loss or the gradient was not finite
     tokens: int = 0
     wall_time: float = 0.0
+    loss_state: dict = field(default_factory=dict)  # running statistics of stateful losses
     rng: dict = field(default_factory=dict)
 
 

@@ -11,7 +11,7 @@ from transformers import PreTrainedModel
 from prefopt.data.collate import Batch, collate
 from prefopt.data.loading import View, group_at
 from prefopt.losses import LossSpec
-from prefopt.losses.registry import LossFn
+from prefopt.losses.registry import LossFn, LossState
 from prefopt.metrics import MetricSums
 from prefopt.stats import group_stats
 from prefopt.types import LossOutput
@@ -24,12 +24,15 @@ def forward_loss(
     spec: LossSpec,
     loss_fn: LossFn,
     chunk_size: int,
+    loss_state: LossState | None = None,
 ) -> LossOutput:
     stats = group_stats(policy, batch, chunk_size)
     ref_stats = None
     if spec.needs_reference:
         with torch.no_grad():
             ref_stats = group_stats(ref, batch, chunk_size)
+    if spec.state is not None:
+        return loss_fn(stats, ref_stats, batch.scores, state=loss_state)
     return loss_fn(stats, ref_stats, batch.scores)
 
 
@@ -60,6 +63,7 @@ def evaluate(
     pad_id: int,
     chunk_size: int,
     autocast: AbstractContextManager,
+    loss_state: LossState | None = None,
 ) -> dict[str, float]:
     """Mean loss and metrics over every valid held-out group (same definitions as training)."""
     was_training = policy.training
@@ -69,7 +73,7 @@ def evaluate(
         data, views, list(range(len(views))), batch_groups, pad_id, next(policy.parameters()).device
     ):
         with autocast:
-            out = forward_loss(policy, ref, batch, spec, loss_fn, chunk_size)
+            out = forward_loss(policy, ref, batch, spec, loss_fn, chunk_size, loss_state)
         sums.add(out, batch.num_tokens)
     policy.train(was_training)
     return sums.finish()

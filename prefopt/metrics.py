@@ -19,6 +19,7 @@ class MetricSums:
         self.valid = 0
         self.groups = 0
         self.tokens = 0
+        self.stats: dict[str, Tensor] = {}
 
     def add(self, out: LossOutput, num_tokens: int) -> None:
         v = out.valid
@@ -28,6 +29,13 @@ class MetricSums:
         self.sums["loss"] += float(out.losses.detach()[v].float().sum())
         for name, value in out.metrics.items():
             self.sums[name] += float(value.detach()[v].float().sum())
+        for name, value in out.stat_updates.items():
+            value = value.detach().double()
+            self.stats[name] = self.stats[name] + value if name in self.stats else value
+
+    def stat_sums(self) -> dict[str, Tensor]:
+        """``LossOutput.stat_updates`` summed over micro-batches and ranks."""
+        return {name: all_reduce_sum(value.clone()) for name, value in sorted(self.stats.items())}
 
     def finish(self) -> dict[str, float]:
         names = sorted(self.sums)
@@ -40,7 +48,3 @@ class MetricSums:
         out = {n: s / max(valid, 1) for n, s in zip(names, packed, strict=False)}
         out |= {"valid_groups": valid, "skipped_groups": groups - valid, "tokens": tokens}
         return out
-
-
-def valid_count(out: LossOutput) -> Tensor:
-    return out.valid.sum()

@@ -26,6 +26,7 @@ import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import NamedTuple
 
 import hydra
 import torch
@@ -48,7 +49,7 @@ from prefopt.data.tokenize import TokenizeOptions, Tokenizer
 from prefopt.evaluation import batches, evaluate, forward_loss
 from prefopt.logger import build_logger
 from prefopt.losses import LossSpec, build_loss
-from prefopt.losses.registry import LossFn
+from prefopt.losses.registry import LossFn, LossState
 from prefopt.metrics import MetricSums
 from prefopt.models import load_model, load_tokenizer
 from prefopt.optim import build_optimizer, lr_at
@@ -81,6 +82,15 @@ def validate(cfg: DictConfig) -> None:
             f"trainer.global_batch_groups={t.global_batch_groups} must be a multiple of "
             f"trainer.micro_batch_groups={t.micro_batch_groups}"
         )
+
+
+def make_autocast(device: torch.device, precision: str) -> AbstractContextManager:
+    """bf16 autocast (fp32 master weights) on CUDA by default; fp32 on CPU unless asked."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"trainer.precision must be auto, bf16 or fp32, got {precision!r}")
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def git_commit() -> str:
@@ -130,6 +140,12 @@ def prepare_data(cfg: DictConfig, tok: PreTrainedTokenizerBase, spec: LossSpec) 
                       counts)  # fmt: skip
 
 
+class StepResult(NamedTuple):
+    metrics: dict[str, float]
+    grad_norm: float  # NaN: the step must not be applied
+    stat_sums: dict[str, torch.Tensor]  # reduced LossOutput.stat_updates (stateful losses)
+
+
 def train_step(
     policy: PreTrainedModel,
     ref: PreTrainedModel | None,
@@ -138,29 +154,31 @@ def train_step(
     loss_fn: LossFn,
     t: DictConfig,
     autocast: AbstractContextManager,
-) -> tuple[dict[str, float], float]:
+    loss_state: LossState | None = None,
+) -> StepResult:
     """Accumulate gradients over the micro-batches, normalise by the step's valid groups, clip.
 
-    Returns the step's metrics and the gradient norm, NaN when the step must not be applied
-    (a non-finite loss or gradient, or no valid group).
+    The gradient norm is NaN when the step must not be applied: a non-finite loss or gradient,
+    or no valid group.
     """
     sums = MetricSums()
     for batch in micro_batches:
         with autocast:
-            out = forward_loss(policy, ref, batch, spec, loss_fn, t.logps_chunk_size)
+            out = forward_loss(policy, ref, batch, spec, loss_fn, t.logps_chunk_size, loss_state)
         loss_sum = out.losses[out.valid].sum()
-        if not torch.isfinite(loss_sum):
-            return sums.finish(), math.nan  # the loop zeroes the partial gradients
+        if not torch.isfinite(loss_sum):  # the loop zeroes the partial gradients
+            return StepResult(sums.finish(), math.nan, {})
         if out.valid.any():
             loss_sum.backward()
         sums.add(out, batch.num_tokens)
     metrics = sums.finish()
     if metrics["valid_groups"] == 0:
-        return metrics, math.nan
+        return StepResult(metrics, math.nan, {})
     params = [p for p in policy.parameters() if p.grad is not None]
     for p in params:  # one normalisation for accumulation and ranks: mean over valid groups
         p.grad.div_(metrics["valid_groups"])
-    return metrics, float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm))
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm))
+    return StepResult(metrics, grad_norm, sums.stat_sums())
 
 
 def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, float]:
@@ -173,9 +191,7 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, float]
         torch.set_num_threads(t.num_threads)
     run_dir = cfg.run_dir
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    use_bf16 = t.precision == "bf16" or (t.precision == "auto" and world.device.type == "cuda")
-    autocast = (torch.autocast(world.device.type, dtype=torch.bfloat16) if use_bf16
-                else contextlib.nullcontext())  # fmt: skip
+    autocast = make_autocast(world.device, t.precision)
 
     # ---- loss, tokenizer, data, models, optimizer ----
     spec, loss_fn = build_loss(cfg.loss)
@@ -188,7 +204,8 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, float]
     if spec.needs_reference:  # a frozen copy of the starting weights
         ref = copy.deepcopy(policy).eval().requires_grad_(False)
     optimizer = build_optimizer(cfg.optimizer, [p for p in policy.parameters() if p.requires_grad])
-    state = TrainState()
+    hparams = spec.hparams(cfg.loss)
+    state = TrainState(loss_state=spec.state.init(**hparams) if spec.state else {})
     resume_from = resolve_resume(t.resume, run_dir)
     if resume_from is not None:
         state = load_checkpoint(resume_from, policy, optimizer)
@@ -199,7 +216,8 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, float]
     def run_eval() -> dict[str, float]:
         metrics = evaluate(policy, ref, data.eval, data.eval_views, spec, loss_fn,
                            batch_groups=t.eval_batch_groups, pad_id=tok.pad_token_id,
-                           chunk_size=t.logps_chunk_size, autocast=autocast)  # fmt: skip
+                           chunk_size=t.logps_chunk_size, autocast=autocast,
+                           loss_state=state.loss_state)  # fmt: skip
         logger.log({f"eval/{k}": v for k, v in metrics.items()}, step=state.step)
         return metrics
 
@@ -219,9 +237,12 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, float]
         order = views_at(len(data.train_views), cfg.seed, state.consumed, G)
         micro_batches = batches(data.train, data.train_views, order, t.micro_batch_groups,
                                 tok.pad_token_id, world.device)  # fmt: skip
-        metrics, grad_norm = train_step(policy, ref, micro_batches, spec, loss_fn, t, autocast)
+        metrics, grad_norm, stat_sums = train_step(policy, ref, micro_batches, spec, loss_fn, t,
+                                                   autocast, state.loss_state)  # fmt: skip
         if math.isfinite(grad_norm):
             optimizer.step()
+            if spec.state is not None:
+                state.loss_state = spec.state.update(state.loss_state, stat_sums, **hparams)
             consecutive_skips = 0
         else:  # never let a NaN reach the weights; the data is consumed all the same
             state.skipped_steps += 1

@@ -36,3 +36,7 @@ class LossOutput(NamedTuple):
     losses: Tensor  # (B,) per-group loss, finite wherever valid
     valid: Tensor  # (B,) bool; False for groups without signal (e.g. all scores equal)
     metrics: dict[str, Tensor]  # detached (B,) tensors, averaged over valid groups by the loop
+    # Detached batch sums for losses with running statistics (e.g. {"sum": .., "sq_sum": ..,
+    # "count": ..}); the loop adds them over micro-batches and ranks, then folds them into the
+    # loss state with the spec's ``update_state`` once per optimizer step.
+    stat_updates: dict[str, Tensor] = {}

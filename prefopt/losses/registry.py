@@ -15,10 +15,27 @@ from dataclasses import dataclass
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from torch import Tensor
 
 from prefopt.types import LossOutput
 
 LossFn = Callable[..., LossOutput]
+
+
+LossState = dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    """Running statistics of a loss (alpha-DPO's and LMPO's z-scores).
+
+    ``init(**hparams)`` gives the starting state; ``update(state, sums, **hparams)`` folds the
+    step's all-reduced ``LossOutput.stat_updates`` into a new state. Both are pure; the loop
+    passes the state to the loss as ``state=`` and saves it in checkpoints.
+    """
+
+    init: Callable[..., LossState]
+    update: Callable[..., LossState]
 
 
 @dataclass(frozen=True)
@@ -28,6 +45,12 @@ class LossSpec:
     config_cls: type
     needs_reference: bool  # reference log-probs required (frozen copy of the start model)
     k: int | None  # responses per group the loss accepts; None = any K >= 2; 2 = pairwise
+    state: StateSpec | None = None  # running statistics, for stateful losses
+
+    def hparams(self, cfg: Any) -> dict[str, Any]:
+        """The loss's keyword hyper-parameters from its config (``name`` excluded)."""
+        return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(self.config_cls)
+                if f.name != "name"}  # fmt: skip
 
 
 LOSSES: dict[str, LossSpec] = {}
@@ -41,16 +64,24 @@ class LossConfig:
 
 
 def register_loss(
-    name: str, config_cls: type, *, needs_reference: bool = False, k: int | None = None
+    name: str,
+    config_cls: type,
+    *,
+    needs_reference: bool = False,
+    k: int | None = None,
+    state: StateSpec | None = None,
 ) -> Callable[[LossFn], LossFn]:
-    """Register ``fn`` under ``name`` with its hyper-parameter dataclass ``config_cls``."""
+    """Register ``fn`` under ``name`` with its hyper-parameter dataclass ``config_cls``.
+
+    A stateful loss (``state`` given) takes the current state as the keyword ``state``.
+    """
 
     def decorator(fn: LossFn) -> LossFn:
         if name in LOSSES:
             raise ValueError(f"loss {name!r} is registered twice")
         if not issubclass(config_cls, LossConfig):
             raise TypeError(f"{config_cls.__name__} must subclass LossConfig")
-        LOSSES[name] = LossSpec(name, fn, config_cls, needs_reference, k)
+        LOSSES[name] = LossSpec(name, fn, config_cls, needs_reference, k, state)
         ConfigStore.instance().store(group="loss", name=f"_schema_{name}", node=config_cls)
         return fn
 
@@ -67,6 +98,4 @@ def get_spec(name: str) -> LossSpec:
 def build_loss(cfg: Any) -> tuple[LossSpec, LossFn]:
     """Return the spec and ``fn`` with the config's hyper-parameters bound as keywords."""
     spec = get_spec(cfg.name)
-    hparams = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(spec.config_cls)}
-    hparams.pop("name")
-    return spec, functools.partial(spec.fn, **hparams)
+    return spec, functools.partial(spec.fn, **spec.hparams(cfg))
