@@ -93,6 +93,12 @@ def make_autocast(device: torch.device, precision: str) -> AbstractContextManage
     return contextlib.nullcontext()
 
 
+def best_of(*evals: dict[str, float] | None) -> dict[str, float] | None:
+    """The eval with the lowest held-out loss (the latest on ties)."""
+    done = [m for m in evals if m]
+    return min(reversed(done), key=lambda m: m["loss"]) if done else None
+
+
 def git_commit() -> str:
     try:
         out = subprocess.run(
@@ -267,8 +273,7 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, float]
         bar.set_postfix(loss=f"{metrics.get('loss', math.nan):.4f}",
                         tok_s=f"{metrics['tokens'] / dt:.0f}")  # fmt: skip
         if t.eval_every and state.step % t.eval_every == 0 and state.step < max_steps:
-            m = run_eval()
-            best_eval = m if best_eval is None or m["loss"] < best_eval["loss"] else best_eval
+            best_eval = best_of(best_eval, run_eval())
         stop = preempt.requested or (t.stop_at_step and state.step >= t.stop_at_step)
         if (t.save_every and state.step % t.save_every == 0) or stop or state.step == max_steps:
             save_checkpoint(run_dir, policy, optimizer, state, t.keep_last)
@@ -281,8 +286,7 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, float]
 
     # ---- final eval, export, summary ----
     eval_after = run_eval()
-    if best_eval is None or eval_after["loss"] <= best_eval["loss"]:
-        best_eval = eval_after
+    best_eval = best_of(best_eval, eval_after)
     print_eval("held-out metrics", eval_before or eval_after, eval_after if eval_before else None)
     if t.export_final and parallel.is_main():
         policy.save_pretrained(Path(run_dir, "final"))
