@@ -28,7 +28,12 @@ def forward_loss(
 ) -> LossOutput:
     stats = group_stats(policy, batch, chunk_size)
     ref_stats = None
-    if spec.needs_reference:
+    if spec.needs_reference and batch.ref_logps is not None:  # trainer.reference=precompute
+        ref_stats = stats._replace(
+            logps=batch.ref_logps.to(stats.logps.dtype),
+            eos_logps=batch.ref_eos_logps.to(stats.logps.dtype),
+        ).detach()
+    elif spec.needs_reference:
         with torch.no_grad():
             ref_stats = group_stats(ref, batch, chunk_size)
     if spec.state is not None:

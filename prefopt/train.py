@@ -28,6 +28,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import NamedTuple
 
+import datasets
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
@@ -53,6 +54,7 @@ from prefopt.losses.registry import LossFn, LossState
 from prefopt.metrics import MetricSums
 from prefopt.models import load_model, load_tokenizer
 from prefopt.optim import build_optimizer, lr_at
+from prefopt.reference import precompute_reference, reference_key
 
 log = logging.getLogger("prefopt")
 MAX_CONSECUTIVE_SKIPS = 10
@@ -77,11 +79,39 @@ def validate(cfg: DictConfig) -> None:
     if missing:
         raise ValueError(f"config values missing: {missing}")
     t = cfg.trainer
+    if t.reference not in ("model", "precompute"):
+        raise ValueError(f"trainer.reference must be 'model' or 'precompute', got {t.reference!r}")
     if t.global_batch_groups % t.micro_batch_groups:
         raise ValueError(
             f"trainer.global_batch_groups={t.global_batch_groups} must be a multiple of "
             f"trainer.micro_batch_groups={t.micro_batch_groups}"
         )
+
+
+def build_reference(
+    cfg: DictConfig,
+    spec: LossSpec,
+    policy: PreTrainedModel,
+    data: DataSplits,
+    pad_id: int,
+    autocast: AbstractContextManager,
+) -> tuple[PreTrainedModel | None, DataSplits]:
+    """The reference, from the starting weights: a frozen copy (``trainer.reference=model``), or
+    cached log-probs attached to both splits (``precompute``; no second model in memory)."""
+    t = cfg.trainer
+    if not spec.needs_reference:
+        return None, data
+    if t.reference == "model":
+        return copy.deepcopy(policy).eval().requires_grad_(False), data
+    cache = cfg.cache_dir if cfg.dataset.cache else None
+    kw = dict(batch_groups=t.eval_batch_groups, pad_id=pad_id, chunk_size=t.logps_chunk_size,
+              autocast=autocast)  # fmt: skip
+
+    def one(split: datasets.Dataset) -> datasets.Dataset:
+        key = reference_key(cfg.model, cfg.seed, t.precision, split)
+        return precompute_reference(policy, split, key, cache, **kw)
+
+    return None, data._replace(train=one(data.train), eval=one(data.eval))
 
 
 def make_autocast(device: torch.device, precision: str) -> AbstractContextManager:
@@ -206,9 +236,7 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, float]
     G = t.global_batch_groups
     max_steps = t.max_steps or math.ceil(t.epochs * len(data.train_views) / G)
     policy = load_model(cfg.model, cfg.cache_dir, tok, cfg.seed).to(world.device)
-    ref = None
-    if spec.needs_reference:  # a frozen copy of the starting weights
-        ref = copy.deepcopy(policy).eval().requires_grad_(False)
+    ref, data = build_reference(cfg, spec, policy, data, tok.pad_token_id, autocast)
     optimizer = build_optimizer(cfg.optimizer, [p for p in policy.parameters() if p.requires_grad])
     hparams = spec.hparams(cfg.loss)
     state = TrainState(loss_state=spec.state.init(**hparams) if spec.state else {})

@@ -24,6 +24,8 @@ class Batch(NamedTuple):
     scores: Tensor  # (B, K) float32
     mask: Tensor  # (B, K) bool, real responses
     has_eos: Tensor  # (B, K) bool
+    ref_logps: Tensor | None = None  # (B, K) precomputed reference log-probs, when cached
+    ref_eos_logps: Tensor | None = None  # (B, K)
 
     @property
     def num_groups(self) -> int:
@@ -34,7 +36,7 @@ class Batch(NamedTuple):
         return int(self.attention_mask.sum())
 
     def to(self, device: torch.device | str) -> Batch:
-        return Batch(*(t.to(device, non_blocking=True) for t in self))
+        return Batch(*(t if t is None else t.to(device, non_blocking=True) for t in self))
 
 
 def collate(groups: list[tuple[TokenizedGroup, tuple[int, ...]]], pad_id: int) -> Batch:
@@ -70,7 +72,19 @@ def collate(groups: list[tuple[TokenizedGroup, tuple[int, ...]]], pad_id: int) -
         scores,
         mask,
         has_eos,
+        _per_slot(groups, "ref_logps"),
+        _per_slot(groups, "ref_eos_logps"),
     )
+
+
+def _per_slot(groups: list[tuple[TokenizedGroup, tuple[int, ...]]], field: str) -> Tensor | None:
+    """(B, K) float32 of a per-response list field, or None when the groups lack it."""
+    if any(getattr(g, field) is None for g, _ in groups):
+        return None
+    out = torch.zeros((len(groups), max(len(idx) for _, idx in groups)), dtype=torch.float32)
+    for b, (g, idx) in enumerate(groups):
+        out[b, : len(idx)] = torch.tensor([getattr(g, field)[r] for r in idx])
+    return out
 
 
 def view_order(num_views: int, seed: int, epoch: int) -> list[int]:

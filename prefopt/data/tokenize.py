@@ -49,6 +49,9 @@ class TokenizedGroup:
     has_eos: list[bool]
     scores: list[float]
     id: str = ""
+    # Filled by the reference precompute pass (trainer.reference=precompute), one per response.
+    ref_logps: list[float] | None = None
+    ref_eos_logps: list[float] | None = None
 
 
 def _adds_bos(tok: PreTrainedTokenizerBase) -> bool:

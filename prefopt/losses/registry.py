@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -48,9 +49,14 @@ class LossSpec:
     state: StateSpec | None = None  # running statistics, for stateful losses
 
     def hparams(self, cfg: Any) -> dict[str, Any]:
-        """The loss's keyword hyper-parameters from its config (``name`` excluded)."""
+        """The config fields that ``fn`` takes as keywords.
+
+        Fields the function does not name (``name``; SPO's ``kl_*`` settings) are read by the
+        loop from the config, so a loss's YAML can carry them without the function seeing them.
+        """
+        params = inspect.signature(self.fn).parameters
         return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(self.config_cls)
-                if f.name != "name"}  # fmt: skip
+                if f.name in params and f.name != "state"}  # fmt: skip
 
 
 LOSSES: dict[str, LossSpec] = {}
