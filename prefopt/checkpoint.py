@@ -29,6 +29,7 @@ class TrainState:
     tokens: int = 0
     wall_time: float = 0.0
     loss_state: dict = field(default_factory=dict)  # running statistics of stateful losses
+    kl_samples: list = field(default_factory=list)  # SPO's on-policy samples (prompt, response)
     rng: dict = field(default_factory=dict)
 
 

@@ -71,3 +71,39 @@ def group_stats(model: PreTrainedModel, batch: Batch, chunk_size: int = 1024) ->
         has_eos=batch.has_eos,
         mask=batch.mask,
     )
+
+
+def _chunk_kl(hidden: Tensor, ref_hidden: Tensor, head: nn.Module, ref_head: nn.Module) -> Tensor:
+    logp = head(hidden)
+    logp = logp.to(torch.promote_types(logp.dtype, torch.float32)).log_softmax(-1)  # (C, V)
+    with torch.no_grad():
+        logq = ref_head(ref_hidden).to(logp.dtype).log_softmax(-1)
+    return (logp.exp() * (logp - logq)).sum(-1)  # (C,) gradient through both factors
+
+
+def sequence_kl(
+    policy: PreTrainedModel, ref: PreTrainedModel, batch: Batch, chunk_size: int = 1024
+) -> Tensor:
+    """(N,) per row: sum over response positions of the exact full-vocabulary KL(pi || ref).
+
+    SPO's token-wise estimator (paper 002, Eq. 15): the position that emits each response token
+    (EOS included) contributes KL(pi(.|prefix) || ref(.|prefix)). Chunked like ``group_stats``;
+    the reference's logits are recomputed per chunk, so no (tokens x vocab) tensor is kept.
+    """
+    kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    hidden = policy.get_decoder()(**kwargs).last_hidden_state
+    with torch.no_grad():
+        ref_hidden = ref.get_decoder()(**kwargs).last_hidden_state
+    target_mask = batch.response_mask[:, 1:]
+    h, rh = hidden[:, :-1][target_mask], ref_hidden[:, :-1][target_mask]
+    head, ref_head = policy.get_output_embeddings(), ref.get_output_embeddings()
+    parts = []
+    for hc, rc in zip(h.split(chunk_size), rh.split(chunk_size), strict=True):
+        if torch.is_grad_enabled():
+            parts.append(checkpoint(_chunk_kl, hc, rc, head, ref_head, use_reentrant=False))
+        else:
+            parts.append(_chunk_kl(hc, rc, head, ref_head))
+    kl = torch.cat(parts)
+    lengths = target_mask.sum(1)
+    rows = torch.arange(len(lengths), device=kl.device).repeat_interleave(lengths)
+    return kl.new_zeros(len(lengths)).index_add(0, rows, kl)

@@ -23,7 +23,7 @@ import math
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import NamedTuple
@@ -53,6 +53,7 @@ from prefopt.losses import LossSpec, build_loss
 from prefopt.losses.registry import LossFn, LossState
 from prefopt.metrics import MetricSums
 from prefopt.models import load_model, load_tokenizer
+from prefopt.onpolicy import OnPolicyKL
 from prefopt.optim import build_optimizer, lr_at
 from prefopt.reference import precompute_reference, reference_key
 
@@ -99,9 +100,10 @@ def build_reference(
     """The reference, from the starting weights: a frozen copy (``trainer.reference=model``), or
     cached log-probs attached to both splits (``precompute``; no second model in memory)."""
     t = cfg.trainer
-    if not spec.needs_reference:
+    kl_on = spec.on_policy_kl and cfg.loss.kl_weight > 0  # needs reference logits on new samples
+    if not (spec.needs_reference or kl_on):
         return None, data
-    if t.reference == "model":
+    if t.reference == "model" or kl_on:
         return copy.deepcopy(policy).eval().requires_grad_(False), data
     cache = cfg.cache_dir if cfg.dataset.cache else None
     kw = dict(batch_groups=t.eval_batch_groups, pad_id=pad_id, chunk_size=t.logps_chunk_size,
@@ -191,11 +193,12 @@ def train_step(
     t: DictConfig,
     autocast: AbstractContextManager,
     loss_state: LossState | None = None,
+    regularizer: Callable[[], torch.Tensor] | None = None,
 ) -> StepResult:
     """Accumulate gradients over the micro-batches, normalise by the step's valid groups, clip.
 
     The gradient norm is NaN when the step must not be applied: a non-finite loss or gradient,
-    or no valid group.
+    or no valid group. ``regularizer`` (SPO's on-policy KL) is a per-step term, not per group.
     """
     sums = MetricSums()
     for batch in micro_batches:
@@ -210,9 +213,17 @@ def train_step(
     metrics = sums.finish()
     if metrics["valid_groups"] == 0:
         return StepResult(metrics, math.nan, {})
+    for p in policy.parameters():  # one normalisation for accumulation and ranks
+        if p.grad is not None:
+            p.grad.div_(metrics["valid_groups"])
+    if regularizer is not None:  # a per-step term (SPO's KL), added after the normalisation
+        with autocast:
+            reg = regularizer()
+        if not torch.isfinite(reg):
+            return StepResult(metrics, math.nan, {})
+        reg.backward()
+        metrics["regularizer"] = float(reg)
     params = [p for p in policy.parameters() if p.grad is not None]
-    for p in params:  # one normalisation for accumulation and ranks: mean over valid groups
-        p.grad.div_(metrics["valid_groups"])
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm))
     return StepResult(metrics, grad_norm, sums.stat_sums())
 
@@ -255,6 +266,7 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, float]
         logger.log({f"eval/{k}": v for k, v in metrics.items()}, step=state.step)
         return metrics
 
+    kl = OnPolicyKL.build(spec, cfg.loss, ref, tok, t.logps_chunk_size)
     eval_before = run_eval() if state.step == 0 else None
     best_eval = eval_before
     preempt = Preemption()
@@ -271,8 +283,11 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, float]
         order = views_at(len(data.train_views), cfg.seed, state.consumed, G)
         micro_batches = batches(data.train, data.train_views, order, t.micro_batch_groups,
                                 tok.pad_token_id, world.device)  # fmt: skip
-        metrics, grad_norm, stat_sums = train_step(policy, ref, micro_batches, spec, loss_fn, t,
-                                                   autocast, state.loss_state)  # fmt: skip
+        regularizer = kl.prepare(policy, state, [data.train[data.train_views[i][0]]["prompt_ids"]
+                                                 for i in order]) if kl else None  # fmt: skip
+        metrics, grad_norm, stat_sums = train_step(
+            policy, ref, micro_batches, spec, loss_fn, t, autocast, state.loss_state, regularizer
+        )
         if math.isfinite(grad_norm):
             optimizer.step()
             if spec.state is not None:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -114,3 +116,36 @@ def test_token_logps_chunk_size_does_not_change_values():
     torch.testing.assert_close(
         capped, logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
     )
+
+
+def test_sequence_kl_matches_naive_full_vocabulary_kl(model, tok):
+    from prefopt.stats import sequence_kl
+
+    ref = copy.deepcopy(model).requires_grad_(False)
+    assert torch.all(sequence_kl(model, ref, collate(groups(tok), tok.pad_token_id)).abs() < 1e-12)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    grps = groups(tok)
+    batch = collate(grps, tok.pad_token_id)
+    model.zero_grad()
+    kl = sequence_kl(model, ref, batch, chunk_size=3)
+    kl.sum().backward()
+    chunked = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    naive = []
+    for g, idx in grps:
+        for r in idx:
+            seq = torch.tensor([g.prompt_ids + g.response_ids[r]])
+            lp = model(input_ids=seq).logits[0].log_softmax(-1)
+            lq = ref(input_ids=seq).logits[0].log_softmax(-1)
+            P = len(g.prompt_ids)
+            naive.append(
+                sum((lp[t].exp() * (lp[t] - lq[t])).sum() for t in range(P - 1, seq.shape[1] - 1))
+            )
+    naive = torch.stack(naive)
+    torch.testing.assert_close(kl, naive, rtol=1e-9, atol=1e-12)
+    assert torch.all(kl > 0)
+    naive.sum().backward()
+    for a, p in zip(chunked, model.parameters(), strict=True):
+        torch.testing.assert_close(a, p.grad, rtol=1e-7, atol=1e-10)

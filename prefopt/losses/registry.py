@@ -47,6 +47,9 @@ class LossSpec:
     needs_reference: bool  # reference log-probs required (frozen copy of the start model)
     k: int | None  # responses per group the loss accepts; None = any K >= 2; 2 = pairwise
     state: StateSpec | None = None  # running statistics, for stateful losses
+    # SPO: the loop adds kl_weight * KL(pi || ref) on on-policy samples (config fields kl_weight,
+    # kl_every, kl_num_samples, kl_max_new_tokens), with a reference model when kl_weight > 0.
+    on_policy_kl: bool = False
 
     def hparams(self, cfg: Any) -> dict[str, Any]:
         """The config fields that ``fn`` takes as keywords.
@@ -76,6 +79,7 @@ def register_loss(
     needs_reference: bool = False,
     k: int | None = None,
     state: StateSpec | None = None,
+    on_policy_kl: bool = False,
 ) -> Callable[[LossFn], LossFn]:
     """Register ``fn`` under ``name`` with its hyper-parameter dataclass ``config_cls``.
 
@@ -87,7 +91,7 @@ def register_loss(
             raise ValueError(f"loss {name!r} is registered twice")
         if not issubclass(config_cls, LossConfig):
             raise TypeError(f"{config_cls.__name__} must subclass LossConfig")
-        LOSSES[name] = LossSpec(name, fn, config_cls, needs_reference, k, state)
+        LOSSES[name] = LossSpec(name, fn, config_cls, needs_reference, k, state, on_policy_kl)
         ConfigStore.instance().store(group="loss", name=f"_schema_{name}", node=config_cls)
         return fn
 

@@ -1,0 +1,102 @@
+"""On-policy samples for regularizers that need them (SPO's KL(pi_theta || pi_ref), paper 002).
+
+Samples are drawn from the current policy at temperature 1 with no top-k/top-p (the token-wise
+KL is then an unbiased estimate of the sequence KL, digest-spo section 1.7), one per prompt, for
+prompts of the current training step; they are kept as constants for ``kl_every`` steps.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedModel
+
+from prefopt.data.collate import collate
+from prefopt.data.tokenize import TokenizedGroup
+from prefopt.stats import sequence_kl
+
+Sample = tuple[list[int], list[int]]  # (prompt ids, sampled response ids)
+
+
+@torch.no_grad()
+def sample_responses(
+    policy: PreTrainedModel,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int,
+    eos_id: int,
+    pad_id: int,
+) -> list[Sample]:
+    """One sample per prompt; a response ends at its first EOS (kept) or at max_new_tokens."""
+    was_training = policy.training
+    policy.eval()
+    device = next(policy.parameters()).device
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
+    attn = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):  # left padding, so every prompt ends where generation starts
+        ids[i, width - len(p) :] = torch.tensor(p)
+        attn[i, width - len(p) :] = 1
+    out = policy.generate(input_ids=ids, attention_mask=attn, do_sample=True, temperature=1.0,
+                          top_k=0, top_p=1.0, max_new_tokens=max_new_tokens, eos_token_id=eos_id,
+                          pad_token_id=pad_id)  # fmt: skip
+    policy.train(was_training)
+    samples = []
+    for p, row in zip(prompts, out[:, width:].tolist(), strict=True):
+        cut = row.index(eos_id) + 1 if eos_id in row else len(row)
+        samples.append((p, row[:cut] or [eos_id]))
+    return samples
+
+
+def kl_on_samples(
+    policy: PreTrainedModel,
+    ref: PreTrainedModel,
+    samples: list[Sample],
+    *,
+    pad_id: int,
+    eos_id: int,
+    chunk_size: int,
+) -> Tensor:
+    """Mean over samples of the per-sequence summed token-wise KL (SPO Eq. 15)."""
+    groups = [(TokenizedGroup(p, [r], [r[-1] == eos_id], [0.0]), (0,)) for p, r in samples]
+    batch = collate(groups, pad_id).to(next(policy.parameters()).device)
+    return sequence_kl(policy, ref, batch, chunk_size).mean()
+
+
+class OnPolicyKL:
+    """SPO's regularizer: ``kl_weight`` x mean KL(pi || ref) on samples regenerated every
+    ``kl_every`` steps from prompts of the current step (Algorithm 1). The samples live in the
+    TrainState, so they are checkpointed and a resumed run uses the same ones."""
+
+    def __init__(self, loss_cfg, ref: PreTrainedModel, *, pad_id: int, eos_id: int,
+                 chunk_size: int) -> None:  # fmt: skip
+        self.weight, self.every = loss_cfg.kl_weight, loss_cfg.kl_every
+        self.num_samples, self.max_new_tokens = loss_cfg.kl_num_samples, loss_cfg.kl_max_new_tokens
+        self.ref, self.pad_id, self.eos_id, self.chunk_size = ref, pad_id, eos_id, chunk_size
+
+    @classmethod
+    def build(cls, spec, loss_cfg, ref, tok, chunk_size: int) -> OnPolicyKL | None:
+        """The regularizer when the loss asks for one (``on_policy_kl`` and kl_weight > 0)."""
+        if not (spec.on_policy_kl and loss_cfg.kl_weight > 0):
+            return None
+        return cls(loss_cfg, ref, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id,
+                   chunk_size=chunk_size)  # fmt: skip
+
+    def prepare(self, policy: PreTrainedModel, state, prompts: list[list[int]]):
+        """Refresh ``state.kl_samples`` if due; return the step's regularizer (a closure)."""
+        if not state.kl_samples or state.step % self.every == 0:
+            chosen = [prompts[i % len(prompts)] for i in range(self.num_samples)]
+            state.kl_samples = sample_responses(policy, chosen, max_new_tokens=self.max_new_tokens,
+                                                eos_id=self.eos_id, pad_id=self.pad_id)  # fmt: skip
+        samples = state.kl_samples
+        return lambda: (
+            self.weight
+            * kl_on_samples(
+                policy,
+                self.ref,
+                samples,
+                pad_id=self.pad_id,
+                eos_id=self.eos_id,
+                chunk_size=self.chunk_size,
+            )
+        )
