@@ -36,9 +36,17 @@ def forward_loss(
     elif spec.needs_reference:
         with torch.no_grad():
             ref_stats = group_stats(ref, batch, chunk_size)
+    extra = {}
     if spec.state is not None:
-        return loss_fn(stats, ref_stats, batch.scores, state=loss_state)
-    return loss_fn(stats, ref_stats, batch.scores)
+        extra["state"] = loss_state
+    if spec.needs_mismatched:  # KTO: detached KL baseline from mismatched (prompt, response)
+        with torch.no_grad():
+            mismatched = batch.mismatched
+            extra["mismatched_log_ratio"] = (
+                group_stats(policy, mismatched, chunk_size).logps
+                - group_stats(ref, mismatched, chunk_size).logps
+            )
+    return loss_fn(stats, ref_stats, batch.scores, **extra)
 
 
 def batches(
@@ -47,12 +55,14 @@ def batches(
     order: list[int],
     size: int,
     pad_id: int,
-    device: torch.device,
+    device: torch.device | str,
+    mismatched: bool = False,
 ):
     """Collated batches of ``size`` views taken in ``order``."""
     for start in range(0, len(order), size):
         chunk = [views[i] for i in order[start : start + size]]
-        yield collate([(group_at(data, row), idx) for row, idx in chunk], pad_id).to(device)
+        groups = [(group_at(data, row), idx) for row, idx in chunk]
+        yield collate(groups, pad_id, mismatched).to(device)
 
 
 @torch.no_grad()
@@ -74,9 +84,9 @@ def evaluate(
     was_training = policy.training
     policy.eval()
     sums = MetricSums()
-    for batch in batches(
-        data, views, list(range(len(views))), batch_groups, pad_id, next(policy.parameters()).device
-    ):
+    device = next(policy.parameters()).device
+    order = list(range(len(views)))
+    for batch in batches(data, views, order, batch_groups, pad_id, device, spec.needs_mismatched):
         with autocast:
             out = forward_loss(policy, ref, batch, spec, loss_fn, chunk_size, loss_state)
         sums.add(out, batch.num_tokens)

@@ -103,7 +103,7 @@ def build_reference(
     kl_on = spec.on_policy_kl and cfg.loss.kl_weight > 0  # needs reference logits on new samples
     if not (spec.needs_reference or kl_on):
         return None, data
-    if t.reference == "model" or kl_on:
+    if t.reference == "model" or kl_on or spec.needs_mismatched:  # these need the model itself
         return copy.deepcopy(policy).eval().requires_grad_(False), data
     cache = cfg.cache_dir if cfg.dataset.cache else None
     kw = dict(batch_groups=t.eval_batch_groups, pad_id=pad_id, chunk_size=t.logps_chunk_size,
@@ -282,7 +282,7 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, float]
             group["lr"] = lr
         order = views_at(len(data.train_views), cfg.seed, state.consumed, G)
         micro_batches = batches(data.train, data.train_views, order, t.micro_batch_groups,
-                                tok.pad_token_id, world.device)  # fmt: skip
+                                tok.pad_token_id, world.device, spec.needs_mismatched)  # fmt: skip
         regularizer = kl.prepare(policy, state, [data.train[data.train_views[i][0]]["prompt_ids"]
                                                  for i in order]) if kl else None  # fmt: skip
         metrics, grad_norm, stat_sums = train_step(

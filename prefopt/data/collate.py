@@ -26,6 +26,8 @@ class Batch(NamedTuple):
     has_eos: Tensor  # (B, K) bool
     ref_logps: Tensor | None = None  # (B, K) precomputed reference log-probs, when cached
     ref_eos_logps: Tensor | None = None  # (B, K)
+    # KTO's KL baseline: prompt b with the first response of group (b + 1) % B, as (B, 1) rows.
+    mismatched: Batch | None = None
 
     @property
     def num_groups(self) -> int:
@@ -36,11 +38,17 @@ class Batch(NamedTuple):
         return int(self.attention_mask.sum())
 
     def to(self, device: torch.device | str) -> Batch:
-        return Batch(*(t if t is None else t.to(device, non_blocking=True) for t in self))
+        return Batch(*(t if t is None else t.to(device) for t in self))
 
 
-def collate(groups: list[tuple[TokenizedGroup, tuple[int, ...]]], pad_id: int) -> Batch:
-    """Lay out groups (each with the response indices of its view) as padded rows."""
+def collate(
+    groups: list[tuple[TokenizedGroup, tuple[int, ...]]], pad_id: int, mismatched: bool = False
+) -> Batch:
+    """Lay out groups (each with the response indices of its view) as padded rows.
+
+    ``mismatched`` adds the (prompt b, a response of group b + 1) rows that KTO's KL baseline
+    needs; with a single group the prompt is paired with its own response (no other is there).
+    """
     B = len(groups)
     K = max(len(idx) for _, idx in groups)
     rows = [
@@ -74,7 +82,17 @@ def collate(groups: list[tuple[TokenizedGroup, tuple[int, ...]]], pad_id: int) -
         has_eos,
         _per_slot(groups, "ref_logps"),
         _per_slot(groups, "ref_eos_logps"),
+        _mismatched(groups, pad_id) if mismatched else None,
     )
+
+
+def _mismatched(groups: list[tuple[TokenizedGroup, tuple[int, ...]]], pad_id: int) -> Batch:
+    shifted = [
+        (TokenizedGroup(g.prompt_ids, [other.response_ids[idx[0]]], [other.has_eos[idx[0]]], [0.0]),
+         (0,))
+        for (g, _), (other, idx) in zip(groups, groups[1:] + groups[:1], strict=True)
+    ]  # fmt: skip
+    return collate(shifted, pad_id)
 
 
 def _per_slot(groups: list[tuple[TokenizedGroup, tuple[int, ...]]], field: str) -> Tensor | None:

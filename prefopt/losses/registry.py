@@ -50,6 +50,9 @@ class LossSpec:
     # SPO: the loop adds kl_weight * KL(pi || ref) on on-policy samples (config fields kl_weight,
     # kl_every, kl_num_samples, kl_max_new_tokens), with a reference model when kl_weight > 0.
     on_policy_kl: bool = False
+    # KTO: the loop passes ``mismatched_log_ratio`` (B, 1), log pi - log ref of (prompt b,
+    # response of group b + 1), computed without grad, for the KL baseline z_0.
+    needs_mismatched: bool = False
 
     def hparams(self, cfg: Any) -> dict[str, Any]:
         """The config fields that ``fn`` takes as keywords.
@@ -80,6 +83,7 @@ def register_loss(
     k: int | None = None,
     state: StateSpec | None = None,
     on_policy_kl: bool = False,
+    needs_mismatched: bool = False,
 ) -> Callable[[LossFn], LossFn]:
     """Register ``fn`` under ``name`` with its hyper-parameter dataclass ``config_cls``.
 
@@ -91,7 +95,9 @@ def register_loss(
             raise ValueError(f"loss {name!r} is registered twice")
         if not issubclass(config_cls, LossConfig):
             raise TypeError(f"{config_cls.__name__} must subclass LossConfig")
-        LOSSES[name] = LossSpec(name, fn, config_cls, needs_reference, k, state, on_policy_kl)
+        LOSSES[name] = LossSpec(
+            name, fn, config_cls, needs_reference, k, state, on_policy_kl, needs_mismatched
+        )
         ConfigStore.instance().store(group="loss", name=f"_schema_{name}", node=config_cls)
         return fn
 
