@@ -30,13 +30,19 @@ def token_logps(
     hidden: Tensor, targets: Tensor, head: nn.Module, chunk_size: int, softcap: float | None = None
 ) -> Tensor:
     """(M,) log p(targets[i] | hidden[i]) for M positions, one (chunk_size x V) block at a time."""
+    return _chunked(_chunk_logps, (hidden, targets), (head, softcap), chunk_size)
+
+
+def _chunked(fn, split: tuple[Tensor, ...], const: tuple, chunk_size: int) -> Tensor:
+    """cat of ``fn(*chunk, *const)`` over row chunks of ``split``; each chunk is recomputed in
+    backward, so only one chunk's (chunk x vocab) logits ever exist."""
     out = []
-    for h, t in zip(hidden.split(chunk_size), targets.split(chunk_size), strict=True):
+    for chunk in zip(*(t.split(chunk_size) for t in split), strict=True):
         if torch.is_grad_enabled():
-            out.append(checkpoint(_chunk_logps, h, t, head, softcap, use_reentrant=False))
+            out.append(checkpoint(fn, *chunk, *const, use_reentrant=False))
         else:
-            out.append(_chunk_logps(h, t, head, softcap))
-    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
+            out.append(fn(*chunk, *const))
+    return torch.cat(out) if out else split[0].new_zeros(0, dtype=torch.float32)
 
 
 def _to_groups(batch: Batch, row_values: Tensor, fill: float) -> Tensor:
@@ -97,13 +103,7 @@ def sequence_kl(
     target_mask = batch.response_mask[:, 1:]
     h, rh = hidden[:, :-1][target_mask], ref_hidden[:, :-1][target_mask]
     head, ref_head = policy.get_output_embeddings(), ref.get_output_embeddings()
-    parts = []
-    for hc, rc in zip(h.split(chunk_size), rh.split(chunk_size), strict=True):
-        if torch.is_grad_enabled():
-            parts.append(checkpoint(_chunk_kl, hc, rc, head, ref_head, use_reentrant=False))
-        else:
-            parts.append(_chunk_kl(hc, rc, head, ref_head))
-    kl = torch.cat(parts)
+    kl = _chunked(_chunk_kl, (h, rh), (head, ref_head), chunk_size)  # (M,)
     lengths = target_mask.sum(1)
     rows = torch.arange(len(lengths), device=kl.device).repeat_interleave(lengths)
     return kl.new_zeros(len(lengths)).index_add(0, rows, kl)

@@ -97,37 +97,37 @@ class Tokenizer:
         ids = self.tok(text, add_special_tokens=False, split_special_tokens=True).input_ids
         return [*ids, self.eos]
 
+    def _over_limit(self, policy: str, message: str, what: str) -> bool:
+        """Apply a truncation policy: raise (error), count and return True (skip), or False."""
+        if policy == "error":
+            raise DataError(message)
+        if policy == "skip":
+            self.counts[f"skipped_long_{what}"] += 1
+            return True
+        self.counts[f"truncated_{what}s"] += 1
+        return False
+
     def __call__(self, ex: Example, where: str) -> TokenizedGroup | None:
         """The tokenized group, or None when a truncation policy says skip (counted)."""
         o = self.opts
         prompt = self.prompt_ids(ex.prompt)
         if len(prompt) > o.max_prompt_length:
-            if o.prompt_truncation == "error":
-                raise DataError(
-                    f"{where}: key 'prompt': {len(prompt)} tokens > "
-                    f"dataset.max_prompt_length={o.max_prompt_length}"
-                )
-            if o.prompt_truncation == "skip":
-                self.counts["skipped_long_prompt"] += 1
+            msg = (f"{where}: key 'prompt': {len(prompt)} tokens > "
+                   f"dataset.max_prompt_length={o.max_prompt_length}")  # fmt: skip
+            if self._over_limit(o.prompt_truncation, msg, "prompt"):
                 return None
-            head = prompt[:1] if prompt[:1] == [self.bos] else []
+            head = prompt[:1] if prompt[:1] == [self.bos] else []  # BOS stays
             prompt = head + prompt[len(prompt) - (o.max_prompt_length - len(head)) :]
-            self.counts["truncated_prompts"] += 1
         budget = o.max_length - len(prompt)
         responses, has_eos = [], []
         for k, text in enumerate(ex.responses):
             ids = self.response_ids(text)
             if len(ids) > budget:
-                if o.response_truncation == "error":
-                    raise DataError(
-                        f"{where}: key 'responses'[{k}]: {len(prompt)} prompt + "
-                        f"{len(ids)} response tokens > dataset.max_length={o.max_length}"
-                    )
-                if o.response_truncation == "skip":
-                    self.counts["skipped_long_response"] += 1
+                msg = (f"{where}: key 'responses'[{k}]: {len(prompt)} prompt + {len(ids)} "
+                       f"response tokens > dataset.max_length={o.max_length}")  # fmt: skip
+                if self._over_limit(o.response_truncation, msg, "response"):
                     return None
                 ids = ids[:budget]
-                self.counts["truncated_responses"] += 1
             responses.append(ids)
             has_eos.append(ids[-1] == self.eos)
         self.counts["groups"] += 1
