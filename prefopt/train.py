@@ -32,6 +32,7 @@ import datasets
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -335,7 +336,7 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, float]
         policy.save_pretrained(Path(run_dir, "final"))
         tok.save_pretrained(Path(run_dir, "final"))
     summary = {
-        "overrides": overrides or [], "loss": spec.name, "steps": state.step,
+        "status": "ok", "overrides": overrides or [], "loss": spec.name, "steps": state.step,
         "skipped_steps": state.skipped_steps, "tokens": state.tokens,
         "train_wall_time_s": state.wall_time, "commit": git_commit(),
         "data_counts": dict(data.counts), "eval_before": eval_before, "eval_final": eval_after,
@@ -348,8 +349,19 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, float]
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float:
+    hydra_cfg = HydraConfig.get()
+    overrides = list(hydra_cfg.overrides.task)
     try:
-        metrics = run(cfg, list(HydraConfig.get().overrides.task))
+        metrics = run(cfg, overrides)
+    except Exception as e:
+        if hydra_cfg.mode != RunMode.MULTIRUN:
+            raise
+        # In a sweep one failed job must not stop the others: record it for the report.
+        log.exception("job %s failed", hydra_cfg.job.num)
+        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+        failure = {"status": "failed", "error": f"{type(e).__name__}: {e}", "overrides": overrides}
+        Path(cfg.run_dir, "summary.json").write_text(json.dumps(failure, indent=2))
+        return math.nan
     finally:
         parallel.destroy()
     return metrics.get("loss", math.nan)

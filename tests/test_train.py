@@ -159,3 +159,30 @@ def test_all_steps_non_finite_stops_with_clear_error(tmp_path, tiny_data, monkey
     data = (write_jsonl(tmp_path / "t.jsonl", rows), write_jsonl(tmp_path / "e.jsonl", rows))
     with pytest.raises(FloatingPointError, match="consecutive steps skipped"):
         run(_cfg(tmp_path / "run", data, "loss=refa_dynamic"))
+
+
+def _multirun(tmp_path: Path, data: tuple[Path, Path], *overrides: str) -> list[dict]:
+    """Run a Hydra multirun through the real entrypoint; the jobs' summaries in job order."""
+    sweep = tmp_path / "sweep"
+    env = {**os.environ, "PREFOPT_CACHE": str(tmp_path / "cache")}
+    cmd = [sys.executable, "-m", "prefopt.train", "-m", "model=tiny", "trainer=debug",
+           f"dataset.path={data[0]}", f"dataset.eval_path={data[1]}", f"hydra.sweep.dir={sweep}",
+           *overrides]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = sorted((p for p in sweep.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+    return [json.loads((j / "summary.json").read_text()) for j in jobs]
+
+
+def test_every_loss_trains_through_the_entrypoint(tmp_path, tiny_data):
+    summaries = _multirun(tmp_path, tiny_data, f"loss={','.join(sorted(LOSSES))}")
+    assert [s["loss"] for s in summaries] == sorted(LOSSES)
+    for s in summaries:
+        assert s["status"] == "ok" and s["steps"] == 3, s
+        assert math.isfinite(s["eval_final"]["loss"]), s
+
+
+def test_a_failed_sweep_job_is_recorded_and_the_others_run(tmp_path, tiny_data):
+    summaries = _multirun(tmp_path, tiny_data, "loss=simpo", "trainer.global_batch_groups=3,4")
+    assert summaries[0]["status"] == "failed" and "multiple of" in summaries[0]["error"]
+    assert summaries[1]["status"] == "ok" and summaries[1]["steps"] == 3
