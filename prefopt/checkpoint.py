@@ -1,9 +1,11 @@
-"""Checkpoints: model, optimizer and TrainState, written atomically; keep-last-N.
+"""Checkpoints: sharded model + optimizer (torch.distributed.checkpoint) and a small TrainState.
 
-Layout: ``<run_dir>/checkpoints/step_000030/{model.safetensors, optimizer.pt, train_state.pt}``.
-A checkpoint is written into a hidden temporary directory and renamed when complete, so a crash
-mid-write leaves the previous checkpoint as the latest good one. The learning-rate schedule is a
-pure function of the step, so the step is all the scheduler state there is.
+Layout: ``<run_dir>/checkpoints/step_000030/`` with DCP shards (``*.distcp``, ``.metadata``),
+``train_state.pt`` (rank 0: step, data position, counters, loss state, RNG) and ``rng_rank<r>.pt``
+for the other ranks. Everything is written into a hidden temporary directory that rank 0 renames
+when all ranks are done, so a crash mid-write leaves the previous checkpoint as the latest good
+one. The learning-rate schedule is a pure function of the step: the step is all the scheduler
+state there is. Resuming needs the same world size (per-rank data slices and RNG).
 """
 
 from __future__ import annotations
@@ -16,7 +18,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from prefopt.parallel import all_gather_objects, barrier, is_main
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -30,6 +36,7 @@ class TrainState:
     wall_time: float = 0.0
     loss_state: dict = field(default_factory=dict)  # running statistics of stateful losses
     kl_samples: list = field(default_factory=list)  # SPO's on-policy samples (prompt, response)
+    world_size: int = 1
     rng: dict = field(default_factory=dict)
 
 
@@ -47,28 +54,36 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
 def save_checkpoint(
-    run_dir: str,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    state: TrainState,
+    run_dir: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: TrainState,
     keep_last: int,
-) -> Path:
+) -> Path:  # fmt: skip
     root = Path(run_dir, "checkpoints")
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{state.step:06d}"
     tmp = root / f".tmp-step_{state.step:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    if is_main():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
     state.rng = rng_state()
-    save_model(model, str(tmp / "model.safetensors"))  # handles tied embeddings
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(asdict(state), tmp / "train_state.pt")
-    if final.exists():  # re-saving the same step (e.g. resumed at the end): replace it
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    if is_main():
+        torch.save(asdict(state), tmp / "train_state.pt")
+    else:
+        torch.save(state.rng, tmp / f"rng_rank{_rank()}.pt")
+    barrier()
+    if is_main():
+        if final.exists():  # re-saving the same step (e.g. resumed at the end): replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
     return final
 
 
@@ -81,23 +96,36 @@ def list_checkpoints(run_dir: str) -> list[Path]:
 
 
 def resolve_resume(resume: str, run_dir: str) -> Path | None:
-    """``auto``: the latest checkpoint of this run dir, if any; ``never``; or an explicit path."""
-    if resume == "never":
-        return None
+    """``auto``: the latest checkpoint of this run dir, if any; ``never``; or an explicit path.
+
+    Every rank must agree, so rank 0 decides and the others follow.
+    """
+    found: Path | None = None
     if resume == "auto":
-        found = list_checkpoints(run_dir)
-        return found[-1] if found else None
-    path = Path(resume)
-    if not (path / "train_state.pt").is_file():
-        raise FileNotFoundError(f"trainer.resume={resume}: no checkpoint there (train_state.pt)")
-    return path
+        candidates = list_checkpoints(run_dir)
+        found = candidates[-1] if candidates else None
+    elif resume != "never":
+        found = Path(resume)
+        if not (found / "train_state.pt").is_file():
+            raise FileNotFoundError(
+                f"trainer.resume={resume}: no checkpoint there (train_state.pt)"
+            )
+    return all_gather_objects(found)[0]
 
 
 def load_checkpoint(
-    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, world_size: int
 ) -> TrainState:
-    load_model(model, str(path / "model.safetensors"), device=str(next(model.parameters()).device))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
     state = TrainState(**torch.load(path / "train_state.pt", weights_only=False))
-    set_rng_state(state.rng)
+    if state.world_size != world_size:
+        raise ValueError(f"{path} was written by {state.world_size} ranks; resuming needs the "
+                         f"same number (got {world_size})")  # fmt: skip
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    loaded = {"model": model_sd, "optim": optim_sd}
+    dcp.load(loaded, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=loaded["model"],
+                   optim_state_dict=loaded["optim"])  # fmt: skip
+    rank = _rank()
+    set_rng_state(state.rng if rank == 0 else torch.load(path / f"rng_rank{rank}.pt",
+                                                         weights_only=False))  # fmt: skip
     return state

@@ -97,6 +97,7 @@ class TrainerConfig:
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
     logps_chunk_size: int = 1024  # response tokens per log-prob chunk (peak memory ~ chunk x vocab)
     reference: str = "model"  # model: frozen copy in the loop | precompute: one cached pass
+    collective_timeout_s: float = 600.0  # a rank that stops answering fails the job after this
     num_threads: int = 0  # torch CPU threads; 0 = torch's default
     progress: bool = True  # console progress bar
 

@@ -6,27 +6,26 @@ from contextlib import AbstractContextManager
 
 import datasets
 import torch
-from transformers import PreTrainedModel
 
 from prefopt.data.collate import Batch, collate
 from prefopt.data.loading import View, group_at
 from prefopt.losses import LossSpec
 from prefopt.losses.registry import LossFn, LossState
 from prefopt.metrics import MetricSums
-from prefopt.stats import group_stats
+from prefopt.parallel import StatsModel
 from prefopt.types import LossOutput
 
 
 def forward_loss(
-    policy: PreTrainedModel,
-    ref: PreTrainedModel | None,
+    policy: StatsModel,
+    ref: StatsModel | None,
     batch: Batch,
     spec: LossSpec,
     loss_fn: LossFn,
     chunk_size: int,
     loss_state: LossState | None = None,
 ) -> LossOutput:
-    stats = group_stats(policy, batch, chunk_size)
+    stats = policy(batch, chunk_size)
     ref_stats = None
     if spec.needs_reference and batch.ref_logps is not None:  # trainer.reference=precompute
         ref_stats = stats._replace(
@@ -35,7 +34,7 @@ def forward_loss(
         ).detach()
     elif spec.needs_reference:
         with torch.no_grad():
-            ref_stats = group_stats(ref, batch, chunk_size)
+            ref_stats = ref(batch, chunk_size)
     extra = {}
     if spec.state is not None:
         extra["state"] = loss_state
@@ -43,8 +42,7 @@ def forward_loss(
         with torch.no_grad():
             mismatched = batch.mismatched
             extra["mismatched_log_ratio"] = (
-                group_stats(policy, mismatched, chunk_size).logps
-                - group_stats(ref, mismatched, chunk_size).logps
+                policy(mismatched, chunk_size).logps - ref(mismatched, chunk_size).logps
             )
     return loss_fn(stats, ref_stats, batch.scores, **extra)
 
@@ -65,10 +63,18 @@ def batches(
         yield collate(groups, pad_id, mismatched).to(device)
 
 
+def rank_slice(n: int, rank: int, world_size: int) -> tuple[list[int], int]:
+    """This rank's share of ``range(n)`` padded (by wrapping around) to the same length on every
+    rank, so all ranks run the same number of sharded forwards; and how many are its own."""
+    own = list(range(rank, n, world_size))
+    width = -(-n // world_size)
+    return own + [(rank + world_size * i) % n for i in range(len(own), width)], len(own)
+
+
 @torch.no_grad()
 def evaluate(
-    policy: PreTrainedModel,
-    ref: PreTrainedModel | None,
+    policy: StatsModel,
+    ref: StatsModel | None,
     data: datasets.Dataset,
     views: list[View],
     spec: LossSpec,
@@ -79,16 +85,22 @@ def evaluate(
     chunk_size: int,
     autocast: AbstractContextManager,
     loss_state: LossState | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> dict[str, float]:
-    """Mean loss and metrics over every valid held-out group (same definitions as training)."""
+    """Mean loss and metrics over every valid held-out group (same definitions as training),
+    each rank taking a slice; the padding that evens out the slices is not counted."""
     was_training = policy.training
     policy.eval()
     sums = MetricSums()
     device = next(policy.parameters()).device
-    order = list(range(len(views)))
-    for batch in batches(data, views, order, batch_groups, pad_id, device, spec.needs_mismatched):
+    order, own = rank_slice(len(views), rank, world_size)
+    for start, batch in zip(range(0, len(order), batch_groups),
+                            batches(data, views, order, batch_groups, pad_id, device,
+                                    spec.needs_mismatched), strict=True):  # fmt: skip
         with autocast:
             out = forward_loss(policy, ref, batch, spec, loss_fn, chunk_size, loss_state)
-        sums.add(out, batch.num_tokens)
+        keep = torch.arange(start, start + batch.num_groups, device=out.valid.device) < own
+        sums.add(out, batch.num_tokens, keep)
     policy.train(was_training)
     return sums.finish()

@@ -21,10 +21,11 @@ class MetricSums:
         self.tokens = 0
         self.stats: dict[str, Tensor] = {}
 
-    def add(self, out: LossOutput, num_tokens: int) -> None:
-        v = out.valid
+    def add(self, out: LossOutput, num_tokens: int, keep: Tensor | None = None) -> None:
+        """Add a micro-batch; ``keep`` (B,) drops padding groups from every count."""
+        v = out.valid if keep is None else out.valid & keep
         self.valid += int(v.sum())
-        self.groups += len(v)
+        self.groups += len(v) if keep is None else int(keep.sum())
         self.tokens += num_tokens
         self.sums["loss"] += float(out.losses.detach()[v].float().sum())
         for name, value in out.metrics.items():

@@ -13,7 +13,7 @@ from transformers import PreTrainedModel
 
 from prefopt.data.collate import collate
 from prefopt.data.tokenize import TokenizedGroup
-from prefopt.stats import sequence_kl
+from prefopt.parallel import StatsModel, unsharded
 
 Sample = tuple[list[int], list[int]]  # (prompt ids, sampled response ids)
 
@@ -49,8 +49,8 @@ def sample_responses(
 
 
 def kl_on_samples(
-    policy: PreTrainedModel,
-    ref: PreTrainedModel,
+    policy: StatsModel,
+    ref: StatsModel,
     samples: list[Sample],
     *,
     pad_id: int,
@@ -60,7 +60,7 @@ def kl_on_samples(
     """Mean over samples of the per-sequence summed token-wise KL (SPO Eq. 15)."""
     groups = [(TokenizedGroup(p, [r], [r[-1] == eos_id], [0.0]), (0,)) for p, r in samples]
     batch = collate(groups, pad_id).to(next(policy.parameters()).device)
-    return sequence_kl(policy, ref, batch, chunk_size).mean()
+    return policy(batch, chunk_size, kl_ref=ref).mean()
 
 
 class OnPolicyKL:
@@ -68,7 +68,7 @@ class OnPolicyKL:
     ``kl_every`` steps from prompts of the current step (Algorithm 1). The samples live in the
     TrainState, so they are checkpointed and a resumed run uses the same ones."""
 
-    def __init__(self, loss_cfg, ref: PreTrainedModel, *, pad_id: int, eos_id: int,
+    def __init__(self, loss_cfg, ref: StatsModel, *, pad_id: int, eos_id: int,
                  chunk_size: int) -> None:  # fmt: skip
         self.weight, self.every = loss_cfg.kl_weight, loss_cfg.kl_every
         self.num_samples, self.max_new_tokens = loss_cfg.kl_num_samples, loss_cfg.kl_max_new_tokens
@@ -82,21 +82,32 @@ class OnPolicyKL:
         return cls(loss_cfg, ref, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id,
                    chunk_size=chunk_size)  # fmt: skip
 
-    def prepare(self, policy: PreTrainedModel, state, prompts: list[list[int]]):
+    def prepare(self, policy: StatsModel, state, prompts: list[list[int]]):
         """Refresh ``state.kl_samples`` if due; return the step's regularizer (a closure)."""
         if not state.kl_samples or state.step % self.every == 0:
             chosen = [prompts[i % len(prompts)] for i in range(self.num_samples)]
-            state.kl_samples = sample_responses(policy, chosen, max_new_tokens=self.max_new_tokens,
-                                                eos_id=self.eos_id, pad_id=self.pad_id)  # fmt: skip
+            with unsharded(policy):  # generate() bypasses the sharded root's forward
+                state.kl_samples = sample_responses(
+                    policy.model,
+                    chosen,
+                    max_new_tokens=self.max_new_tokens,
+                    eos_id=self.eos_id,
+                    pad_id=self.pad_id,
+                )
         samples = state.kl_samples
-        return lambda: (
-            self.weight
-            * kl_on_samples(
-                policy,
-                self.ref,
-                samples,
-                pad_id=self.pad_id,
-                eos_id=self.eos_id,
-                chunk_size=self.chunk_size,
-            )
-        )
+
+        def regularize() -> float:
+            with unsharded(self.ref):  # gathered through the backward, which recomputes chunks
+                kl = self.weight * kl_on_samples(
+                    policy,
+                    self.ref,
+                    samples,
+                    pad_id=self.pad_id,
+                    eos_id=self.eos_id,
+                    chunk_size=self.chunk_size,
+                )
+                if torch.isfinite(kl):
+                    kl.backward()
+            return float(kl)
+
+        return regularize

@@ -15,11 +15,10 @@ from pathlib import Path
 import datasets
 import torch
 from omegaconf import DictConfig, OmegaConf
-from transformers import PreTrainedModel
 
 from prefopt.data.loading import make_views
-from prefopt.evaluation import batches
-from prefopt.stats import group_stats
+from prefopt.evaluation import batches, rank_slice
+from prefopt.parallel import StatsModel, all_gather_objects, barrier, is_main
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +33,7 @@ def reference_key(model_cfg: DictConfig, seed: int, precision: str, data: datase
 
 @torch.no_grad()
 def precompute_reference(
-    model: PreTrainedModel,
+    model: StatsModel,
     data: datasets.Dataset,
     key: str,
     cache_dir: str | None,
@@ -43,8 +42,13 @@ def precompute_reference(
     pad_id: int,
     chunk_size: int,
     autocast: AbstractContextManager,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> datasets.Dataset:
-    """``data`` with ``ref_logps`` and ``ref_eos_logps`` columns (one value per response)."""
+    """``data`` with ``ref_logps`` and ``ref_eos_logps`` columns (one value per response).
+
+    Each rank computes a slice; the slices are gathered so every rank holds the whole split.
+    """
     target = Path(cache_dir, "reference", key) if cache_dir else None
     if target is not None and (target / "dataset_info.json").is_file():
         log.info("reference log-probs: cached at %s", target)
@@ -52,22 +56,29 @@ def precompute_reference(
     was_training = model.training
     model.eval()
     views = make_views(data, None)
-    logps: list[list[float]] = []
-    eos: list[list[float]] = []
+    order, own = rank_slice(len(views), rank, world_size)
     device = next(model.parameters()).device
-    for batch in batches(data, views, list(range(len(views))), batch_groups, pad_id, device):
+    mine: dict[int, tuple[list[float], list[float]]] = {}
+    for start, batch in zip(range(0, len(order), batch_groups),
+                            batches(data, views, order, batch_groups, pad_id, device),
+                            strict=True):  # fmt: skip
         with autocast:
-            stats = group_stats(model, batch, chunk_size)
+            stats = model(batch, chunk_size)
         for b in range(batch.num_groups):
-            k = int(batch.mask[b].sum())  # views list every response in order
-            logps.append(stats.logps[b, :k].float().tolist())
-            eos.append(stats.eos_logps[b, :k].float().tolist())
+            if start + b < own:  # the rest is padding that evens out the ranks' slices
+                k = int(batch.mask[b].sum())  # views list every response in order
+                mine[order[start + b]] = (stats.logps[b, :k].float().tolist(),
+                                          stats.eos_logps[b, :k].float().tolist())  # fmt: skip
     model.train(was_training)
-    out = data.add_column("ref_logps", logps).add_column("ref_eos_logps", eos)
+    merged = {row: v for part in all_gather_objects(mine) for row, v in part.items()}
+    out = data.add_column("ref_logps", [merged[i][0] for i in range(len(data))])
+    out = out.add_column("ref_eos_logps", [merged[i][1] for i in range(len(data))])
     if target is not None:
-        tmp = target.with_name(f".tmp-{key}-{os.getpid()}")
-        out.save_to_disk(str(tmp))
-        if not target.exists():
-            tmp.rename(target)
+        if is_main():
+            tmp = target.with_name(f".tmp-{key}-{os.getpid()}")
+            out.save_to_disk(str(tmp))
+            if not target.exists():
+                tmp.rename(target)
+        barrier()
         out = datasets.load_from_disk(str(target))
     return out

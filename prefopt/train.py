@@ -20,10 +20,11 @@ import copy
 import json
 import logging
 import math
+import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import NamedTuple
@@ -35,7 +36,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 import prefopt.losses  # noqa: F401  (registers loss schemas before composition)
 from prefopt import parallel
@@ -56,6 +57,7 @@ from prefopt.metrics import MetricSums
 from prefopt.models import load_model, load_tokenizer
 from prefopt.onpolicy import OnPolicyKL
 from prefopt.optim import build_optimizer, lr_at
+from prefopt.parallel import StatsModel
 from prefopt.reference import precompute_reference, reference_key
 
 log = logging.getLogger("prefopt")
@@ -83,45 +85,67 @@ def validate(cfg: DictConfig) -> None:
     t = cfg.trainer
     if t.reference not in ("model", "precompute"):
         raise ValueError(f"trainer.reference must be 'model' or 'precompute', got {t.reference!r}")
-    if t.global_batch_groups % t.micro_batch_groups:
-        raise ValueError(
-            f"trainer.global_batch_groups={t.global_batch_groups} must be a multiple of "
-            f"trainer.micro_batch_groups={t.micro_batch_groups}"
-        )
 
 
-def build_reference(
+def validate_batching(t: DictConfig, world_size: int) -> None:
+    """Every rank must run the same number of micro-batches per step (sharded collectives)."""
+    if t.global_batch_groups % (t.micro_batch_groups * world_size):
+        raise ValueError(f"trainer.global_batch_groups={t.global_batch_groups} must be a multiple "
+                         f"of trainer.micro_batch_groups x ranks = {t.micro_batch_groups} x "
+                         f"{world_size}")  # fmt: skip
+
+
+def build_models(
     cfg: DictConfig,
     spec: LossSpec,
-    policy: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
     data: DataSplits,
-    pad_id: int,
+    world: parallel.World,
     autocast: AbstractContextManager,
-) -> tuple[PreTrainedModel | None, DataSplits]:
-    """The reference, from the starting weights: a frozen copy (``trainer.reference=model``), or
-    cached log-probs attached to both splits (``precompute``; no second model in memory)."""
+) -> tuple[StatsModel, StatsModel | None, DataSplits]:
+    """The sharded policy and, from the same starting weights, the reference: a frozen sharded
+    copy (``trainer.reference=model``), or cached log-probs attached to both splits
+    (``precompute``: no second model in memory)."""
     t = cfg.trainer
+    hf = load_model(cfg.model, cfg.cache_dir, tok, cfg.seed)
+    bf16 = autocast_is_bf16(world.device, t.precision)
     kl_on = spec.on_policy_kl and cfg.loss.kl_weight > 0  # needs reference logits on new samples
-    if not (spec.needs_reference or kl_on):
-        return None, data
-    if t.reference == "model" or kl_on or spec.needs_mismatched:  # these need the model itself
-        return copy.deepcopy(policy).eval().requires_grad_(False), data
-    cache = cfg.cache_dir if cfg.dataset.cache else None
-    kw = dict(batch_groups=t.eval_batch_groups, pad_id=pad_id, chunk_size=t.logps_chunk_size,
-              autocast=autocast)  # fmt: skip
+    # KTO's baseline and SPO's KL need reference forwards on rows that no cache holds.
+    ref_model = (spec.needs_reference and t.reference == "model") or kl_on or spec.needs_mismatched
+    ref_hf = copy.deepcopy(hf) if ref_model else None
+    policy = parallel.shard(hf.to(world.device), world, bf16)
+    ref = parallel.shard(ref_hf.to(world.device), world, bf16, trainable=False) if ref_hf else None
+    if spec.needs_reference and not ref_model:
+        cache = cfg.cache_dir if cfg.dataset.cache else None
+        kw = dict(batch_groups=t.eval_batch_groups, pad_id=tok.pad_token_id,
+                  chunk_size=t.logps_chunk_size, autocast=autocast, rank=world.rank,
+                  world_size=world.world_size)  # fmt: skip
 
-    def one(split: datasets.Dataset) -> datasets.Dataset:
-        key = reference_key(cfg.model, cfg.seed, t.precision, split)
-        return precompute_reference(policy, split, key, cache, **kw)
+        def one(split: datasets.Dataset) -> datasets.Dataset:
+            key = reference_key(cfg.model, cfg.seed, t.precision, split)
+            return precompute_reference(policy, split, key, cache, **kw)
 
-    return None, data._replace(train=one(data.train), eval=one(data.eval))
+        data = data._replace(train=one(data.train), eval=one(data.eval))
+    return policy, ref, data
+
+
+def autocast_is_bf16(device: torch.device, precision: str) -> bool:
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"trainer.precision must be auto, bf16 or fp32, got {precision!r}")
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
+def export(policy: StatsModel, tok: PreTrainedTokenizerBase, path: Path) -> None:
+    """Hugging Face format (``from_pretrained``-able) gathered from the shards onto rank 0."""
+    full = parallel.full_state_dict(policy)  # a collective: every rank takes part
+    if parallel.is_main():
+        policy.model.save_pretrained(path, state_dict=full)
+        tok.save_pretrained(path)
 
 
 def make_autocast(device: torch.device, precision: str) -> AbstractContextManager:
     """bf16 autocast (fp32 master weights) on CUDA by default; fp32 on CPU unless asked."""
-    if precision not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"trainer.precision must be auto, bf16 or fp32, got {precision!r}")
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+    if autocast_is_bf16(device, precision):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -186,23 +210,26 @@ class StepResult(NamedTuple):
 
 
 def train_step(
-    policy: PreTrainedModel,
-    ref: PreTrainedModel | None,
-    micro_batches: Iterator[Batch],
+    policy: StatsModel,
+    ref: StatsModel | None,
+    micro_batches: list[Batch],
     spec: LossSpec,
     loss_fn: LossFn,
     t: DictConfig,
     autocast: AbstractContextManager,
     loss_state: LossState | None = None,
-    regularizer: Callable[[], torch.Tensor] | None = None,
+    regularizer: Callable[[], float] | None = None,
 ) -> StepResult:
     """Accumulate gradients over the micro-batches, normalise by the step's valid groups, clip.
 
     The gradient norm is NaN when the step must not be applied: a non-finite loss or gradient,
-    or no valid group. ``regularizer`` (SPO's on-policy KL) is a per-step term, not per group.
+    or no valid group. ``regularizer`` (SPO's on-policy KL) is a per-step term, not per group:
+    it backpropagates itself when finite and returns its value.
     """
     sums = MetricSums()
-    for batch in micro_batches:
+    for i, batch in enumerate(micro_batches):
+        # Reduce-scatter gradients once per step; every rank runs the same number of micro-batches.
+        parallel.set_gradient_sync(policy, i == len(micro_batches) - 1)
         with autocast:
             out = forward_loss(policy, ref, batch, spec, loss_fn, t.logps_chunk_size, loss_state)
         loss_sum = out.losses[out.valid].sum()
@@ -219,13 +246,12 @@ def train_step(
             p.grad.div_(metrics["valid_groups"])
     if regularizer is not None:  # a per-step term (SPO's KL), added after the normalisation
         with autocast:
-            reg = regularizer()
-        if not torch.isfinite(reg):
+            metrics["regularizer"] = regularizer()  # backpropagated inside when finite
+        if not math.isfinite(metrics["regularizer"]):
             return StepResult(metrics, math.nan, {})
-        reg.backward()
-        metrics["regularizer"] = float(reg)
     params = [p for p in policy.parameters() if p.grad is not None]
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm))
+    norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
+    grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
     return StepResult(metrics, grad_norm, sums.stat_sums())
 
 
@@ -233,7 +259,8 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, float]
     """Train as ``cfg`` says; return the final held-out metrics ({} when stopped early)."""
     validate(cfg)
     t = cfg.trainer
-    world = parallel.init_distributed(t.device)
+    world = parallel.init_distributed(t.device, t.collective_timeout_s)
+    validate_batching(t, world.world_size)
     torch.manual_seed(cfg.seed)
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
@@ -247,14 +274,14 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, float]
     data = prepare_data(cfg, tok, spec)
     G = t.global_batch_groups
     max_steps = t.max_steps or math.ceil(t.epochs * len(data.train_views) / G)
-    policy = load_model(cfg.model, cfg.cache_dir, tok, cfg.seed).to(world.device)
-    ref, data = build_reference(cfg, spec, policy, data, tok.pad_token_id, autocast)
+    policy, ref, data = build_models(cfg, spec, tok, data, world, autocast)
     optimizer = build_optimizer(cfg.optimizer, [p for p in policy.parameters() if p.requires_grad])
     hparams = spec.hparams(cfg.loss)
-    state = TrainState(loss_state=spec.state.init(**hparams) if spec.state else {})
+    state = TrainState(loss_state=spec.state.init(**hparams) if spec.state else {},
+                       world_size=world.world_size)  # fmt: skip
     resume_from = resolve_resume(t.resume, run_dir)
     if resume_from is not None:
-        state = load_checkpoint(resume_from, policy, optimizer)
+        state = load_checkpoint(resume_from, policy, optimizer, world.world_size)
         log.info("resumed from %s at step %d", resume_from, state.step)
     policy.train()
     logger = build_logger(cfg.logger, run_dir, cfg)
@@ -263,7 +290,8 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, float]
         metrics = evaluate(policy, ref, data.eval, data.eval_views, spec, loss_fn,
                            batch_groups=t.eval_batch_groups, pad_id=tok.pad_token_id,
                            chunk_size=t.logps_chunk_size, autocast=autocast,
-                           loss_state=state.loss_state)  # fmt: skip
+                           loss_state=state.loss_state, rank=world.rank,
+                           world_size=world.world_size)  # fmt: skip
         logger.log({f"eval/{k}": v for k, v in metrics.items()}, step=state.step)
         return metrics
 
@@ -281,9 +309,12 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, float]
         lr = lr_at(state.step, cfg.optimizer.lr, t, max_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        # Every rank draws the same global order and takes its slice of it.
         order = views_at(len(data.train_views), cfg.seed, state.consumed, G)
-        micro_batches = batches(data.train, data.train_views, order, t.micro_batch_groups,
-                                tok.pad_token_id, world.device, spec.needs_mismatched)  # fmt: skip
+        order = order[world.rank :: world.world_size]
+        micro_batches = list(batches(data.train, data.train_views, order, t.micro_batch_groups,
+                                     tok.pad_token_id, world.device,
+                                     spec.needs_mismatched))  # fmt: skip
         regularizer = kl.prepare(policy, state, [data.train[data.train_views[i][0]]["prompt_ids"]
                                                  for i in order]) if kl else None  # fmt: skip
         metrics, grad_norm, stat_sums = train_step(
@@ -331,18 +362,20 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, float]
     # ---- final eval, export, summary ----
     eval_after = run_eval()
     best_eval = best_of(best_eval, eval_after)
-    print_eval("held-out metrics", eval_before or eval_after, eval_after if eval_before else None)
-    if t.export_final and parallel.is_main():
-        policy.save_pretrained(Path(run_dir, "final"))
-        tok.save_pretrained(Path(run_dir, "final"))
-    summary = {
-        "status": "ok", "overrides": overrides or [], "loss": spec.name, "steps": state.step,
-        "skipped_steps": state.skipped_steps, "tokens": state.tokens,
-        "train_wall_time_s": state.wall_time, "commit": git_commit(),
-        "data_counts": dict(data.counts), "eval_before": eval_before, "eval_final": eval_after,
-        "eval_best": best_eval,
-    }  # fmt: skip
-    Path(run_dir, "summary.json").write_text(json.dumps(summary, indent=2))
+    if t.export_final:
+        export(policy, tok, Path(run_dir, "final"))
+    if parallel.is_main():
+        print_eval(
+            "held-out metrics", eval_before or eval_after, eval_after if eval_before else None
+        )
+        summary = {
+            "status": "ok", "overrides": overrides or [], "loss": spec.name, "steps": state.step,
+            "skipped_steps": state.skipped_steps, "tokens": state.tokens,
+            "train_wall_time_s": state.wall_time, "world_size": world.world_size,
+            "commit": git_commit(), "data_counts": dict(data.counts), "eval_before": eval_before,
+            "eval_final": eval_after, "eval_best": best_eval,
+        }  # fmt: skip
+        Path(run_dir, "summary.json").write_text(json.dumps(summary, indent=2))
     logger.close()
     return eval_after
 
@@ -351,6 +384,8 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, float]
 def main(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
     overrides = list(hydra_cfg.overrides.task)
+    if int(os.environ.get("RANK", "0")) > 0:  # one log: rank 0 speaks, the others only warn
+        logging.getLogger().setLevel(logging.WARNING)
     try:
         metrics = run(cfg, overrides)
     except Exception as e:

@@ -602,6 +602,16 @@ def test_get_spec_unknown_lists_registered_names():
         assert name in str(info.value)
 
 
+def capability_inputs(spec, cfg, B: int) -> dict:
+    """The extra keyword inputs the loop passes for a loss's capabilities."""
+    extra = {}
+    if spec.state is not None:
+        extra["state"] = spec.state.init(**spec.hparams(cfg))
+    if spec.needs_mismatched:
+        extra["mismatched_log_ratio"] = torch.zeros(B, 1, dtype=F64)
+    return extra
+
+
 @pytest.mark.parametrize("name", sorted(LOSSES))
 def test_registry_config_and_build(name):
     spec = get_spec(name)
@@ -613,9 +623,12 @@ def test_registry_config_and_build(name):
     policy, _ = random_stats(3, spec.k or 3, seed=50)
     scores = torch.arange(spec.k or 3, 0, -1, dtype=F64).expand(3, -1)
     ref = random_stats(3, spec.k or 3, seed=51)[0] if spec.needs_reference else None
-    hparams = {k: v for k, v in vars(cfg).items() if k != "name"}
+    extra = capability_inputs(spec, cfg, 3)
+    hparams = {k: v for k, v in vars(cfg).items() if k != "name" and k in spec.hparams(cfg)}
     assert_close(
-        fn(policy, ref, scores).losses, spec.fn(policy, ref, scores, **hparams).losses, **TOL
+        fn(policy, ref, scores, **extra).losses,
+        spec.fn(policy, ref, scores, **hparams, **extra).losses,
+        **TOL,
     )
 
 
@@ -629,7 +642,7 @@ def test_every_loss_on_random_pairs(name):
     ref = random_stats(B, k, seed=61)[0].detach() if spec.needs_reference else None
     scores = torch.arange(k, 0, -1, dtype=F64).repeat(B, 1)
     scores[1] = 2.0  # all tied: never a preference
-    out = fn(policy, ref, scores)
+    out = fn(policy, ref, scores, **capability_inputs(spec, spec.config_cls(), B))
     assert out.losses.shape == (B,) and out.valid.shape == (B,)
     assert out.valid.dtype == torch.bool
     assert torch.isfinite(out.losses).all()

@@ -14,9 +14,9 @@ import pytest
 import torch
 from conftest import REPO, arithmetic_rows, write_jsonl
 from hydra import compose, initialize_config_dir
-from safetensors.torch import load_file
 
 from prefopt.losses import LOSSES, build_loss
+from prefopt.parallel import StatsModel
 from prefopt.train import run, train_step
 
 
@@ -65,7 +65,12 @@ def test_every_loss_trains_three_steps(tmp_path, tiny_data, loss):
 
 
 def _weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
-    return load_file(run_dir / "checkpoints" / f"step_{step:06d}" / "model.safetensors")
+    """The model weights of a (sharded, DCP) checkpoint as one state dict."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = run_dir / f"weights_{step}.pt"
+    dcp_to_torch_save(run_dir / "checkpoints" / f"step_{step:06d}", out)
+    return torch.load(out, weights_only=False)["model"]
 
 
 def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, tiny_data):
@@ -102,7 +107,8 @@ def _step_grads(tmp_path, tiny_data, micro: int) -> list[torch.Tensor]:
     mbs = batches(data.train, data.train_views, [0, 1, 2, 3], micro, tok.pad_token_id, "cpu")
     import contextlib
 
-    train_step(model, None, mbs, spec, loss_fn, cfg.trainer, contextlib.nullcontext())
+    train_step(StatsModel(model), None, list(mbs), spec, loss_fn, cfg.trainer,
+               contextlib.nullcontext())  # fmt: skip
     return [p.grad.clone() for p in model.parameters()]
 
 
@@ -144,7 +150,8 @@ def test_non_finite_loss_never_reaches_the_optimizer(tmp_path, tiny_data):
     mbs = batches(data.train, data.train_views, [0, 1], 2, tok.pad_token_id, "cpu")
     import contextlib
 
-    result = train_step(model, None, mbs, spec, nan_loss, cfg.trainer, contextlib.nullcontext())
+    result = train_step(StatsModel(model), None, list(mbs), spec, nan_loss, cfg.trainer,
+                        contextlib.nullcontext())  # fmt: skip
     assert math.isnan(result.grad_norm)  # the loop skips optimizer.step() on a NaN norm
     assert all(p.grad is None for p in model.parameters())  # backward never ran on the NaN
 

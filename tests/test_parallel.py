@@ -1,0 +1,115 @@
+# .venv/bin/pytest tests/test_parallel.py -q
+"""FSDP2 on 2 CPU processes (gloo, torchrun): same training as 1 process, exact resume, and a
+dead rank ends the job."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.distributed
+
+
+def _launch(tmp_path: Path, run_dir: Path, data, nproc: int, *overrides: str, port: int,
+            wait: bool = True):  # fmt: skip
+    env = {**os.environ, "PREFOPT_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    entry = ["-m", "prefopt.train", "model=tiny", "trainer=debug", "loss=dpo",
+             f"dataset.path={data[0]}", f"dataset.eval_path={data[1]}", f"hydra.run.dir={run_dir}",
+             "trainer.export_final=true", "optimizer.lr=1e-3", *overrides]  # fmt: skip
+    if nproc == 1:
+        cmd = [sys.executable, *entry]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               f"--master_port={port}", *entry]  # fmt: skip
+    if not wait:
+        return subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def _final(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "final" / "model.safetensors")
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [m for m in map(json.loads, lines) if "train/loss" in m]
+
+
+def _losses(run_dir: Path) -> list[float]:
+    return [m["train/loss"] for m in _metrics(run_dir)]
+
+
+def test_two_ranks_train_like_one(tmp_path, tiny_data):
+    """Each rank takes half of every step's groups; gradients are reduced across ranks."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    _launch(tmp_path, one, tiny_data, 1, port=0)
+    _launch(tmp_path, two, tiny_data, 2, port=29611)
+    assert json.loads((two / "summary.json").read_text())["world_size"] == 2
+    # The first step sees identical weights: loss and gradient norm agree to fp32 round-off.
+    first = [_metrics(d)[0] for d in (one, two)]
+    for key in ("train/loss", "train/grad_norm", "train/valid_groups", "train/tokens"):
+        assert first[0][key] == pytest.approx(first[1][key], rel=1e-6), key
+    # Later steps go through Adam, which amplifies round-off a little.
+    torch.testing.assert_close(torch.tensor(_losses(one)), torch.tensor(_losses(two)),
+                               rtol=1e-4, atol=1e-5)  # fmt: skip
+    a, b = _final(one), _final(two)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-5)
+
+
+def test_two_ranks_interrupted_and_resumed_equals_uninterrupted(tmp_path, tiny_data):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    common = ("trainer.max_steps=4",)
+    _launch(tmp_path, straight, tiny_data, 2, *common, port=29613)
+    _launch(tmp_path, resumed, tiny_data, 2, *common, "trainer.stop_at_step=2", port=29615)
+    assert not (resumed / "final").exists()
+    _launch(tmp_path, resumed, tiny_data, 2, *common, port=29617)
+    assert _losses(straight) == _losses(resumed)
+    a, b = _final(straight), _final(resumed)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_a_dead_rank_ends_the_job(tmp_path, tiny_data):
+    run_dir = tmp_path / "run"
+    proc = _launch(tmp_path, run_dir, tiny_data, 2, "trainer.max_steps=100000",
+                   "trainer.collective_timeout_s=30", port=29619, wait=False)  # fmt: skip
+    deadline = time.time() + 180
+    while not (run_dir / "metrics.jsonl").exists() or len(_losses(run_dir)) < 2:
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.time() < deadline, "training did not start"
+        time.sleep(0.5)
+    workers = [
+        int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    ]
+    assert len(workers) == 2
+    os.kill(workers[1], signal.SIGKILL)
+    start = time.time()
+    try:
+        code = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert code != 0
+    assert time.time() - start < 120
