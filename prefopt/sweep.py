@@ -52,7 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sbatch", default="", help="extra sbatch arguments (submit)")
     ap.add_argument("--dry-run", action="store_true", help="print the sbatch command (submit)")
     ap.add_argument("overrides", nargs="*")
-    args = ap.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    tail = argv[argv.index("--") + 1 :] if "--" in argv else []  # overrides after "--"
+    args = ap.parse_args(argv[: len(argv) - len(tail) - (1 if tail or "--" in argv else 0)])
+    args.overrides += tail
     index = None
     if args.command == "point":
         if not args.overrides or not args.overrides[0].isdigit():
