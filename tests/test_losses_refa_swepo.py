@@ -729,3 +729,12 @@ def test_swepo_rejects_unknown_options():
     for bad in ({"mode": "pairs"}, {"weighting": "exp_power"}, {"p": -1.0}):
         with pytest.raises(ValueError):
             swepo(policy, ref, scores, **bad)
+
+
+def test_negative_gamma_is_rejected():
+    from prefopt.losses.refa import set_contrast
+
+    z = torch.zeros(1, 2)
+    sets = torch.tensor([[True, False]]), torch.tensor([[False, True]])
+    with pytest.raises(ValueError, match="loss.gamma"):
+        set_contrast(z, *sets, torch.tensor([True]), gamma=-0.5)

@@ -89,6 +89,8 @@ def set_contrast(z: Tensor, pos: Tensor, neg: Tensor, valid: Tensor, gamma: floa
     filled (other slots' z set to 0) so that the LSEs stay finite and no NaN reaches backward;
     callers zero those rows.
     """
+    if gamma < 0:
+        raise ValueError(f"loss.gamma must be >= 0 (a weight on the negative set), got {gamma}")
     z = z.masked_fill(~(pos | neg), 0.0)
     pos, neg = pos | ~valid[:, None], neg | ~valid[:, None]
     log_gamma = torch.log(torch.as_tensor(gamma, dtype=z.dtype, device=z.device))
