@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -32,7 +33,8 @@ class JsonlLogger:
 class WandbLogger:
     """W&B run in the run dir; offline mode when no API key is configured (sync later)."""
 
-    def __init__(self, cfg: DictConfig, run_dir: str, config: dict[str, Any]) -> None:
+    def __init__(self, cfg: DictConfig, run_dir: str, config: dict[str, Any],
+                 sweep: SweepInfo | None = None) -> None:  # fmt: skip
         import wandb
 
         mode = cfg.mode
@@ -42,13 +44,14 @@ class WandbLogger:
         self.run = wandb.init(
             project=cfg.project,
             entity=cfg.entity,
-            group=cfg.group,
-            tags=list(cfg.tags),
+            # The jobs of one sweep share a group and are tagged with their swept values.
+            group=cfg.group or (sweep.group if sweep else None),
+            tags=[*cfg.tags, *(sweep.tags if sweep else [])],
             dir=run_dir,
             config=config,
             mode=mode,
-            resume="allow",
-            id=Path(run_dir).name.replace(":", "-")[-64:] if mode != "disabled" else None,
+            resume="allow",  # a resumed run (same run dir) continues the same W&B run
+            id=hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:16],
         )
 
     def log(self, metrics: dict[str, float], step: int) -> None:
@@ -71,12 +74,20 @@ class MultiLogger:
             lg.close()
 
 
-def build_logger(cfg: DictConfig, run_dir: str, full_config: DictConfig) -> MetricLogger:
+class SweepInfo(NamedTuple):
+    group: str  # the sweep's directory, shared by its jobs
+    tags: list[str]  # this job's overrides, e.g. ["loss.beta=2.5"] (W&B caps tags at 64 chars)
+
+
+def build_logger(
+    cfg: DictConfig, run_dir: str, full_config: DictConfig, sweep: SweepInfo | None = None
+) -> MetricLogger:
     if not is_main():
         return MultiLogger([])
     loggers: list[MetricLogger] = [JsonlLogger(Path(run_dir, "metrics.jsonl"))]
     if cfg.kind == "wandb":
-        loggers.append(WandbLogger(cfg, run_dir, OmegaConf.to_container(full_config, resolve=True)))
+        config = OmegaConf.to_container(full_config, resolve=True)
+        loggers.append(WandbLogger(cfg, run_dir, config, sweep))
     elif cfg.kind != "none":
         raise ValueError(f"logger.kind must be 'none' or 'wandb', got {cfg.kind!r}")
     return MultiLogger(loggers)

@@ -50,7 +50,7 @@ from prefopt.data.collate import Batch, views_at
 from prefopt.data.loading import DataSplits, build_splits, make_views
 from prefopt.data.tokenize import TokenizeOptions, Tokenizer
 from prefopt.evaluation import batches, evaluate, forward_loss
-from prefopt.logger import build_logger
+from prefopt.logger import SweepInfo, build_logger
 from prefopt.losses import LossSpec, build_loss
 from prefopt.losses.registry import LossFn, LossState
 from prefopt.metrics import MetricSums
@@ -255,7 +255,9 @@ def train_step(
     return StepResult(metrics, grad_norm, sums.stat_sums())
 
 
-def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, float]:
+def run(
+    cfg: DictConfig, overrides: list[str] | None = None, sweep: SweepInfo | None = None
+) -> dict[str, float]:
     """Train as ``cfg`` says; return the final held-out metrics ({} when stopped early)."""
     validate(cfg)
     t = cfg.trainer
@@ -284,7 +286,7 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, float]
         state = load_checkpoint(resume_from, policy, optimizer, world.world_size)
         log.info("resumed from %s at step %d", resume_from, state.step)
     policy.train()
-    logger = build_logger(cfg.logger, run_dir, cfg)
+    logger = build_logger(cfg.logger, run_dir, cfg, sweep)
 
     def run_eval() -> dict[str, float]:
         metrics = evaluate(policy, ref, data.eval, data.eval_views, spec, loss_fn,
@@ -387,7 +389,11 @@ def main(cfg: DictConfig) -> float:
     if int(os.environ.get("RANK", "0")) > 0:  # one log: rank 0 speaks, the others only warn
         logging.getLogger().setLevel(logging.WARNING)
     try:
-        metrics = run(cfg, overrides)
+        sweep = None
+        if hydra_cfg.mode == RunMode.MULTIRUN:  # W&B: one group per sweep, the job's values as tags
+            sweep = SweepInfo(group=f"{cfg.exp_name}/{Path(hydra_cfg.sweep.dir).name}",
+                              tags=[o[:64] for o in overrides])  # fmt: skip
+        metrics = run(cfg, overrides, sweep)
     except Exception as e:
         if hydra_cfg.mode != RunMode.MULTIRUN:
             raise

@@ -155,3 +155,17 @@ def test_smollm2_gguf_converts_once_and_fits_the_default_data(tmp_path):
     assert prompt.startswith("<|im_start|>system") and prompt.endswith("<|im_start|>assistant\n")
     ids = torch.tensor([data[0]["prompt_ids"] + data[0]["response_ids"][0]])
     assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+def test_wandb_runs_of_a_sweep_share_a_group_and_carry_their_values(tmp_path, monkeypatch):
+    from prefopt.logger import SweepInfo
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = OmegaConf.structured(LoggerConfig(kind="wandb", project="t"))
+    sweep = SweepInfo(group="refa_dynamic/2026-11-22_18-00-00", tags=["loss.beta=2.5"])
+    (tmp_path / "0").mkdir()
+    logger = build_logger(cfg, str(tmp_path / "0"), OmegaConf.create({}), sweep)
+    run = logger.loggers[1].run
+    assert run.group == sweep.group and "loss.beta=2.5" in run.tags
+    logger.close()
