@@ -135,20 +135,27 @@ def refa_dynamic_loss(
     which equals -log(A / (A + gamma * B)) + R with A = sum_{Y+} e^z, B = sum_{Y-} e^z.
     Reference-free; ``ref`` is ignored.
     """
-    mask = policy.mask
+    pos, neg, valid = mean_split(scores, policy.mask)  # Eqs. 1-2; (B, K), (B, K), (B,)
+    out = _weighted_contrast(policy, scores, pos, neg, valid, beta=beta, gamma=gamma, alpha=alpha,
+                             p=p, deviation=deviation, lam=lam,
+                             length_normalize=length_normalize)  # fmt: skip
+    out.metrics["refa/positives"] = (pos & valid[:, None]).sum(-1).float()
+    return out
+
+
+def _weighted_contrast(
+    policy: GroupStats, scores: Tensor, pos: Tensor, neg: Tensor, valid: Tensor, *, beta: float,
+    gamma: float, alpha: float, p: float, deviation: str, lam: float, length_normalize: bool,
+) -> LossOutput:  # fmt: skip
+    """The loss both REFA-dynamic and REFA-1-vs-all share, given their sets Y+ and Y-:
+    softplus(log gamma + LSE_{Y-}(z) - LSE_{Y+}(z)) + R, z = beta (l_bar + alpha dS)."""
     ell = policy.avg_logps if length_normalize else policy.logps  # (B, K)
-    z = beta * (ell + alpha * score_deviation(scores, mask, p, deviation))  # (B, K)
-    pos, neg, valid = mean_split(scores, mask)  # Eqs. 1-2; (B, K), (B, K), (B,)
+    z = beta * (ell + alpha * score_deviation(scores, policy.mask, p, deviation))  # (B, K)
     contrastive = set_contrast(z, pos, neg, valid, gamma)
     reg = eos_regularizer(policy, lam)
-    losses = zero_invalid(contrastive + reg, valid)
     metrics = preference_metrics(beta * ell, policy, scores)
-    metrics |= {
-        "refa/contrastive": contrastive.detach(),
-        "refa/eos_reg": reg.detach(),
-        "refa/positives": (pos & valid[:, None]).sum(-1).float(),
-    }
-    return LossOutput(losses, valid, metrics)
+    metrics |= {"refa/contrastive": contrastive.detach(), "refa/eos_reg": reg.detach()}
+    return LossOutput(zero_invalid(contrastive + reg, valid), valid, metrics)
 
 
 @dataclass
@@ -187,21 +194,13 @@ def refa_1vsall_loss(
     dS uses the mean of all K scores, so Y- holds above-mean runners-up, which under p = 1 get
     the largest negative weights (digest 3.2). Top ties: first index (V2). Reference-free.
     """
-    mask = policy.mask
-    ell = policy.avg_logps if length_normalize else policy.logps  # (B, K)
-    z = beta * (ell + alpha * score_deviation(scores, mask, p, deviation))  # (B, K)
-    pos, neg, valid = top_split(scores, mask)
-    contrastive = set_contrast(z, pos, neg, valid, gamma)
-    reg = eos_regularizer(policy, lam)
-    losses = zero_invalid(contrastive + reg, valid)
-    above_mean = neg & (scores > masked_mean(scores, mask)[:, None]) & valid[:, None]
-    metrics = preference_metrics(beta * ell, policy, scores)
-    metrics |= {
-        "refa/contrastive": contrastive.detach(),
-        "refa/eos_reg": reg.detach(),
-        "refa/above_mean_negatives": above_mean.sum(-1).float(),
-    }
-    return LossOutput(losses, valid, metrics)
+    pos, neg, valid = top_split(scores, policy.mask)
+    out = _weighted_contrast(policy, scores, pos, neg, valid, beta=beta, gamma=gamma, alpha=alpha,
+                             p=p, deviation=deviation, lam=lam,
+                             length_normalize=length_normalize)  # fmt: skip
+    above_mean = neg & (scores > masked_mean(scores, policy.mask)[:, None]) & valid[:, None]
+    out.metrics["refa/above_mean_negatives"] = above_mean.sum(-1).float()
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
