@@ -81,6 +81,10 @@ class TrainerConfig:
     epochs: float = 1.0
     global_batch_groups: int = 32  # prompt groups per optimizer step (all ranks together)
     micro_batch_groups: int = 4  # groups per forward; accumulation = global / micro
+    # > 0: fill micro-batches to this many forward positions instead (length-grouped, per step)
+    micro_batch_tokens: int = 0
+    layout: str = "padded"  # padded | packed (one row, no padding) | shared (each prompt once)
+    compile: bool = False  # torch.compile each decoder block (dynamic shapes)
     warmup_ratio: float = 0.1
     schedule: str = "cosine"  # cosine | linear | constant (after linear warmup)
     min_lr_ratio: float = 0.0

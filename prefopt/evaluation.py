@@ -7,8 +7,9 @@ from contextlib import AbstractContextManager
 import datasets
 import torch
 
-from prefopt.data.collate import Batch, collate
+from prefopt.data.collate import Batch
 from prefopt.data.loading import View, group_at
+from prefopt.data.packing import collate_layout
 from prefopt.losses import LossSpec
 from prefopt.losses.registry import LossFn, LossState
 from prefopt.metrics import MetricSums
@@ -55,12 +56,13 @@ def batches(
     pad_id: int,
     device: torch.device | str,
     mismatched: bool = False,
+    layout: str = "padded",
 ):
-    """Collated batches of ``size`` views taken in ``order``."""
+    """Collated batches of ``size`` views taken in ``order``, in ``layout``."""
     for start in range(0, len(order), size):
         chunk = [views[i] for i in order[start : start + size]]
         groups = [(group_at(data, row), idx) for row, idx in chunk]
-        yield collate(groups, pad_id, mismatched).to(device)
+        yield collate_layout(groups, pad_id, layout, mismatched).to(device)
 
 
 def rank_slice(n: int, rank: int, world_size: int) -> tuple[list[int], int]:
@@ -87,6 +89,7 @@ def evaluate(
     loss_state: LossState | None = None,
     rank: int = 0,
     world_size: int = 1,
+    layout: str = "padded",
 ) -> dict[str, float]:
     """Mean loss and metrics over every valid held-out group (same definitions as training),
     each rank taking a slice; the padding that evens out the slices is not counted."""
@@ -97,7 +100,7 @@ def evaluate(
     order, own = rank_slice(len(views), rank, world_size)
     for start, batch in zip(range(0, len(order), batch_groups),
                             batches(data, views, order, batch_groups, pad_id, device,
-                                    spec.needs_mismatched), strict=True):  # fmt: skip
+                                    spec.needs_mismatched, layout), strict=True):  # fmt: skip
         with autocast:
             out = forward_loss(policy, ref, batch, spec, loss_fn, chunk_size, loss_state)
         keep = torch.arange(start, start + batch.num_groups, device=out.valid.device) < own

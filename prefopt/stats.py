@@ -4,9 +4,15 @@ Log-probs of response tokens are computed from the final hidden states chunk by 
 (``chunk_size`` tokens: matmul with the output embedding, fp32 logsumexp, gather), and each chunk
 is recomputed in backward, so neither forward nor backward ever holds more than one
 (chunk x vocab) fp32 logits block. Prompt and padding positions never reach the output layer.
+
+Every layout (``Batch``: padded; ``PackedBatch``: packed or prompt-shared, see
+``prefopt.data.packing``) is reduced by ``_response_hidden`` to the same three things: the hidden
+states that predict response tokens, those tokens, and the tokens per row; the rest is shared.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -14,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
 from prefopt.data.collate import Batch
+from prefopt.data.packing import PackedBatch, document_mask, document_mask_mod
 from prefopt.types import GroupStats
 
 
@@ -45,28 +52,73 @@ def _chunked(fn, split: tuple[Tensor, ...], const: tuple, chunk_size: int) -> Te
     return torch.cat(out) if out else split[0].new_zeros(0, dtype=torch.float32)
 
 
-def _to_groups(batch: Batch, row_values: Tensor, fill: float) -> Tensor:
+def _to_groups(batch: Batch | PackedBatch, row_values: Tensor, fill: float) -> Tensor:
     """Scatter per-row values (N,) into (B, K), ``fill`` in empty slots."""
     out = torch.full(batch.mask.shape, fill, dtype=row_values.dtype, device=row_values.device)
     return out.index_put((batch.row_group, batch.row_slot), row_values)
 
 
-def group_stats(model: PreTrainedModel, batch: Batch, chunk_size: int = 1024) -> GroupStats:
-    """One forward over all B*K responses of the batch; statistics in fp32."""
+def packed_attention_inputs(model: PreTrainedModel, batch: PackedBatch) -> dict[str, Any]:
+    """Decoder keyword arguments that keep documents (and shared-prompt responses) apart, for
+    the model's attention implementation.
+
+    flash-attn: varlen boundaries (``cu_seqlens``); it cannot express shared prompts. FlexAttention:
+    a block mask. SDPA: a (1, 1, L, L) boolean mask. eager and others: the additive float mask.
+    A 4D mask reaches the attention as is (transformers' ``create_causal_mask`` returns it).
+    """
+    impl = model.config._attn_implementation
+    kwargs: dict[str, Any] = {"input_ids": batch.input_ids, "position_ids": batch.position_ids}
+    if "flash" in impl:
+        if batch.shared:
+            raise ValueError(f"layout 'shared' needs a masked attention, but {impl!r} only "
+                             "separates documents: use flex_attention or sdpa")  # fmt: skip
+        length = batch.max_seqlen  # given, so flash-attn does not sync to infer it
+        return kwargs | {"attention_mask": None, "cu_seq_lens_q": batch.cu_seqlens,
+                         "cu_seq_lens_k": batch.cu_seqlens, "max_length_q": length,
+                         "max_length_k": length}  # fmt: skip
+    L = batch.input_ids.shape[1]
+    if impl == "flex_attention":
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        mask = create_block_mask(document_mask_mod(batch), None, None, L, L,
+                                 device=batch.input_ids.device)  # fmt: skip
+    elif impl == "sdpa":
+        mask = document_mask(batch)[None, None]
+    else:
+        dtype = model.dtype
+        mask = torch.zeros((1, 1, L, L), dtype=dtype, device=batch.input_ids.device)
+        mask.masked_fill_(~document_mask(batch), torch.finfo(dtype).min)
+    return kwargs | {"attention_mask": mask}
+
+
+def _response_hidden(model: PreTrainedModel, batch: Batch | PackedBatch) -> tuple[Tensor, ...]:
+    """(M, H) hidden states that predict the M response tokens, the (M,) tokens, in row order,
+    and the (N,) tokens per row."""
+    if isinstance(batch, PackedBatch):
+        inputs = packed_attention_inputs(model, batch)
+        hidden = model.get_decoder()(**inputs, use_cache=False).last_hidden_state[0]  # (L, H)
+        # A shared prompt's last position appears K times: it predicts every first token.
+        return hidden[batch.target_index], batch.targets, batch.row_lengths
     hidden = model.get_decoder()(
         input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
     ).last_hidden_state  # (N, T, H)
     # Position t predicts token t + 1: keep the positions whose next token is a response token.
     target_mask = batch.response_mask[:, 1:]  # (N, T-1)
-    targets = batch.input_ids[:, 1:][target_mask]  # (M,)
+    return hidden[:, :-1][target_mask], batch.input_ids[:, 1:][target_mask], target_mask.sum(1)
+
+
+def group_stats(
+    model: PreTrainedModel, batch: Batch | PackedBatch, chunk_size: int = 1024
+) -> GroupStats:
+    """One forward over all B*K responses of the batch, in any layout; statistics in fp32."""
+    hidden, targets, lengths = _response_hidden(model, batch)
     logps = token_logps(
-        hidden[:, :-1][target_mask],
+        hidden,
         targets,
         model.get_output_embeddings(),
         chunk_size,
         getattr(model.config, "final_logit_softcapping", None),
     )  # (M,)
-    lengths = target_mask.sum(1)  # (N,)
     rows = torch.arange(len(lengths), device=lengths.device).repeat_interleave(lengths)
     row_logps = logps.new_zeros(len(lengths)).index_add(0, rows, logps)
     row_last = logps[lengths.cumsum(0) - 1]  # targets are in row order, so each row's final token
@@ -88,7 +140,10 @@ def _chunk_kl(hidden: Tensor, ref_hidden: Tensor, head: nn.Module, ref_head: nn.
 
 
 def sequence_kl(
-    policy: PreTrainedModel, ref: PreTrainedModel, batch: Batch, chunk_size: int = 1024
+    policy: PreTrainedModel,
+    ref: PreTrainedModel,
+    batch: Batch | PackedBatch,
+    chunk_size: int = 1024,
 ) -> Tensor:
     """(N,) per row: sum over response positions of the exact full-vocabulary KL(pi || ref).
 
@@ -96,14 +151,21 @@ def sequence_kl(
     (EOS included) contributes KL(pi(.|prefix) || ref(.|prefix)). Chunked like ``group_stats``;
     the reference's logits are recomputed per chunk, so no (tokens x vocab) tensor is kept.
     """
-    kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-    hidden = policy.get_decoder()(**kwargs).last_hidden_state
+    h, _, lengths = _response_hidden(policy, batch)
     with torch.no_grad():
-        ref_hidden = ref.get_decoder()(**kwargs).last_hidden_state
-    target_mask = batch.response_mask[:, 1:]
-    h, rh = hidden[:, :-1][target_mask], ref_hidden[:, :-1][target_mask]
+        rh = _response_hidden(ref, batch)[0]
     head, ref_head = policy.get_output_embeddings(), ref.get_output_embeddings()
     kl = _chunked(_chunk_kl, (h, rh), (head, ref_head), chunk_size)  # (M,)
-    lengths = target_mask.sum(1)
     rows = torch.arange(len(lengths), device=kl.device).repeat_interleave(lengths)
     return kl.new_zeros(len(lengths)).index_add(0, rows, kl)
+
+
+def compile_blocks(model: PreTrainedModel, dynamic: bool = True) -> PreTrainedModel:
+    """``torch.compile`` each decoder block in place (before FSDP wrapping, after activation
+    checkpointing is enabled), the per-block recipe of torchtitan: small graphs, one compile
+    reused by every block. ``dynamic``: packed rows change length every micro-batch, so compile
+    for symbolic lengths instead of recompiling per shape. The chunked log-probs stay eager.
+    """
+    for block in model.get_decoder().layers:
+        block.compile(dynamic=dynamic)
+    return model

@@ -48,17 +48,19 @@ from prefopt.checkpoint import (
 )
 from prefopt.data.collate import Batch, views_at
 from prefopt.data.loading import DataSplits, build_splits, make_views
+from prefopt.data.packing import LAYOUTS, PackedBatch, budget_batches
 from prefopt.data.tokenize import TokenizeOptions, Tokenizer
 from prefopt.evaluation import batches, evaluate, forward_loss
 from prefopt.logger import SweepInfo, build_logger
 from prefopt.losses import LossSpec, build_loss
 from prefopt.losses.registry import LossFn, LossState
 from prefopt.metrics import MetricSums
-from prefopt.models import load_model, load_tokenizer
+from prefopt.models import load_model, load_tokenizer, resolve_attn_implementation
 from prefopt.onpolicy import OnPolicyKL
 from prefopt.optim import build_optimizer, lr_at
 from prefopt.parallel import StatsModel
 from prefopt.reference import precompute_reference, reference_key
+from prefopt.stats import compile_blocks
 
 log = logging.getLogger("prefopt")
 MAX_CONSECUTIVE_SKIPS = 10
@@ -85,10 +87,21 @@ def validate(cfg: DictConfig) -> None:
     t = cfg.trainer
     if t.reference not in ("model", "precompute"):
         raise ValueError(f"trainer.reference must be 'model' or 'precompute', got {t.reference!r}")
+    attn = resolve_attn_implementation(cfg.model.attn_implementation)
+    if t.layout == "shared" and "flash" in attn:  # varlen flash cannot mask response pairs
+        raise ValueError(f"trainer.layout=shared needs a masked attention, not {attn!r}: set "
+                         "model.attn_implementation=flex_attention (GPU) or sdpa")  # fmt: skip
 
 
 def validate_batching(t: DictConfig, world_size: int) -> None:
     """Every rank must run the same number of micro-batches per step (sharded collectives)."""
+    if t.layout not in LAYOUTS:
+        raise ValueError(f"trainer.layout must be one of {LAYOUTS}, got {t.layout!r}")
+    if t.micro_batch_tokens:  # the token-budget plan gives every rank as many micro-batches
+        if t.global_batch_groups % world_size:
+            raise ValueError(f"trainer.global_batch_groups={t.global_batch_groups} must be a "
+                             f"multiple of the {world_size} ranks")  # fmt: skip
+        return
     if t.global_batch_groups % (t.micro_batch_groups * world_size):
         raise ValueError(f"trainer.global_batch_groups={t.global_batch_groups} must be a multiple "
                          f"of trainer.micro_batch_groups x ranks = {t.micro_batch_groups} x "
@@ -113,6 +126,9 @@ def build_models(
     # KTO's baseline and SPO's KL need reference forwards on rows that no cache holds.
     ref_model = (spec.needs_reference and t.reference == "model") or kl_on or spec.needs_mismatched
     ref_hf = copy.deepcopy(hf) if ref_model else None
+    if t.compile:  # per block, before sharding
+        for m in filter(None, (hf, ref_hf)):
+            compile_blocks(m)
     policy = parallel.shard(hf.to(world.device), world, bf16)
     ref = parallel.shard(ref_hf.to(world.device), world, bf16, trainable=False) if ref_hf else None
     if spec.needs_reference and not ref_model:
@@ -203,6 +219,22 @@ def prepare_data(cfg: DictConfig, tok: PreTrainedTokenizerBase, spec: LossSpec) 
                       counts)  # fmt: skip
 
 
+def step_micro_batches(
+    t: DictConfig, data: DataSplits, step_views: list[int], world: parallel.World, pad_id: int,
+    mismatched: bool,
+) -> list[Batch | PackedBatch]:  # fmt: skip
+    """This rank's micro-batches of a step, in ``trainer.layout``: filled to
+    ``micro_batch_tokens`` (planned over the whole step, so every rank runs as many), or
+    ``micro_batch_groups`` views at a time from the rank's slice of the step."""
+    if t.micro_batch_tokens:
+        return budget_batches(data.train, data.train_views, step_views, t.micro_batch_tokens,
+                              t.layout, pad_id, world.device, mismatched, world.rank,
+                              world.world_size)  # fmt: skip
+    order = step_views[world.rank :: world.world_size]
+    return list(batches(data.train, data.train_views, order, t.micro_batch_groups, pad_id,
+                        world.device, mismatched, t.layout))  # fmt: skip
+
+
 class StepResult(NamedTuple):
     metrics: dict[str, float]
     grad_norm: float  # NaN: the step must not be applied
@@ -212,7 +244,7 @@ class StepResult(NamedTuple):
 def train_step(
     policy: StatsModel,
     ref: StatsModel | None,
-    micro_batches: list[Batch],
+    micro_batches: list[Batch | PackedBatch],
     spec: LossSpec,
     loss_fn: LossFn,
     t: DictConfig,
@@ -293,7 +325,7 @@ def run(
                            batch_groups=t.eval_batch_groups, pad_id=tok.pad_token_id,
                            chunk_size=t.logps_chunk_size, autocast=autocast,
                            loss_state=state.loss_state, rank=world.rank,
-                           world_size=world.world_size)  # fmt: skip
+                           world_size=world.world_size, layout=t.layout)  # fmt: skip
         logger.log({f"eval/{k}": v for k, v in metrics.items()}, step=state.step)
         return metrics
 
@@ -312,11 +344,10 @@ def run(
         for group in optimizer.param_groups:
             group["lr"] = lr
         # Every rank draws the same global order and takes its slice of it.
-        order = views_at(len(data.train_views), cfg.seed, state.consumed, G)
-        order = order[world.rank :: world.world_size]
-        micro_batches = list(batches(data.train, data.train_views, order, t.micro_batch_groups,
-                                     tok.pad_token_id, world.device,
-                                     spec.needs_mismatched))  # fmt: skip
+        step_views = views_at(len(data.train_views), cfg.seed, state.consumed, G)
+        order = step_views[world.rank :: world.world_size]  # this rank's groups
+        micro_batches = step_micro_batches(t, data, step_views, world, tok.pad_token_id,
+                                           spec.needs_mismatched)  # fmt: skip
         regularizer = kl.prepare(policy, state, [data.train[data.train_views[i][0]]["prompt_ids"]
                                                  for i in order]) if kl else None  # fmt: skip
         metrics, grad_norm, stat_sums = train_step(

@@ -193,3 +193,22 @@ def test_a_failed_sweep_job_is_recorded_and_the_others_run(tmp_path, tiny_data):
     summaries = _multirun(tmp_path, tiny_data, "loss=simpo", "trainer.global_batch_groups=3,4")
     assert summaries[0]["status"] == "failed" and "multiple of" in summaries[0]["error"]
     assert summaries[1]["status"] == "ok" and summaries[1]["steps"] == 3
+
+
+def test_layouts_and_token_budgets_train_the_same(tmp_path, tiny_data):
+    """padded, packed and prompt-shared forwards, by groups or by token budget: same training."""
+    common = ("loss=refa_dynamic", "trainer.max_steps=2", "optimizer.lr=1e-3")
+    runs = {
+        "padded": (),
+        "packed": ("trainer.layout=packed",),
+        "shared_budget": ("trainer.layout=shared", "trainer.micro_batch_tokens=200"),
+    }
+    finals = {name: run(_cfg(tmp_path / name, tiny_data, *common, *extra))
+              for name, extra in runs.items()}  # fmt: skip
+    ref = _weights(tmp_path / "padded", 2)
+    for name in ("packed", "shared_budget"):
+        assert finals[name]["loss"] == pytest.approx(finals["padded"]["loss"], rel=1e-5)
+        assert finals[name]["tokens"] == finals["padded"]["tokens"]
+        other = _weights(tmp_path / name, 2)
+        for k in ref:
+            torch.testing.assert_close(other[k], ref[k], rtol=1e-4, atol=1e-5)  # fp32 + Adam

@@ -1,8 +1,8 @@
 """Group views -> Batch (padded layout) and the deterministic, resumable order of views.
 
 Padded layout: one row per (group, response): prompt + response, right-padded. It is the
-reference layout; packed and prompt-shared layouts replace ``collate`` and keep ``Batch``'s
-(B, K) fields, so the statistics and losses do not change.
+reference layout; the packed and prompt-shared layouts (``prefopt.data.packing``) replace
+``collate`` and keep ``Batch``'s (B, K) fields, so the statistics and losses do not change.
 """
 
 from __future__ import annotations
@@ -35,7 +35,13 @@ class Batch(NamedTuple):
 
     @property
     def num_tokens(self) -> int:
+        """Sequence tokens: prompt + response of every row (the same count in every layout)."""
         return int(self.attention_mask.sum())
+
+    @property
+    def forward_tokens(self) -> int:
+        """Positions the forward computes, padding included."""
+        return self.input_ids.numel()
 
     def to(self, device: torch.device | str) -> Batch:
         return Batch(*(t if t is None else t.to(device) for t in self))
@@ -49,8 +55,6 @@ def collate(
     ``mismatched`` adds the (prompt b, a response of group b + 1) rows that KTO's KL baseline
     needs; with a single group the prompt is paired with its own response (no other is there).
     """
-    B = len(groups)
-    K = max(len(idx) for _, idx in groups)
     rows = [
         (b, k, g.prompt_ids, g.response_ids[r])
         for b, (g, idx) in enumerate(groups)
@@ -64,6 +68,22 @@ def collate(
         input_ids[n, : len(p) + len(r)] = torch.tensor(p + r)
         attention_mask[n, : len(p) + len(r)] = True
         response_mask[n, len(p) : len(p) + len(r)] = True
+    return Batch(
+        input_ids,
+        attention_mask,
+        response_mask,
+        torch.tensor([b for b, *_ in rows]),
+        torch.tensor([k for _, k, *_ in rows]),
+        *group_fields(groups),
+        per_slot(groups, "ref_logps"),
+        per_slot(groups, "ref_eos_logps"),
+        collate(mismatched_groups(groups), pad_id) if mismatched else None,
+    )
+
+
+def group_fields(groups: list[tuple[TokenizedGroup, tuple[int, ...]]]) -> tuple[Tensor, ...]:
+    """(scores float32, mask bool, has_eos bool), each (B, K): the fields every layout shares."""
+    B, K = len(groups), max(len(idx) for _, idx in groups)
     scores = torch.zeros((B, K), dtype=torch.float32)
     mask = torch.zeros((B, K), dtype=torch.bool)
     has_eos = torch.zeros((B, K), dtype=torch.bool)
@@ -71,31 +91,21 @@ def collate(
         scores[b, : len(idx)] = torch.tensor([g.scores[r] for r in idx], dtype=torch.float32)
         mask[b, : len(idx)] = True
         has_eos[b, : len(idx)] = torch.tensor([g.has_eos[r] for r in idx])
-    return Batch(
-        input_ids,
-        attention_mask,
-        response_mask,
-        torch.tensor([b for b, *_ in rows]),
-        torch.tensor([k for _, k, *_ in rows]),
-        scores,
-        mask,
-        has_eos,
-        _per_slot(groups, "ref_logps"),
-        _per_slot(groups, "ref_eos_logps"),
-        _mismatched(groups, pad_id) if mismatched else None,
-    )
+    return scores, mask, has_eos
 
 
-def _mismatched(groups: list[tuple[TokenizedGroup, tuple[int, ...]]], pad_id: int) -> Batch:
-    shifted = [
+def mismatched_groups(
+    groups: list[tuple[TokenizedGroup, tuple[int, ...]]],
+) -> list[tuple[TokenizedGroup, tuple[int, ...]]]:
+    """KTO's KL rows as K = 1 groups: prompt b with the first response of group (b + 1) % B."""
+    return [
         (TokenizedGroup(g.prompt_ids, [other.response_ids[idx[0]]], [other.has_eos[idx[0]]], [0.0]),
          (0,))
         for (g, _), (other, idx) in zip(groups, groups[1:] + groups[:1], strict=True)
     ]  # fmt: skip
-    return collate(shifted, pad_id)
 
 
-def _per_slot(groups: list[tuple[TokenizedGroup, tuple[int, ...]]], field: str) -> Tensor | None:
+def per_slot(groups: list[tuple[TokenizedGroup, tuple[int, ...]]], field: str) -> Tensor | None:
     """(B, K) float32 of a per-response list field, or None when the groups lack it."""
     if any(getattr(g, field) is None for g, _ in groups):
         return None

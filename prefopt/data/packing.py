@@ -1,0 +1,273 @@
+"""Padding-free layouts and token-budget micro-batches.
+
+Three layouts of the same groups give the same ``GroupStats`` (tests/test_packing.py):
+
+- ``padded`` (``collate``): one right-padded row per (prompt, response), the reference path;
+- ``packed``: every (prompt, response) of the micro-batch in one row, one document each,
+  positions restarting at 0 per document, attention kept inside the document;
+- ``shared``: one document per group, ``[prompt, r1, r2, ..., rK]``; response k sees the prompt
+  and itself (causally), never another response, and its positions continue from the prompt's
+  end, so each response computes exactly what it would alone after its prompt. The prompt is
+  run once instead of K times.
+
+The packed layouts describe attention with two integer vectors over the row: ``doc_ids`` (which
+document a token belongs to) and ``branch_ids`` (0 for tokens every later token of the document
+may see: the prompt, or the whole sequence in ``packed``; k + 1 for response k of a shared
+prompt). Query i may attend to key j iff j <= i, doc[i] == doc[j] and branch[j] in (0, branch[i]).
+``document_mask`` (dense, for SDPA/eager) and ``document_mask_mod`` (FlexAttention) both
+express that rule; flash-attn varlen uses ``cu_seqlens`` and supports the ``packed`` layout only.
+
+Micro-batches are filled to a token budget by ``plan_micro_batches``: a pure function of the
+step's ordered views, so a resumed run (which replays the same views per step) plans the same
+micro-batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import datasets
+import torch
+from torch import Tensor
+
+from prefopt.data.collate import Batch, collate, group_fields, mismatched_groups, per_slot
+from prefopt.data.loading import View, group_at
+from prefopt.data.tokenize import TokenizedGroup
+
+LAYOUTS = ("padded", "packed", "shared")
+Groups = list[tuple[TokenizedGroup, tuple[int, ...]]]
+FLEX_BLOCK = 128  # FlexAttention's block size: compiled kernels read mask inputs up to a multiple
+
+
+class PackedBatch(NamedTuple):
+    """The groups of a micro-batch in one row (``packed`` or ``shared`` layout).
+
+    The (B, K) fields are exactly ``Batch``'s, so losses and the loop see no difference; the
+    per-row fields (``row_group``, ``row_slot``) are too, with one row per real response.
+    """
+
+    input_ids: Tensor  # (1, L) every document back to back, no padding
+    position_ids: Tensor  # (1, L) restart at 0 per document; responses continue after the prompt
+    doc_ids: Tensor  # (L,) document of each token
+    branch_ids: Tensor  # (L,) 0: visible to the rest of the document; k + 1: response k only
+    cu_seqlens: Tensor  # (D + 1,) int32 document boundaries (flash-attn varlen)
+    target_index: Tensor  # (M,) position whose hidden state predicts each response token
+    targets: Tensor  # (M,) the response tokens, row after row
+    row_lengths: Tensor  # (N,) response tokens per row (EOS included)
+    row_group: Tensor  # (N,) group index b of each row
+    row_slot: Tensor  # (N,) response slot k of each row
+    scores: Tensor  # (B, K) float32
+    mask: Tensor  # (B, K) bool, real responses
+    has_eos: Tensor  # (B, K) bool
+    ref_logps: Tensor | None = None  # (B, K) precomputed reference log-probs, when cached
+    ref_eos_logps: Tensor | None = None  # (B, K)
+    mismatched: PackedBatch | None = None  # KTO's (prompt b, response of b + 1) rows, same layout
+    max_seqlen: int = 0  # longest document (flash-attn varlen)
+    shared: bool = False  # prompts shared: responses of one document must not see each other
+    sequence_tokens: int = 0  # prompt + response per row, as the padded layout counts them
+
+    @property
+    def num_groups(self) -> int:
+        return self.scores.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        """Sequence tokens (prompt counted once per response): the same number in every layout,
+        so a throughput metric built on it compares layouts on the same data."""
+        return self.sequence_tokens
+
+    @property
+    def forward_tokens(self) -> int:
+        """Positions the forward computes (a shared prompt counts once)."""
+        return self.input_ids.shape[1]
+
+    def to(self, device: torch.device | str) -> PackedBatch:
+        return PackedBatch(*(t.to(device) if isinstance(t, Tensor | PackedBatch) else t
+                             for t in self))  # fmt: skip
+
+
+def collate_packed(groups: Groups, share_prompts: bool, mismatched: bool = False) -> PackedBatch:
+    """Lay out groups (each with the response indices of its view) in one row.
+
+    ``share_prompts`` writes each prompt once, followed by all its responses (``shared``);
+    otherwise each response gets its own copy of the prompt (``packed``).
+    """
+    ids: list[int] = []
+    pos: list[int] = []
+    doc: list[int] = []
+    branch: list[int] = []
+    doc_lengths: list[int] = []
+    target_index: list[int] = []
+    rows: list[tuple[int, int, int]] = []  # (group, slot, response length)
+    for b, (g, idx) in enumerate(groups):
+        P = len(g.prompt_ids)
+        for k, r in enumerate(idx):
+            if k == 0 or not share_prompts:  # a new document starts with the prompt
+                prompt_end = len(ids) + P - 1  # its hidden state predicts every first token
+                ids += g.prompt_ids
+                pos += range(P)
+                doc += [len(doc_lengths)] * P
+                branch += [0] * P
+                doc_lengths.append(P)
+            response = g.response_ids[r]
+            R, start = len(response), len(ids)
+            ids += response
+            pos += range(P, P + R)  # as if the response followed its prompt alone
+            doc += [len(doc_lengths) - 1] * R
+            branch += [k + 1 if share_prompts else 0] * R
+            doc_lengths[-1] += R
+            target_index += [prompt_end, *range(start, start + R - 1)]
+            rows.append((b, k, R))
+    scores, mask, has_eos = group_fields(groups)
+    return PackedBatch(
+        input_ids=torch.tensor([ids]),
+        position_ids=torch.tensor([pos]),
+        doc_ids=torch.tensor(doc),
+        branch_ids=torch.tensor(branch),
+        cu_seqlens=torch.tensor([0, *doc_lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32),
+        target_index=torch.tensor(target_index),
+        targets=torch.tensor([t for g, idx in groups for r in idx for t in g.response_ids[r]]),
+        row_lengths=torch.tensor([R for *_, R in rows]),
+        row_group=torch.tensor([b for b, *_ in rows]),
+        row_slot=torch.tensor([k for _, k, _ in rows]),
+        scores=scores,
+        mask=mask,
+        has_eos=has_eos,
+        ref_logps=per_slot(groups, "ref_logps"),
+        ref_eos_logps=per_slot(groups, "ref_eos_logps"),
+        mismatched=collate_packed(mismatched_groups(groups), share_prompts) if mismatched else None,
+        max_seqlen=max(doc_lengths),
+        shared=share_prompts,
+        sequence_tokens=sum(len(groups[b][0].prompt_ids) + R for b, _, R in rows),
+    )
+
+
+def collate_layout(
+    groups: Groups, pad_id: int, layout: str = "padded", mismatched: bool = False
+) -> Batch | PackedBatch:
+    """``collate`` (padded) or ``collate_packed`` by layout name; ``group_stats`` accepts both."""
+    if layout == "padded":
+        return collate(groups, pad_id, mismatched)
+    if layout in ("packed", "shared"):
+        return collate_packed(groups, layout == "shared", mismatched)
+    raise ValueError(f"trainer.layout must be one of {LAYOUTS}, got {layout!r}")
+
+
+# ---- attention masks ----
+
+
+def document_mask(batch: PackedBatch) -> Tensor:
+    """(L, L) bool, True where query i may attend to key j (module docstring's rule).
+
+    Built in place, one (L, L) buffer at a time (16K tokens: 256 MB); FlexAttention's block mask
+    or flash-attn varlen avoid it on GPU.
+    """
+    doc, branch = batch.doc_ids, batch.branch_ids
+    allowed = doc[:, None] == doc[None, :]
+    allowed &= (branch[None, :] == 0) | (branch[None, :] == branch[:, None])
+    return allowed.tril_()
+
+
+def document_mask_mod(batch: PackedBatch) -> Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]:
+    """The same rule as a FlexAttention ``mask_mod(b, h, q, kv)``.
+
+    Compiled FlexAttention evaluates the mask on whole 128-token blocks, so indices past the row
+    occur; the lookups are padded to a multiple of the block (padding is document -1, which no
+    real token sees), otherwise they read out of bounds (verified: wrong outputs on CPU).
+    """
+    L = batch.doc_ids.numel()
+    pad = -L % FLEX_BLOCK
+    doc = torch.nn.functional.pad(batch.doc_ids, (0, pad), value=-1)
+    branch = torch.nn.functional.pad(batch.branch_ids, (0, pad), value=0)
+
+    def mask_mod(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+        visible = (branch[kv] == 0) | (branch[kv] == branch[q])
+        return (doc[q] == doc[kv]) & (kv <= q) & visible
+
+    return mask_mod
+
+
+# ---- token-budget micro-batches ----
+
+
+class ViewSize(NamedTuple):
+    tokens: int  # positions the view adds to a packed row in its layout
+    rows: int  # responses (rows of the padded layout)
+    width: int  # longest prompt + response: the padded row width the view needs
+
+
+def view_size(group: TokenizedGroup, idx: Sequence[int], layout: str) -> ViewSize:
+    P, R = len(group.prompt_ids), [len(group.response_ids[r]) for r in idx]
+    tokens = P + sum(R) if layout == "shared" else sum(P + r for r in R)
+    return ViewSize(tokens, len(R), P + max(R))
+
+
+def _cost(sizes: Sequence[ViewSize], items: list[int], padded: bool) -> int:
+    """Positions a micro-batch computes: rows x widest row (padded) or the packed row length."""
+    if padded:
+        return sum(sizes[i].rows for i in items) * max(sizes[i].width for i in items)
+    return sum(sizes[i].tokens for i in items)
+
+
+def plan_micro_batches(
+    sizes: Sequence[ViewSize], budget: int, layout: str = "packed", num_splits: int = 1
+) -> list[list[int]]:
+    """Split a step's views (``sizes[i]`` for the i-th view) into micro-batches of at most
+    ``budget`` forward positions; returns indices into ``sizes``, ascending in each micro-batch.
+
+    Deterministic (a pure function of its inputs; ties broken by index) and exhaustive: every view
+    is in exactly one micro-batch, and a view over the budget gets one of its own. Views are
+    taken longest first (length grouping): ``padded`` fills micro-batches one after another, so
+    similar widths share one and little is padding; the packed layouts fill the first micro-batch
+    with room (first-fit decreasing), so few, full rows are run. The number of micro-batches is a
+    multiple of ``num_splits`` (ranks; rank r runs ``plan[r::num_splits]``) by halving the largest
+    ones, so every rank runs the same number of sharded forwards.
+    """
+    if budget <= 0:
+        raise ValueError(f"the micro-batch token budget must be positive, got {budget}")
+    padded = layout == "padded"
+    key = (lambda i: sizes[i].width) if padded else (lambda i: sizes[i].tokens)
+    bins: list[list[int]] = []
+    loads: list[int] = []
+    for i in sorted(range(len(sizes)), key=lambda i: (-key(i), i)):
+        if padded:
+            fits = [len(bins) - 1] if bins and _cost(sizes, [*bins[-1], i], True) <= budget else []
+        else:
+            fits = [j for j, load in enumerate(loads) if load + sizes[i].tokens <= budget][:1]
+        if fits:
+            bins[fits[0]].append(i)
+            loads[fits[0]] += sizes[i].tokens
+        else:
+            bins.append([i])
+            loads.append(sizes[i].tokens)
+    while len(bins) % num_splits:
+        splittable = [j for j, b in enumerate(bins) if len(b) > 1]
+        if not splittable:
+            msg = f"{len(sizes)} views cannot make a multiple of {num_splits} micro-batches"
+            raise ValueError(f"{msg}; make the global batch a multiple of the ranks")
+        j = max(splittable, key=lambda j: (_cost(sizes, bins[j], padded), -j))
+        half = len(bins[j]) // 2
+        bins[j : j + 1] = [bins[j][:half], bins[j][half:]]
+    return [sorted(b) for b in bins]
+
+
+def budget_batches(
+    data: datasets.Dataset,
+    views: list[View],
+    order: list[int],
+    budget: int,
+    layout: str,
+    pad_id: int,
+    device: torch.device | str,
+    mismatched: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+) -> list[Batch | PackedBatch]:
+    """This rank's micro-batches of the step whose views are ``order`` (the global order: every
+    rank plans the same split and runs its share ``plan[rank::world_size]``)."""
+    groups = [(group_at(data, views[i][0]), views[i][1]) for i in order]
+    sizes = [view_size(g, idx, layout) for g, idx in groups]
+    plan = plan_micro_batches(sizes, budget, layout, world_size)
+    return [collate_layout([groups[i] for i in mb], pad_id, layout, mismatched).to(device)
+            for mb in plan[rank::world_size]]  # fmt: skip
