@@ -7,13 +7,15 @@ prompts of the current training step; they are kept as constants for ``kl_every`
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 from transformers import PreTrainedModel
 
 from prefopt.data.collate import collate
 from prefopt.data.tokenize import TokenizedGroup
-from prefopt.parallel import StatsModel, unsharded
+from prefopt.parallel import StatsModel, all_ranks, unsharded
 
 Sample = tuple[list[int], list[int]]  # (prompt ids, sampled response ids)
 
@@ -106,8 +108,9 @@ class OnPolicyKL:
                     eos_id=self.eos_id,
                     chunk_size=self.chunk_size,
                 )
-                if torch.isfinite(kl):
+                finite = all_ranks(bool(torch.isfinite(kl)))
+                if finite:
                     kl.backward()
-            return float(kl)
+            return float(kl.detach()) if finite else math.nan
 
         return regularize

@@ -163,6 +163,18 @@ def all_reduce_sum(t: Tensor) -> Tensor:
     return t
 
 
+def all_ranks(flag: bool) -> bool:
+    """True when ``flag`` holds on every rank: ranks must agree before a sharded backward, or the
+    ones that run it wait forever for the ones that skipped it."""
+    return all_reduce_mean(float(flag)) == 1.0
+
+
+def all_reduce_mean(value: float) -> float:
+    """The mean of a per-rank scalar over ranks."""
+    t = all_reduce_sum(torch.tensor([value], dtype=torch.float64))
+    return float(t) / (dist.get_world_size() if dist.is_initialized() else 1)
+
+
 def all_gather_objects(obj: object) -> list:
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return [obj]

@@ -265,10 +265,9 @@ def train_step(
         with autocast:
             out = forward_loss(policy, ref, batch, spec, loss_fn, t.logps_chunk_size, loss_state)
         loss_sum = out.losses[out.valid].sum()
-        if not torch.isfinite(loss_sum):  # the loop zeroes the partial gradients
+        if not parallel.all_ranks(bool(torch.isfinite(loss_sum))):  # the loop zeroes the grads
             return StepResult(sums.finish(), math.nan, {})
-        if out.valid.any():
-            loss_sum.backward()
+        loss_sum.backward()  # on every rank, even with no valid group here (sharded collectives)
         sums.add(out, batch.num_tokens)
     metrics = sums.finish()
     if metrics["valid_groups"] == 0:
@@ -278,7 +277,8 @@ def train_step(
             p.grad.div_(metrics["valid_groups"])
     if regularizer is not None:  # a per-step term (SPO's KL), added after the normalisation
         with autocast:
-            metrics["regularizer"] = regularizer()  # backpropagated inside when finite
+            # backpropagated inside when finite; each rank has its own samples: log their mean
+            metrics["regularizer"] = parallel.all_reduce_mean(regularizer())
         if not math.isfinite(metrics["regularizer"]):
             return StepResult(metrics, math.nan, {})
     params = [p for p in policy.parameters() if p.grad is not None]

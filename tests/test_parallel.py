@@ -5,6 +5,7 @@ dead rank ends the job."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -21,9 +22,9 @@ pytestmark = pytest.mark.distributed
 
 
 def _launch(tmp_path: Path, run_dir: Path, data, nproc: int, *overrides: str, port: int,
-            wait: bool = True):  # fmt: skip
+            wait: bool = True, loss: str = "dpo"):  # fmt: skip
     env = {**os.environ, "PREFOPT_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
-    entry = ["-m", "prefopt.train", "model=tiny", "trainer=debug", "loss=dpo",
+    entry = ["-m", "prefopt.train", "model=tiny", "trainer=debug", f"loss={loss}",
              f"dataset.path={data[0]}", f"dataset.eval_path={data[1]}", f"hydra.run.dir={run_dir}",
              "trainer.export_final=true", "optimizer.lr=1e-3", *overrides]  # fmt: skip
     if nproc == 1:
@@ -113,3 +114,19 @@ def test_a_dead_rank_ends_the_job(tmp_path, tiny_data):
             os.killpg(proc.pid, signal.SIGKILL)
     assert code != 0
     assert time.time() - start < 120
+
+
+def test_spo_kl_regularizer_and_kto_baseline_under_fsdp(tmp_path, tiny_data):
+    """The on-policy KL (generation + reference gathered through backward) and KTO's mismatched
+    baseline run on 2 sharded ranks."""
+    for loss, port, extra in (("spo", 29621, ("loss.kl_num_samples=2", "loss.kl_max_new_tokens=4",
+                                               "loss.kl_every=1")),
+                              ("kto", 29623, ())):  # fmt: skip
+        run_dir = tmp_path / loss
+        _launch(tmp_path, run_dir, tiny_data, 2, "trainer.max_steps=2", *extra, port=port,
+                loss=loss)  # fmt: skip
+        steps = _metrics(run_dir)
+        assert len(steps) == 2 and all(math.isfinite(m["train/loss"]) for m in steps)
+        if loss == "spo":  # step 1: policy = reference, so KL = 0; then the policy has moved
+            assert steps[0]["train/regularizer"] == pytest.approx(0, abs=1e-6)
+            assert steps[1]["train/regularizer"] > 0

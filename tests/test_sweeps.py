@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import re
@@ -171,3 +172,25 @@ def test_real_multirun_and_report(tmp_path):
     assert "job 3 (missing): no summary.json" in md
     for png in ("metric_vs_loss.beta.png", "metric_vs_loss.gamma.png", "training_curves.png"):
         assert (sweep / png).stat().st_size > 1000 and f"]({png})" in md
+
+
+def test_optuna_search_instead_of_a_grid(tmp_path):
+    """hydra/sweeper=search: Optuna trials minimise each job's returned held-out loss."""
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="pip install -e '.[optuna]'")
+    from conftest import arithmetic_rows, write_jsonl
+
+    train = write_jsonl(tmp_path / "t.jsonl", arithmetic_rows(12, seed=0))
+    held = write_jsonl(tmp_path / "e.jsonl", arithmetic_rows(4, seed=1))
+    sweep = tmp_path / "search"
+    cmd = [sys.executable, "-m", "prefopt.train", "-m", "hydra/sweeper=search", "model=tiny",
+           "trainer=debug", "loss=simpo", "loss.beta=interval(1.0,3.0)", "hydra.sweeper.n_trials=2",
+           f"dataset.path={train}", f"dataset.eval_path={held}",
+           f"hydra.sweep.dir={sweep}"]  # fmt: skip
+    env = {**os.environ, "PREFOPT_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = (sweep / "optimization_results.yaml").read_text()
+    assert "best_params" in results and "loss.beta" in results
+    betas = [json.loads((sweep / j / "summary.json").read_text())["overrides"] for j in ("0", "1")]
+    values = [float(o.split("=")[1]) for job in betas for o in job if o.startswith("loss.beta=")]
+    assert len(values) == 2 and all(1.0 <= v <= 3.0 for v in values)
