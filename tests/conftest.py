@@ -7,6 +7,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 
 import prefopt.losses  # noqa: F401  (registers loss schemas in the ConfigStore)
 from prefopt.models import tiny_tokenizer
@@ -50,3 +51,18 @@ def tiny_data(tmp_path: Path) -> tuple[Path, Path]:
     train = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(24, seed=0))
     eval_ = write_jsonl(tmp_path / "eval.jsonl", arithmetic_rows(8, seed=1))
     return train, eval_
+
+
+def naive_stats(model, grps) -> tuple[torch.Tensor, ...]:
+    """Each (prompt, response) alone, full-vocabulary fp64 log-softmax, plain Python sums."""
+    B, K = len(grps), max(len(i) for _, i in grps)
+    logps, last = torch.zeros(B, K, dtype=torch.float64), torch.zeros(B, K, dtype=torch.float64)
+    lengths = torch.ones(B, K, dtype=torch.float64)
+    for b, (g, idx) in enumerate(grps):
+        for k, r in enumerate(idx):
+            seq = torch.tensor([g.prompt_ids + g.response_ids[r]])
+            logits = model(input_ids=seq).logits[0].log_softmax(-1)  # (T, V)
+            P = len(g.prompt_ids)
+            per_token = [logits[t - 1, seq[0, t]] for t in range(P, seq.shape[1])]
+            logps[b, k], last[b, k], lengths[b, k] = sum(per_token), per_token[-1], len(per_token)
+    return logps, lengths, last

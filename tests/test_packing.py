@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import datasets
 import pytest
 import torch
+from conftest import naive_stats
 from omegaconf import OmegaConf
 from transformers.models.llama import modeling_llama
 
@@ -92,21 +93,6 @@ def groups(tok) -> list[tuple[TokenizedGroup, tuple[int, ...]]]:
     c = TokenizedGroup([bos, *ids(3)], [ids(4)], [False], [0.5], ref_logps=[-7.0],
                        ref_eos_logps=[-0.7])  # fmt: skip
     return [(a, (0, 1, 2)), (b, (2, 0)), (c, (0,))]
-
-
-def naive_stats(model, grps) -> tuple[torch.Tensor, ...]:
-    """Each (prompt, response) alone, full-vocabulary fp64 log-softmax, plain Python sums."""
-    B, K = len(grps), max(len(i) for _, i in grps)
-    logps, last = torch.zeros(B, K, dtype=torch.float64), torch.zeros(B, K, dtype=torch.float64)
-    lengths = torch.ones(B, K, dtype=torch.float64)
-    for b, (g, idx) in enumerate(grps):
-        for k, r in enumerate(idx):
-            seq = torch.tensor([g.prompt_ids + g.response_ids[r]])
-            logits = model(input_ids=seq).logits[0].log_softmax(-1)  # (T, V)
-            P = len(g.prompt_ids)
-            per_token = [logits[t - 1, seq[0, t]] for t in range(P, seq.shape[1])]
-            logps[b, k], last[b, k], lengths[b, k] = sum(per_token), per_token[-1], len(per_token)
-    return logps, lengths, last
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

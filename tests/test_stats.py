@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from conftest import naive_stats
 from omegaconf import OmegaConf
 
 from prefopt.config import ModelConfig
@@ -43,29 +44,11 @@ def groups(tok) -> list[tuple[TokenizedGroup, tuple[int, ...]]]:
     return [(a, (0, 1, 2)), (b, (0, 1))]
 
 
-def naive_stats(model, tok, grps):
-    """Each (prompt, response) alone, full-vocabulary fp64 log-softmax, plain Python sums."""
-    B, K = len(grps), max(len(i) for _, i in grps)
-    logps = torch.zeros(B, K, dtype=torch.float64)
-    last = torch.zeros(B, K, dtype=torch.float64)
-    lengths = torch.ones(B, K, dtype=torch.float64)
-    for b, (g, idx) in enumerate(grps):
-        for k, r in enumerate(idx):
-            seq = torch.tensor([g.prompt_ids + g.response_ids[r]])
-            logits = model(input_ids=seq).logits[0].log_softmax(-1)  # (T, V)
-            P = len(g.prompt_ids)
-            per_token = [logits[t - 1, seq[0, t]] for t in range(P, seq.shape[1])]
-            logps[b, k] = sum(per_token)
-            last[b, k] = per_token[-1]
-            lengths[b, k] = len(per_token)
-    return logps, lengths, last
-
-
 def test_chunked_stats_match_naive_full_logits(model, tok):
     grps = groups(tok)
     batch = collate(grps, tok.pad_token_id)
     stats = group_stats(model, batch, chunk_size=3)  # chunks straddle rows on purpose
-    logps, lengths, last = naive_stats(model, tok, grps)
+    logps, lengths, last = naive_stats(model, grps)
     mask = torch.tensor([[True, True, True], [True, True, False]])
     torch.testing.assert_close(stats.mask, mask)
     torch.testing.assert_close(stats.logps[mask], logps[mask], rtol=1e-9, atol=1e-9)
@@ -86,7 +69,7 @@ def test_chunked_gradients_match_naive(model, tok):
     (group_stats(model, batch, chunk_size=4).logps * weights).sum().backward()
     chunked = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    logps, _, _ = naive_stats(model, tok, grps)
+    logps, _, _ = naive_stats(model, grps)
     (logps * weights).sum().backward()
     for a, p in zip(chunked, model.parameters(), strict=True):
         torch.testing.assert_close(a, p.grad, rtol=1e-7, atol=1e-10)
