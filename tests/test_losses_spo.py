@@ -17,7 +17,8 @@ from omegaconf import OmegaConf
 from torch.testing import assert_close
 
 from prefopt.losses import LOSSES, build_loss, get_spec
-from prefopt.losses.spo import SPOConfig, spo_loss, token_kl
+from prefopt.losses.spo import SPOConfig, spo_loss
+from prefopt.stats import token_kl
 from prefopt.types import GroupStats, LossOutput
 
 F64 = torch.float64

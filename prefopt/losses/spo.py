@@ -2,9 +2,9 @@
 
 L_SPO = L_pref + kl_weight * D_KL(pi || pi_ref) (Eq. 6, Algorithm 1; kl_weight = the D.2 "beta",
 reading A1-i). This module holds the preference term, a pure (B, K) loss over summed response
-log-probs l = log pi(y|x) (never length-normalised), and ``token_kl``, the per-position piece of
-the regularizer (Eq. 15). The preference term does not use pi_ref; the loop adds the KL term on
-on-policy samples (the ``kl_*`` config fields), which is where pi_ref enters.
+log-probs l = log pi(y|x) (never length-normalised); the per-position piece of the regularizer
+(Eq. 15) is ``prefopt.stats.token_kl``. The preference term does not use pi_ref; the loop adds
+the KL term on on-policy samples (the ``kl_*`` config fields), which is where pi_ref enters.
 
 Every form is built from one term on a set T that holds a response i and its competitors:
     term(i, T) = -(1/alpha) log( pi_i^alpha / sum_{j in T} pi_j^alpha )
@@ -43,23 +43,6 @@ from prefopt.types import GroupStats, LossOutput
 
 FORMS = ("pairwise", "best_of_n", "ranked")
 WEIGHTINGS = ("basic", "weighted")
-
-
-def token_kl(policy_logits_logp: Tensor, ref_logp: Tensor) -> Tensor:
-    """(N,) exact KL(pi_theta || pi_ref) per position from two (N, V) log-softmax tensors.
-
-    Eq. 15 (digest section 1.7): sum_s pi_theta(s) (log pi_theta(s) - log pi_ref(s)), the analytic
-    full-vocabulary KL, not the single-sample log-ratio. Gradients flow through both factors of
-    pi_theta (the paper detaches neither); ``ref_logp`` should come from the frozen pi_ref.
-    Pass float32 or wider log-softmax values. Vocabulary entries with pi_theta = 0 contribute 0.
-
-    The loop calls this chunk by chunk on on-policy samples, sums over every generated position of
-    a sequence (EOS-emitting position included, prompt and padding excluded) and averages over
-    the samples; the chain rule then makes the value the sequence KL (digest test 22).
-    """
-    probs = policy_logits_logp.exp()
-    log_ratio = (policy_logits_logp - ref_logp).masked_fill(probs == 0, 0.0)
-    return (probs * log_ratio).sum(-1)
 
 
 def _init_state(**_: object) -> LossState:
