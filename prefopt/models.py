@@ -10,7 +10,6 @@ import importlib.util
 import logging
 import os
 import re
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from prefopt.atomic import publish_dir
 from prefopt.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -94,10 +94,7 @@ def _cached_gguf_dir(cfg: ModelConfig, cache_dir: str) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    try:
-        os.replace(tmp, target)  # atomic: a concurrent conversion leaves one complete copy
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
+    publish_dir(tmp, target)  # a concurrent conversion (another rank) leaves one complete copy
     return target
 
 

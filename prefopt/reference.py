@@ -16,6 +16,7 @@ import datasets
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from prefopt.atomic import publish_dir
 from prefopt.data.loading import make_views
 from prefopt.evaluation import batches, rank_slice
 from prefopt.parallel import StatsModel, all_gather_objects, barrier, is_main
@@ -77,8 +78,7 @@ def precompute_reference(
         if is_main():
             tmp = target.with_name(f".tmp-{key}-{os.getpid()}")
             out.save_to_disk(str(tmp))
-            if not target.exists():
-                tmp.rename(target)
+            publish_dir(tmp, target)
         barrier()
         out = datasets.load_from_disk(str(target))
     return out

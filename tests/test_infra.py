@@ -169,3 +169,21 @@ def test_wandb_runs_of_a_sweep_share_a_group_and_carry_their_values(tmp_path, mo
     run = logger.loggers[1].run
     assert run.group == sweep.group and "loss.beta=2.5" in run.tags
     logger.close()
+
+
+def test_publish_dir_keeps_the_first_copy_when_two_writers_race(tmp_path):
+    """Two ranks building the same cache: the second rename must not crash the job."""
+    from prefopt.atomic import publish_dir
+
+    target = tmp_path / "cache"
+    for name, text in (("a", "first"), ("b", "second")):
+        tmp = tmp_path / f".tmp-{name}"
+        tmp.mkdir()
+        (tmp / "f.txt").write_text(text)
+        publish_dir(tmp, target)
+        assert not tmp.exists()
+    assert (target / "f.txt").read_text() == "first"
+    lone = tmp_path / ".tmp-c"
+    lone.mkdir()
+    with pytest.raises(OSError):
+        publish_dir(lone, tmp_path / "missing-parent" / "x")

@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 import datasets
 
+from prefopt.atomic import publish_dir
 from prefopt.data.example import DataError
 from prefopt.data.schemas import ParseOptions, parse_row
 from prefopt.data.tokenize import (
@@ -139,8 +140,7 @@ def load_tokenized(
         tmp = target.with_name(f".tmp-{key}-{os.getpid()}")
         data.save_to_disk(str(tmp / "data"))
         (tmp / "counts.json").write_text(json.dumps(counts))
-        if not target.exists():  # another process may have written the same cache meanwhile
-            tmp.rename(target)
+        publish_dir(tmp, target)  # every rank tokenizes; the first to finish publishes
         data = datasets.load_from_disk(str(target / "data"))
     return data, counts
 
