@@ -130,15 +130,96 @@ class TrainConfig:
     cache_dir: str = MISSING  # converted models, tokenized data
 
 
+@dataclass
+class GenerationConfig:
+    """Decoding settings (recorded next to every output file)."""
+
+    max_new_tokens: int = 512
+    do_sample: bool = False  # False: greedy (benchmark submissions); True: sample
+    temperature: float = 1.0  # do_sample only
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    num_samples: int = 1  # responses per prompt (datagen's K); > 1 needs do_sample
+    batch_size: int = 16  # prompts per generate call
+    max_prompt_length: int = 2048  # longer prompts keep their end (counted)
+    system_prompt: str | None = None  # prepended as a system message when a prompt has none
+
+
+@dataclass
+class PromptsConfig:
+    """A prompt set: a local or hf:// JSON/JSONL file, or the offline constraint benchmark."""
+
+    name: str = MISSING  # written as AlpacaEval's ``dataset`` / the bench name
+    source: str = "file"  # file | constraints
+    path: str | None = None  # file: local path or hf://datasets/<repo>/<file>
+    split: str = "heldout"  # constraints: train | heldout
+    n: int = 64  # constraints: number of tasks
+    seed: int = 0  # constraints: generator seed
+    limit: int | None = None  # only the first N prompts (smoke runs)
+
+
+@dataclass
+class GenerateConfig:
+    model: ModelConfig = MISSING
+    prompts: PromptsConfig = MISSING
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    model_id: str | None = None  # the name written as generator / model_id; None: from the model
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str | None = None  # override model.dtype for inference (bfloat16 on GPU)
+    seed: int = 0
+    out_dir: str = MISSING
+    cache_dir: str = MISSING
+
+
+@dataclass
+class ScorerConfig:
+    kind: str = "verifier"  # verifier (constraint tasks) | reward_model
+    reward_model: str | None = None  # Hub id or directory of a sequence-classification RM
+    batch_size: int = 8
+    max_length: int = 2048
+
+
+@dataclass
+class DatagenConfig(GenerateConfig):
+    scorer: ScorerConfig = field(default_factory=ScorerConfig)
+    drop_ties: bool = True  # drop (and count) prompts whose K scores are all equal
+    out_file: str = MISSING  # canonical multi-response JSONL, appended batch by batch
+
+
+@dataclass
+class JudgeConfig:
+    reward_model: str = "Skywork/Skywork-Reward-Llama-3.1-8B-v0.2"
+    outputs: str | None = None  # AlpacaEval-format model_outputs.json of the evaluated model
+    baseline: str | None = None  # the same prompts answered by the baseline model
+    batch_size: int = 8
+    max_length: int = 4096
+    dtype: str = "float32"
+
+
+@dataclass
+class EvaluateConfig(GenerateConfig):
+    tasks: list[str] = field(default_factory=lambda: ["preference", "constraints"])
+    outputs: str | None = None  # constraints/lengths: score this generations file, do not generate
+    ref_model: str | None = None  # preference with a reference-based loss: directory or Hub id
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    dataset: DatasetConfig = MISSING
+    loss: Any = MISSING
+    trainer: TrainerConfig = MISSING
+
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="_train_schema", node=TrainConfig)
+    cs.store(name="_generate_schema", node=GenerateConfig)
+    cs.store(name="_datagen_schema", node=DatagenConfig)
+    cs.store(name="_evaluate_schema", node=EvaluateConfig)
     for group, node in [
         ("model", ModelConfig),
         ("dataset", DatasetConfig),
         ("optimizer", OptimizerConfig),
         ("trainer", TrainerConfig),
         ("logger", LoggerConfig),
+        ("prompts", PromptsConfig),
     ]:
         cs.store(group=group, name="_schema", node=node)
 

@@ -16,11 +16,11 @@ from transformers import PreTrainedModel
 from prefopt.data.collate import collate
 from prefopt.data.tokenize import TokenizedGroup
 from prefopt.parallel import StatsModel, all_ranks, unsharded
+from prefopt.sampling import decoding_config, generate_ids
 
 Sample = tuple[list[int], list[int]]  # (prompt ids, sampled response ids)
 
 
-@torch.no_grad()
 def sample_responses(
     policy: PreTrainedModel,
     prompts: list[list[int]],
@@ -30,24 +30,10 @@ def sample_responses(
     pad_id: int,
 ) -> list[Sample]:
     """One sample per prompt; a response ends at its first EOS (kept) or at max_new_tokens."""
-    was_training = policy.training
-    policy.eval()
-    device = next(policy.parameters()).device
-    width = max(map(len, prompts))
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
-    attn = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):  # left padding, so every prompt ends where generation starts
-        ids[i, width - len(p) :] = torch.tensor(p)
-        attn[i, width - len(p) :] = 1
-    out = policy.generate(input_ids=ids, attention_mask=attn, do_sample=True, temperature=1.0,
-                          top_k=0, top_p=1.0, max_new_tokens=max_new_tokens, eos_token_id=eos_id,
-                          pad_token_id=pad_id)  # fmt: skip
-    policy.train(was_training)
-    samples = []
-    for p, row in zip(prompts, out[:, width:].tolist(), strict=True):
-        cut = row.index(eos_id) + 1 if eos_id in row else len(row)
-        samples.append((p, row[:cut] or [eos_id]))
-    return samples
+    config = decoding_config(max_new_tokens=max_new_tokens, do_sample=True, temperature=1.0,
+                             top_p=1.0, top_k=0, eos_ids=[eos_id], pad_id=pad_id)  # fmt: skip
+    out = generate_ids(policy, prompts, config)
+    return [(p, rows[0] or [eos_id]) for p, rows in zip(prompts, out, strict=True)]
 
 
 def kl_on_samples(

@@ -1,0 +1,351 @@
+"""Generate responses for a prompt set and write benchmark submission files.
+
+    python -m prefopt.generate prompts=alpaca_eval model=checkpoint \\
+        model.name_or_path=outputs/refa_dynamic/<run>/final            # AlpacaEval 2 (805)
+    python -m prefopt.generate prompts=arena_hard model=checkpoint model.name_or_path=...
+    python -m prefopt.generate prompts=local prompts.path=my_prompts.jsonl
+    python -m prefopt.generate prompts=constraints                      # offline, SmolLM2
+
+Prompts are formatted with the model's chat template exactly as in training (one BOS), decoded
+greedily by default, and batched by prompt length. Each run directory gets:
+
+- ``generations.jsonl``: one record per prompt (all samples, token counts, whether each ended
+  with EOS), appended batch by batch: a killed run resumes where it stopped, no prompt twice;
+- ``model_outputs.json``: AlpacaEval's format (instruction, output, generator, dataset);
+- ``arena_hard/<model_id>.jsonl``: Arena-Hard-Auto v0.1's model_answer format;
+- ``generation_settings.json``: model, decoding settings, prompt set, counts, throughput.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from prefopt import constraints
+from prefopt.build import git_commit
+from prefopt.data.example import DataError, Message
+from prefopt.data.tokenize import TokenizeOptions, Tokenizer
+from prefopt.models import DTYPES, load_model, load_tokenizer
+from prefopt.sampling import decoding_config, eos_ids, generate_ids
+
+log = logging.getLogger("prefopt")
+Record = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Prompt:
+    id: str
+    messages: list[Message]  # ends with the user turn to answer
+    meta: dict[str, Any] = field(default_factory=dict)  # source fields the output files keep
+
+
+# ------------------------------------------------------------------ prompt sets
+def _read_file(path: str) -> Iterator[tuple[str, dict]]:
+    """(where, row) from a JSON list or JSONL file, local or ``hf://`` (datasets' json loader)."""
+    if not path.startswith("hf://"):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"prompts.path: {path} does not exist")
+        text = Path(path).read_text(encoding="utf-8")
+        if text.lstrip().startswith("["):
+            rows = json.loads(text)
+            yield from ((f"{path} item {i}", row) for i, row in enumerate(rows))
+            return
+        for n, line in enumerate(text.split("\n"), start=1):  # not splitlines(): see ResultsLog
+            if line.strip():
+                try:
+                    yield f"{path} line {n}", json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path} line {n}: invalid JSON ({e.msg})") from e
+        return
+    for i, row in enumerate(datasets.load_dataset("json", data_files=path, split="train")):
+        yield f"{path} row {i}", row
+
+
+def prompt_from_row(row: Any, index: int, where: str) -> Prompt:
+    """One prompt from an AlpacaEval (``instruction``), Arena-Hard v0.1 (``question_id``,
+    ``turns``), Arena-Hard v2 (``uid``, ``prompt``) or prefopt (``id``, ``prompt``) row."""
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    meta = {k: row[k] for k in ("dataset", "category", "cluster", "family", "params") if k in row}
+    pid = str(next((row[k] for k in ("question_id", "uid", "id") if row.get(k) is not None), index))
+    if "instruction" in row:
+        content, key = row["instruction"], "instruction"
+    elif "turns" in row:
+        turns = row["turns"]
+        if not isinstance(turns, list) or len(turns) != 1 or not isinstance(turns[0], dict):
+            raise DataError(f"{where}: key 'turns': expected one turn ({{'content': ...}}); "
+                            "multi-turn prompt sets are not supported")  # fmt: skip
+        content, key = turns[0].get("content"), "turns[0].content"
+    elif "prompt" in row:
+        content, key = row["prompt"], "prompt"
+        if isinstance(content, list):
+            ok = all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                     and isinstance(m.get("content"), str) for m in content)  # fmt: skip
+            if not (content and ok and content[-1]["role"] == "user"):
+                raise DataError(f"{where}: key 'prompt': chat messages must end with a user turn")
+            if not content[-1]["content"].strip():
+                raise DataError(f"{where}: key 'prompt': the last user message is empty")
+            return Prompt(pid, [dict(m) for m in content], meta)
+    else:
+        raise DataError(f"{where}: no prompt: expected key 'instruction', 'turns' or 'prompt'")
+    if not isinstance(content, str) or not content.strip():
+        raise DataError(f"{where}: key {key!r}: expected a non-empty string")
+    return Prompt(pid, [{"role": "user", "content": content}], meta)
+
+
+def load_prompts(cfg: DictConfig) -> list[Prompt]:
+    """The prompt set ``prompts`` names (``limit`` keeps the first N); ids must be unique."""
+    if cfg.source == "constraints":
+        tasks = constraints.make_tasks(cfg.split, cfg.n, cfg.seed)
+        prompts = [Prompt(t.id, [{"role": "user", "content": t.prompt}],
+                          {"family": t.family, "params": t.params}) for t in tasks]  # fmt: skip
+    elif cfg.source == "file":
+        if not cfg.path:
+            raise ValueError("prompts.path is required when prompts.source=file")
+        prompts = [prompt_from_row(row, i, where)
+                   for i, (where, row) in enumerate(_read_file(cfg.path))]  # fmt: skip
+    else:
+        raise ValueError(f"prompts.source must be 'file' or 'constraints', got {cfg.source!r}")
+    prompts = prompts[: cfg.limit] if cfg.limit else prompts
+    seen: set[str] = set()
+    for p in prompts:
+        if p.id in seen:
+            raise DataError(f"prompts {cfg.name!r}: prompt id {p.id!r} appears twice")
+        seen.add(p.id)
+    if not prompts:
+        raise DataError(f"prompts {cfg.name!r}: no prompts")
+    return prompts
+
+
+# ------------------------------------------------------------------ resumable results
+class ResultsLog:
+    """An append-only JSONL of records keyed by ``id``. Each batch is one write + fsync, so a
+    killed run loses at most the batch in flight; a torn last line is dropped on reopening."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.records: dict[str, Record] = {}
+        if path.exists():
+            good = 0
+            # Split on b"\n" only: str.splitlines() also breaks at U+2028 and friends, which
+            # json.dumps(ensure_ascii=False) leaves unescaped inside model outputs.
+            for line in path.read_bytes().split(b"\n")[:-1]:
+                try:
+                    rec = json.loads(line)
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    break
+                self.records[rec["id"]] = rec
+                good += len(line) + 1
+            if good != path.stat().st_size:
+                log.warning("%s: dropping a partly written last line", path)
+                with path.open("r+b") as f:
+                    f.truncate(good)
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def append(self, records: list[Record]) -> None:
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+            f.flush()
+            os.fsync(f.fileno())
+        self.records.update((r["id"], r) for r in records)
+
+
+def check_settings(path: Path, settings: dict[str, Any]) -> None:
+    """Resuming with other settings would mix two runs in one file: refuse."""
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old.get("key") != settings["key"]:
+            raise ValueError(f"{path.parent} holds outputs made with other settings "
+                             f"({old.get('key')} vs {settings['key']}); use a new output "
+                             "directory")  # fmt: skip
+    else:
+        path.write_text(json.dumps(settings, indent=2))
+
+
+# ------------------------------------------------------------------ generation
+def encode_prompts(
+    tok: PreTrainedTokenizerBase, prompts: list[Prompt], gen: DictConfig
+) -> tuple[list[list[int]], int]:
+    """Chat-templated prompt ids (one BOS, as in training); over-long prompts keep their end."""
+    opts = TokenizeOptions(max_length=gen.max_prompt_length + 1,
+                           max_prompt_length=gen.max_prompt_length,
+                           system_prompt=gen.system_prompt)  # fmt: skip
+    tokenizer = Tokenizer(tok, opts)
+    ids, cut = [], 0
+    for p in prompts:
+        x = tokenizer.prompt_ids(p.messages)
+        if len(x) > gen.max_prompt_length:
+            head = x[:1] if x[:1] == [tok.bos_token_id] else []
+            x = head + x[len(x) - gen.max_prompt_length + len(head) :]
+            cut += 1
+        ids.append(x)
+    return ids, cut
+
+
+def generate_all(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    prompts: list[Prompt],
+    gen: DictConfig,
+    results: ResultsLog,
+    seed: int,
+    score: Callable[[list[Prompt], list[Record]], None] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Generate for every prompt not yet in ``results``; return counts and throughput.
+
+    Batches are fixed by the prompt set (sorted by length) and seeded by their index, so a
+    resumed run draws the same samples for the batches it still has to do. ``score`` may add
+    fields (scores) to a batch's records before they are written."""
+    ids, truncated = encode_prompts(tok, prompts, gen)
+    config = decoding_config(max_new_tokens=gen.max_new_tokens, do_sample=gen.do_sample,
+                             temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k,
+                             num_samples=gen.num_samples, eos_ids=eos_ids(tok, model),
+                             pad_id=tok.pad_token_id)  # fmt: skip
+    eos = set(config.eos_token_id)
+    order = sorted(range(len(prompts)), key=lambda i: len(ids[i]))
+    todo = [i for i in order if prompts[i].id not in results.records]
+    bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc="generate",
+               dynamic_ncols=True, disable=not progress)  # fmt: skip
+    new_tokens, t0 = 0, time.perf_counter()
+    for b in range(0, len(order), gen.batch_size):
+        chunk = order[b : b + gen.batch_size]
+        batch = [i for i in chunk if prompts[i].id not in results.records]
+        if not batch:
+            continue
+        # The whole batch, even when part of it was written: the samples must not depend on
+        # where an interrupted run stopped.
+        torch.manual_seed(seed * 1_000_003 + b)
+        outs = dict(zip(chunk, generate_ids(model, [ids[i] for i in chunk], config), strict=True))
+        records = []
+        for i in batch:
+            p, rows = prompts[i], outs[i]
+            records.append({
+                "id": p.id, "prompt": p.messages, "meta": p.meta, "prompt_tokens": len(ids[i]),
+                "outputs": [tok.decode(r, skip_special_tokens=True).strip() for r in rows],
+                "output_tokens": [len(r) for r in rows],
+                "ended": [bool(r) and r[-1] in eos for r in rows],
+            })  # fmt: skip
+            new_tokens += sum(len(r) for r in rows)
+        if score is not None:
+            score([prompts[i] for i in batch], records)
+        results.append(records)
+        bar.update(len(batch))
+    bar.close()
+    dt = time.perf_counter() - t0
+    return {"prompts": len(prompts), "generated_now": len(todo), "truncated_prompts": truncated,
+            "new_tokens": new_tokens, "seconds": round(dt, 2),
+            "tokens_per_s": round(new_tokens / dt, 1) if dt > 0 else None}  # fmt: skip
+
+
+# ------------------------------------------------------------------ output formats
+def ordered(prompts: list[Prompt], results: ResultsLog) -> list[Record]:
+    return [results.records[p.id] for p in prompts]
+
+
+def last_user(record: Record) -> str:
+    return next(m["content"] for m in reversed(record["prompt"]) if m["role"] == "user")
+
+
+def alpaca_eval_outputs(records: list[Record], model_id: str, dataset: str) -> list[Record]:
+    """AlpacaEval's model_outputs.json: one object per instruction, in the prompt set's order."""
+    return [{"instruction": last_user(r), "output": r["outputs"][0], "generator": model_id,
+             "dataset": r["meta"].get("dataset", dataset)} for r in records]  # fmt: skip
+
+
+def arena_hard_answers(records: list[Record], model_id: str) -> list[Record]:
+    """Arena-Hard-Auto v0.1 model_answer rows (answer ids are stable across reruns)."""
+    now = time.time()
+    return [{
+        "question_id": r["id"],
+        "answer_id": uuid.uuid5(uuid.NAMESPACE_URL, f"{model_id}/{r['id']}").hex,
+        "model_id": model_id,
+        "choices": [{"index": 0, "turns": [{"content": r["outputs"][0],
+                                            "token_len": r["output_tokens"][0]}]}],
+        "tstamp": now,
+    } for r in records]  # fmt: skip
+
+
+def model_id_of(cfg: DictConfig) -> str:
+    if cfg.model_id:
+        return cfg.model_id
+    path = cfg.model.name_or_path.rstrip("/")
+    if os.path.isdir(path) and Path(path).name == "final":  # a training run's export
+        path = str(Path(path).parent)
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", Path(path).name if os.path.isdir(path) else path)
+
+
+def inference_device(name: str) -> str:
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+
+def load_for_inference(cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    device = inference_device(cfg.device)
+    tok = load_tokenizer(cfg.model, cfg.cache_dir)
+    model = load_model(cfg.model, cfg.cache_dir, tok, cfg.seed).to(device)
+    if cfg.dtype:
+        model = model.to(DTYPES[cfg.dtype])
+    return model.eval(), tok
+
+
+def settings_of(cfg: DictConfig, model_id: str) -> dict[str, Any]:
+    gen = OmegaConf.to_container(cfg.generation)
+    prompts = OmegaConf.to_container(cfg.prompts)
+    model = OmegaConf.to_container(cfg.model)
+    model.pop("gradient_checkpointing", None)
+    key = json.dumps([model, cfg.dtype, gen, prompts, cfg.seed], sort_keys=True)
+    return {"model_id": model_id, "model": OmegaConf.to_container(cfg.model), "dtype": cfg.dtype,
+            "generation": gen, "prompts": prompts, "seed": cfg.seed, "commit": git_commit(),
+            "key": key}  # fmt: skip
+
+
+def run(cfg: DictConfig) -> Path:
+    """Generate (or resume) into ``cfg.out_dir``; write the submission files; return the dir."""
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model_id = model_id_of(cfg)
+    prompts = load_prompts(cfg.prompts)
+    settings = settings_of(cfg, model_id)
+    check_settings(out / "generation_settings.json", settings)
+    model, tok = load_for_inference(cfg)
+    results = ResultsLog(out / "generations.jsonl")
+    stats = generate_all(model, tok, prompts, cfg.generation, results, cfg.seed)
+    records = ordered(prompts, results)
+    (out / "model_outputs.json").write_text(
+        json.dumps(
+            alpaca_eval_outputs(records, model_id, cfg.prompts.name), indent=2, ensure_ascii=False
+        )
+    )
+    arena = out / "arena_hard" / f"{model_id}.jsonl"
+    arena.parent.mkdir(exist_ok=True)
+    arena.write_text("".join(json.dumps(a, ensure_ascii=False) + "\n"
+                             for a in arena_hard_answers(records, model_id)))  # fmt: skip
+    settings["run"] = stats
+    (out / "generation_settings.json").write_text(json.dumps(settings, indent=2))
+    log.info("%d prompts -> %s (%s)", len(prompts), out, stats)
+    print(f"wrote {out / 'model_outputs.json'} and {arena}", flush=True)
+    return out
+
+
+@hydra.main(config_path="../conf", config_name="generate", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()
