@@ -1,6 +1,6 @@
 """Build an on-policy multi-response dataset: sample K responses per prompt, score them.
 
-    python -m prefopt.datagen                                   # SmolLM2 on 400 train constraint
+    python -m prefopt.datagen                                   # SmolLM2 on 240 train constraint
                                                                 # tasks, verifier-scored, CPU
     python -m prefopt.datagen prompts=constraints prompts.split=heldout prompts.n=64
     python -m prefopt.datagen model=checkpoint model.name_or_path=... prompts=local \\
