@@ -41,7 +41,6 @@ from prefopt.build import autocast_is_bf16, make_autocast, prepare_data
 from prefopt.evaluation import evaluate
 from prefopt.generate import (
     ResultsLog,
-    _read_file,
     check_settings,
     generate_all,
     inference_device,
@@ -49,6 +48,7 @@ from prefopt.generate import (
     load_prompts,
     model_id_of,
     ordered,
+    read_records,
     settings_of,
 )
 from prefopt.losses import build_loss
@@ -76,7 +76,7 @@ def read_outputs(path: str) -> list[dict[str, Any]]:
     """Records with ``prompt`` text and first ``output`` from generations.jsonl (prefopt) or an
     AlpacaEval model_outputs.json."""
     rows = []
-    for where, row in _read_file(path):
+    for where, row in read_records(path):
         if "outputs" in row:  # prefopt's generations.jsonl
             rows.append({"id": row["id"], "instruction": row["prompt"][-1]["content"],
                          "output": row["outputs"][0], "tokens": row["output_tokens"][0],

@@ -55,7 +55,7 @@ class Prompt:
 
 
 # ------------------------------------------------------------------ prompt sets
-def _read_file(path: str) -> Iterator[tuple[str, dict]]:
+def read_records(path: str) -> Iterator[tuple[str, dict]]:
     """(where, row) from a JSON list or JSONL file, local or ``hf://`` (datasets' json loader)."""
     if not path.startswith("hf://"):
         if not os.path.isfile(path):
@@ -118,7 +118,7 @@ def load_prompts(cfg: DictConfig) -> list[Prompt]:
         if not cfg.path:
             raise ValueError("prompts.path is required when prompts.source=file")
         prompts = [prompt_from_row(row, i, where)
-                   for i, (where, row) in enumerate(_read_file(cfg.path))]  # fmt: skip
+                   for i, (where, row) in enumerate(read_records(cfg.path))]  # fmt: skip
     else:
         raise ValueError(f"prompts.source must be 'file' or 'constraints', got {cfg.source!r}")
     prompts = prompts[: cfg.limit] if cfg.limit else prompts
