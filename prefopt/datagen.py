@@ -19,7 +19,6 @@ dropped, and so are groups left with fewer than 2 responses or whose scores are 
 from __future__ import annotations
 
 import json
-import logging
 import os
 from collections import Counter
 from pathlib import Path
@@ -36,15 +35,12 @@ from prefopt.generate import (
     ResultsLog,
     check_settings,
     generate_all,
-    last_user,
     load_for_inference,
     load_prompts,
     model_id_of,
     ordered,
     settings_of,
 )
-
-log = logging.getLogger("prefopt")
 
 
 def verifier_scorer(prompts: list[Prompt], records: list[Record]) -> None:
@@ -132,7 +128,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     (out / "datagen_summary.json").write_text(json.dumps(summary, indent=2))
     print(f"{counts['kept']} groups -> {cfg.out_file}; dropped: "
           f"{ {k: v for k, v in counts.items() if k != 'kept'} }", flush=True)  # fmt: skip
-    log.info("first prompt: %r", last_user(records[0]) if records else None)
     return summary
 
 

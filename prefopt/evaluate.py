@@ -44,6 +44,7 @@ from prefopt.generate import (
     check_settings,
     generate_all,
     inference_device,
+    last_user,
     load_for_inference,
     load_prompts,
     model_id_of,
@@ -78,7 +79,7 @@ def read_outputs(path: str) -> list[dict[str, Any]]:
     rows = []
     for where, row in read_records(path):
         if "outputs" in row:  # prefopt's generations.jsonl
-            rows.append({"id": row["id"], "instruction": row["prompt"][-1]["content"],
+            rows.append({"id": row["id"], "instruction": last_user(row),
                          "output": row["outputs"][0], "tokens": row["output_tokens"][0],
                          "ended": row["ended"][0], "meta": row.get("meta", {})})  # fmt: skip
         elif {"instruction", "output"} <= set(row):

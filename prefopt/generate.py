@@ -39,7 +39,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from prefopt import constraints
 from prefopt.build import git_commit
 from prefopt.data.example import DataError, Message
-from prefopt.data.tokenize import TokenizeOptions, Tokenizer
+from prefopt.data.tokenize import TokenizeOptions, Tokenizer, keep_end
 from prefopt.models import DTYPES, load_model, load_tokenizer
 from prefopt.sampling import decoding_config, eos_ids, generate_ids
 
@@ -190,8 +190,7 @@ def encode_prompts(
     for p in prompts:
         x = tokenizer.prompt_ids(p.messages)
         if len(x) > gen.max_prompt_length:
-            head = x[:1] if x[:1] == [tok.bos_token_id] else []
-            x = head + x[len(x) - gen.max_prompt_length + len(head) :]
+            x = keep_end(x, gen.max_prompt_length, tok.bos_token_id)
             cut += 1
         ids.append(x)
     return ids, cut

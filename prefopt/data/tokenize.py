@@ -59,6 +59,12 @@ def _adds_bos(tok: PreTrainedTokenizerBase) -> bool:
     return bos is not None and tok("a", add_special_tokens=True).input_ids[:1] == [bos]
 
 
+def keep_end(ids: list[int], limit: int, bos: int | None) -> list[int]:
+    """The last ``limit`` tokens of an over-long prompt (its latest turns); a leading BOS stays."""
+    head = ids[:1] if bos is not None and ids[:1] == [bos] else []
+    return head + ids[len(ids) - (limit - len(head)) :]
+
+
 def tokenizer_fingerprint(tok: PreTrainedTokenizerBase) -> str:
     """Hash of everything tokenization depends on: vocabulary, merges, specials, chat template."""
     parts = [
@@ -116,8 +122,7 @@ class Tokenizer:
                    f"dataset.max_prompt_length={o.max_prompt_length}")  # fmt: skip
             if self._over_limit(o.prompt_truncation, msg, "prompt"):
                 return None
-            head = prompt[:1] if prompt[:1] == [self.bos] else []  # BOS stays
-            prompt = head + prompt[len(prompt) - (o.max_prompt_length - len(head)) :]
+            prompt = keep_end(prompt, o.max_prompt_length, self.bos)
         budget = o.max_length - len(prompt)
         responses, has_eos = [], []
         for k, text in enumerate(ex.responses):
