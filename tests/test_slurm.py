@@ -110,7 +110,10 @@ def test_signal_checkpoints_requeues_and_resumes(tmp_path, tiny_data):
                                              capture_output=True, text=True).stdout:  # fmt: skip
         assert time.time() < deadline, "the job was not requeued"
         time.sleep(1)
-    # A requeued job waits for a begin time; start it now rather than in minutes.
+    # A requeued job waits for a begin time; start it now rather than in minutes. Not at once:
+    # slurmd refuses a relaunch that arrives while it still cleans up the killed instance ("Job
+    # credential revoked"; seen once in CI when the update came 13 ms after the requeue).
+    time.sleep(2)
     subprocess.run(["scontrol", "update", f"jobid={task}", "StartTime=now"], check=False)
     _wait_gone(job, 300)
     s = _summary(run)
