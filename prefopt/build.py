@@ -1,6 +1,6 @@
 """Everything the training loop builds before its first step: config checks, data, sharded
 models and the reference, precision, and the small utilities around a run (preemption, export,
-summary). ``prefopt/train.py`` keeps the loop itself."""
+summary). ``prefopt/train/loop.py`` keeps the loop itself."""
 
 from __future__ import annotations
 

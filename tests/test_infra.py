@@ -120,7 +120,7 @@ def test_optimizer_from_target_and_clear_error_without_bitsandbytes(monkeypatch)
 
 
 def test_preemption_signal_requests_a_checkpoint():
-    from prefopt.train import Preemption
+    from prefopt.train.loop import Preemption
 
     old = signal.getsignal(signal.SIGUSR1)
     try:

@@ -22,7 +22,7 @@ from prefopt.losses.alpha_dpo import alpha_dpo_loss, dpo_margin
 from prefopt.losses.lmpo import length_normalized_prob, lmpo_loss, lmpo_margin
 from prefopt.losses.pairwise import simpo_loss
 from prefopt.losses.running import batch_sums, init_state, update_state, zscore
-from prefopt.train import run
+from prefopt.train.loop import run
 from prefopt.types import GroupStats, LossOutput
 
 F64 = torch.float64

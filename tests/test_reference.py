@@ -8,7 +8,7 @@ import json
 import torch
 from test_train import _cfg, _metrics, _weights
 
-from prefopt.train import run
+from prefopt.train.loop import run
 
 
 def test_precomputed_reference_equals_reference_model(tmp_path, tiny_data):

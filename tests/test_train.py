@@ -17,7 +17,7 @@ from hydra import compose, initialize_config_dir
 
 from prefopt.losses import LOSSES, build_loss
 from prefopt.parallel import StatsModel
-from prefopt.train import run, train_step
+from prefopt.train.loop import run, train_step
 
 
 def _cfg(run_dir: Path, data: tuple[Path, Path], *overrides: str):
@@ -95,7 +95,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, tiny_data):
 def _step_grads(tmp_path, tiny_data, micro: int) -> list[torch.Tensor]:
     from prefopt.evaluation import batches
     from prefopt.models import load_model, load_tokenizer
-    from prefopt.train import prepare_data
+    from prefopt.train.loop import prepare_data
 
     cfg = _cfg(tmp_path / f"g{micro}", tiny_data, "loss=refa_dynamic",
                "trainer.global_batch_groups=4", f"trainer.micro_batch_groups={micro}",
@@ -141,7 +141,7 @@ def test_non_finite_loss_never_reaches_the_optimizer(tmp_path, tiny_data):
     cfg = _cfg(tmp_path / "r", tiny_data, "loss=simpo")
     from prefopt.evaluation import batches
     from prefopt.models import load_model, load_tokenizer
-    from prefopt.train import prepare_data
+    from prefopt.train.loop import prepare_data
 
     tok = load_tokenizer(cfg.model, cfg.cache_dir)
     spec, _ = build_loss(cfg.loss)
@@ -157,7 +157,7 @@ def test_non_finite_loss_never_reaches_the_optimizer(tmp_path, tiny_data):
 
 
 def test_all_steps_non_finite_stops_with_clear_error(tmp_path, tiny_data, monkeypatch):
-    import prefopt.train as train_mod
+    import prefopt.train.loop as train_mod
 
     monkeypatch.setattr(train_mod, "MAX_CONSECUTIVE_SKIPS", 2)
     rows = arithmetic_rows(8, seed=0)

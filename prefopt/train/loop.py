@@ -18,17 +18,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import NamedTuple
 
-import hydra
 import torch
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from omegaconf import DictConfig
 from tqdm import tqdm
 
@@ -261,33 +257,3 @@ def run(
         Path(run_dir, "summary.json").write_text(json.dumps(summary, indent=2))
     logger.close()
     return eval_after
-
-
-@hydra.main(config_path="../conf", config_name="train", version_base="1.3")
-def main(cfg: DictConfig) -> float:
-    hydra_cfg = HydraConfig.get()
-    overrides = list(hydra_cfg.overrides.task)
-    if int(os.environ.get("RANK", "0")) > 0:  # one log: rank 0 speaks, the others only warn
-        logging.getLogger().setLevel(logging.WARNING)
-    try:
-        sweep = None
-        if hydra_cfg.mode == RunMode.MULTIRUN:  # W&B: one group per sweep, the job's values as tags
-            sweep = SweepInfo(group=f"{cfg.exp_name}/{Path(hydra_cfg.sweep.dir).name}",
-                              tags=[o[:64] for o in overrides])  # fmt: skip
-        metrics = run(cfg, overrides, sweep)
-    except Exception as e:
-        if hydra_cfg.mode != RunMode.MULTIRUN:
-            raise
-        # In a sweep one failed job must not stop the others: record it for the report.
-        log.exception("job %s failed", hydra_cfg.job.num)
-        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-        failure = {"status": "failed", "error": f"{type(e).__name__}: {e}", "overrides": overrides}
-        Path(cfg.run_dir, "summary.json").write_text(json.dumps(failure, indent=2))
-        return math.nan
-    finally:
-        parallel.destroy()
-    return metrics.get("loss", math.nan)
-
-
-if __name__ == "__main__":
-    main()
