@@ -5,7 +5,6 @@ summary). ``prefopt/train/loop.py`` keeps the loop itself."""
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import math
 import signal
@@ -23,7 +22,12 @@ from prefopt.data.loading import DataSplits, build_splits, make_views
 from prefopt.data.packing import LAYOUTS
 from prefopt.data.tokenize import TokenizeOptions, Tokenizer
 from prefopt.losses import LossSpec
-from prefopt.models import load_model, resolve_attn_implementation
+from prefopt.models import (
+    empty_model,
+    initial_weights,
+    model_config,
+    resolve_attn_implementation,
+)
 from prefopt.parallel import StatsModel
 from prefopt.reference import precompute_reference, reference_key
 from prefopt.stats import compile_blocks
@@ -79,23 +83,35 @@ def build_models(
     tok: PreTrainedTokenizerBase,
     data: DataSplits,
     world: parallel.World,
+    precision: parallel.Precision,
     autocast: AbstractContextManager,
 ) -> tuple[StatsModel, StatsModel | None, DataSplits]:
     """The sharded policy and, from the same starting weights, the reference: a frozen sharded
-    copy (``trainer.reference=model``), or cached log-probs attached to both splits
-    (``precompute``: no second model in memory)."""
+    model (``trainer.reference=model``), or cached log-probs attached to both splits
+    (``precompute``: no second model in memory).
+
+    Both are built on the meta device, sharded, and filled from the weight files: each rank
+    allocates and reads only its own shards, so host memory per rank stays a small fraction of
+    the model. The reference is loaded from the same files, never copied from the policy.
+    """
     t = cfg.trainer
-    hf = load_model(cfg.model, cfg.cache_dir, tok, cfg.seed)
-    bf16 = autocast_is_bf16(world.device, t.precision)
+    with parallel.main_first():  # rank 0 converts or downloads once; the others reuse it
+        config = model_config(cfg.model, cfg.cache_dir, tok)
+        weights = initial_weights(cfg.model, cfg.cache_dir, tok, cfg.seed)
     kl_on = spec.on_policy_kl and cfg.loss.kl_weight > 0  # needs reference logits on new samples
     # KTO's baseline and SPO's KL need reference forwards on rows that no cache holds.
     ref_model = (spec.needs_reference and t.reference == "model") or kl_on or spec.needs_mismatched
-    ref_hf = copy.deepcopy(hf) if ref_model else None
-    if t.compile:  # per block, before sharding
-        for m in filter(None, (hf, ref_hf)):
-            compile_blocks(m)
-    policy = parallel.shard(hf.to(world.device), world, bf16)
-    ref = parallel.shard(ref_hf.to(world.device), world, bf16, trainable=False) if ref_hf else None
+
+    def sharded(trainable: bool) -> StatsModel:  # one more model from the same files
+        model = empty_model(cfg.model, config)
+        if t.compile:  # per block, before sharding
+            compile_blocks(model)
+        wrapper = parallel.shard(model, world, precision, trainable=trainable)
+        parallel.load_weights(wrapper, weights)
+        return wrapper
+
+    policy = sharded(trainable=True)
+    ref = sharded(trainable=False) if ref_model else None
     if spec.needs_reference and not ref_model:
         cache = cfg.cache_dir if cfg.dataset.cache else None
         kw = dict(batch_groups=t.eval_batch_groups, pad_id=tok.pad_token_id,
@@ -110,12 +126,6 @@ def build_models(
     return policy, ref, data
 
 
-def autocast_is_bf16(device: torch.device, precision: str) -> bool:
-    if precision not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"trainer.precision must be auto, bf16 or fp32, got {precision!r}")
-    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
-
-
 def export(policy: StatsModel, tok: PreTrainedTokenizerBase, path: Path) -> None:
     """Hugging Face format (``from_pretrained``-able) gathered from the shards onto rank 0."""
     full = parallel.full_state_dict(policy)  # a collective: every rank takes part
@@ -124,9 +134,10 @@ def export(policy: StatsModel, tok: PreTrainedTokenizerBase, path: Path) -> None
         tok.save_pretrained(path)
 
 
-def make_autocast(device: torch.device, precision: str) -> AbstractContextManager:
-    """bf16 autocast (fp32 master weights) on CUDA by default; fp32 on CPU unless asked."""
-    if autocast_is_bf16(device, precision):
+def make_autocast(precision: parallel.Precision, device: torch.device) -> AbstractContextManager:
+    """bf16 autocast when computing in bf16 (FSDP2 already gathers bf16 parameters; autocast
+    covers the ops between them); nothing in fp32."""
+    if precision.bf16:
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

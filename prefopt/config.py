@@ -35,7 +35,7 @@ class ModelConfig:
     source: str = "hub"  # hub | gguf (convert a GGUF file once, cache safetensors) | tiny
     gguf_package: str | None = None  # Python package shipping the GGUF file (source=gguf)
     gguf_file: str | None = None  # file name inside that package, or an absolute path
-    dtype: str = "float32"  # dtype of the weights: float32 (bf16 autocast on GPU) | bfloat16
+    dtype: str = "float32"  # dtype of the weights on disk; training keeps fp32 master weights
     attn_implementation: str = "auto"  # auto: flash_attention_2 if flash-attn imports, else sdpa
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
@@ -98,7 +98,11 @@ class TrainerConfig:
     export_final: bool = True  # HF-format model + tokenizer in <run_dir>/final
     log_every: int = 1
     device: str = "auto"  # auto | cpu | cuda
-    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
+    precision: str = "auto"  # compute dtype: auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    # the policy's sharded weights, gradients and optimizer state: float32 (master weights, any
+    # dtype on disk) | bfloat16 (half the memory; needs optimizer=adamw_bf16_sr, which rounds
+    # stochastically so small updates are not lost)
+    master_dtype: str = "float32"
     logps_chunk_size: int = 1024  # response tokens per log-prob chunk (peak memory ~ chunk x vocab)
     reference: str = "model"  # model: frozen copy in the loop | precompute: one cached pass
     collective_timeout_s: float = 600.0  # a rank that stops answering fails the job after this

@@ -37,7 +37,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import prefopt.losses  # noqa: F401  (registers loss schemas before composition)
 from prefopt import constraints, parallel
-from prefopt.build import autocast_is_bf16, make_autocast, prepare_data
+from prefopt.build import make_autocast, prepare_data
 from prefopt.evaluation import evaluate
 from prefopt.generate import (
     ResultsLog,
@@ -122,9 +122,9 @@ def preference(cfg: DictConfig, hf_model, tok) -> dict[str, float]:
     world = parallel.init_distributed(cfg.device, cfg.trainer.collective_timeout_s)
     spec, loss_fn = build_loss(cfg.loss)
     data = prepare_data(cfg, tok, spec)
-    autocast = make_autocast(world.device, cfg.trainer.precision)
-    bf16 = autocast_is_bf16(world.device, cfg.trainer.precision)
-    policy = parallel.shard(hf_model.to(world.device), world, bf16, trainable=False)
+    precision = parallel.resolve_precision(world.device, cfg.trainer.precision, "float32")
+    autocast = make_autocast(precision, world.device)
+    policy = parallel.shard(hf_model, world, precision, trainable=False)
     ref = None
     if spec.needs_reference or spec.needs_mismatched:
         if not cfg.ref_model:
@@ -133,7 +133,7 @@ def preference(cfg: DictConfig, hf_model, tok) -> dict[str, float]:
                              "loss (loss=simpo)")  # fmt: skip
         ref_cfg = OmegaConf.merge(cfg.model, {"name_or_path": cfg.ref_model, "source": "hub"})
         ref_hf = load_model(ref_cfg, cfg.cache_dir, tok, cfg.seed)
-        ref = parallel.shard(ref_hf.to(world.device), world, bf16, trainable=False)
+        ref = parallel.shard(ref_hf, world, precision, trainable=False)
     state = spec.state.init(**spec.hparams(cfg.loss)) if spec.state else None
     t = cfg.trainer
     metrics = evaluate(policy, ref, data.eval, data.eval_views, spec, loss_fn,

@@ -7,6 +7,7 @@ from contextlib import AbstractContextManager
 import datasets
 import torch
 
+from prefopt import parallel
 from prefopt.data.collate import Batch
 from prefopt.data.loading import View, group_at
 from prefopt.data.packing import collate_layout
@@ -106,4 +107,5 @@ def evaluate(
         keep = torch.arange(start, start + batch.num_groups, device=out.valid.device) < own
         sums.add(out, batch.num_tokens, keep)
     policy.train(was_training)
+    parallel.reshard(policy)
     return sums.finish()

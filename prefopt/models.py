@@ -14,10 +14,13 @@ import tempfile
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     LlamaConfig,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
@@ -25,6 +28,7 @@ from transformers import (
 
 from prefopt.atomic import publish_dir
 from prefopt.config import ModelConfig
+from prefopt.parallel import is_main
 
 log = logging.getLogger(__name__)
 
@@ -119,11 +123,10 @@ def load_tokenizer(cfg: ModelConfig, cache_dir: str) -> PreTrainedTokenizerBase:
     return tok
 
 
-def load_model(
-    cfg: ModelConfig, cache_dir: str, tokenizer: PreTrainedTokenizerBase, seed: int
-) -> PreTrainedModel:
-    """The policy's starting weights (the reference model is a frozen copy of them)."""
-    dtype = DTYPES[cfg.dtype]
+def model_config(
+    cfg: ModelConfig, cache_dir: str, tokenizer: PreTrainedTokenizerBase
+) -> PretrainedConfig:
+    """The architecture a config names, without any weights (a GGUF file is converted once)."""
     attn = resolve_attn_implementation(cfg.attn_implementation)
     if cfg.source == "tiny":
         t = cfg.tiny
@@ -140,7 +143,67 @@ def load_model(
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         )
-        config._attn_implementation = attn
+    elif cfg.source in ("hub", "gguf"):
+        config = AutoConfig.from_pretrained(
+            _local_or_hub(cfg, cache_dir),
+            revision=cfg.revision,
+            trust_remote_code=cfg.trust_remote_code,
+        )
+    else:
+        raise ValueError(f"model.source must be hub, gguf or tiny, got {cfg.source!r}")
+    config._attn_implementation = attn
+    return config
+
+
+def empty_model(cfg: ModelConfig, config: PretrainedConfig) -> PreTrainedModel:
+    """The model on the meta device: parameters without storage, buffers (RoPE frequencies)
+    real. ``prefopt.parallel.shard`` allocates only this rank's shards; ``load_weights`` fills
+    them. No process ever holds the whole model."""
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(
+            config, trust_remote_code=cfg.trust_remote_code, dtype=DTYPES[cfg.dtype]
+        )
+    # accelerate re-creates each parameter on the meta device, which unties a tied output
+    # layer from the embeddings: tie them again.
+    model.tie_weights()
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def initial_weights(
+    cfg: ModelConfig, cache_dir: str, tokenizer: PreTrainedTokenizerBase, seed: int
+) -> Path | dict[str, torch.Tensor]:
+    """Where the starting weights come from, for ``prefopt.parallel.load_weights``: a local
+    directory of safetensors files (each rank reads its own slices), or, on rank 0 only, a full
+    state dict (the seeded random tiny model; a checkpoint without safetensors)."""
+    if cfg.source == "tiny":
+        if not is_main():
+            return {}
+        return load_model(cfg, cache_dir, tokenizer, seed).state_dict()
+    path = _local_or_hub(cfg, cache_dir)
+    if not os.path.isdir(path):
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(
+            path, revision=cfg.revision, allow_patterns=["*.json", "*.safetensors"]
+        )
+    if any(Path(path).glob("*.safetensors")):
+        return Path(path)
+    log.warning("%s has no safetensors files: rank 0 loads the whole model and broadcasts it", path)
+    if not is_main():
+        return {}
+    return load_model(cfg, cache_dir, tokenizer, seed).state_dict()
+
+
+def load_model(
+    cfg: ModelConfig, cache_dir: str, tokenizer: PreTrainedTokenizerBase, seed: int
+) -> PreTrainedModel:
+    """The whole model in one process (generation, evaluation, tests); training builds it
+    sharded instead (``empty_model`` + ``initial_weights``)."""
+    dtype = DTYPES[cfg.dtype]
+    if cfg.source == "tiny":
+        config = model_config(cfg, cache_dir, tokenizer)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -149,7 +212,7 @@ def load_model(
             _local_or_hub(cfg, cache_dir),
             revision=cfg.revision,
             dtype=dtype,
-            attn_implementation=attn,
+            attn_implementation=resolve_attn_implementation(cfg.attn_implementation),
             trust_remote_code=cfg.trust_remote_code,
         )
     else:

@@ -1,21 +1,18 @@
 """On-policy samples for regularizers that need them (SPO's KL(pi_theta || pi_ref), paper 002).
 
-Samples are drawn from the current policy at temperature 1 with no top-k/top-p (the token-wise
-KL is then an unbiased estimate of the sequence KL, digest-spo section 1.7), one per prompt, for
-prompts of the current training step; they are kept as constants for ``kl_every`` steps.
+Samples are drawn from the current policy at temperature 1 with no top-k/top-p, so the token-wise
+KL summed over a sampled sequence is an unbiased estimate of the sequence KL; one per prompt, for
+prompts of the current training step, kept as constants for ``kl_every`` steps.
 """
 
 from __future__ import annotations
 
-import math
-
-import torch
 from torch import Tensor
 from transformers import PreTrainedModel
 
 from prefopt.data.collate import collate
 from prefopt.data.tokenize import TokenizedGroup
-from prefopt.parallel import StatsModel, all_ranks, unsharded
+from prefopt.parallel import StatsModel, unsharded
 from prefopt.sampling import decoding_config, generate_ids
 
 Sample = tuple[list[int], list[int]]  # (prompt ids, sampled response ids)
@@ -84,7 +81,9 @@ class OnPolicyKL:
                 )
         samples = state.kl_samples
 
-        def regularize() -> float:
+        def regularize() -> Tensor:
+            """Backpropagate kl_weight x KL on every rank, finite or not (the step decides once,
+            from the gradient norm every rank shares); return its detached value."""
             with unsharded(self.ref):  # gathered through the backward, which recomputes chunks
                 kl = self.weight * kl_on_samples(
                     policy,
@@ -94,9 +93,7 @@ class OnPolicyKL:
                     eos_id=self.eos_id,
                     chunk_size=self.chunk_size,
                 )
-                finite = all_ranks(bool(torch.isfinite(kl)))
-                if finite:
-                    kl.backward()
-            return float(kl.detach()) if finite else math.nan
+                kl.backward()
+            return kl.detach()
 
         return regularize

@@ -17,11 +17,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    set_model_state_dict,
+)
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from transformers import PreTrainedModel
@@ -93,24 +99,129 @@ def decoder_blocks(model: PreTrainedModel) -> list[nn.Module]:
     return list(layers)
 
 
-def shard(model: PreTrainedModel, world: World, bf16: bool, trainable: bool = True) -> StatsModel:
-    """``fully_shard`` each decoder block, then the wrapper (root). With ``bf16`` the forward runs
-    in bf16 while master weights stay fp32 and gradients are reduced in fp32."""
+@dataclass(frozen=True)
+class Precision:
+    """The dtypes of a run. ``master``: the policy's sharded parameters, which the optimizer
+    steps, their gradients and (for torch AdamW) the optimizer state; ``compute``: what the
+    forward and backward run in (FSDP2 casts the gathered parameters to it); ``reference``: the
+    frozen reference's sharded parameters (no gradients, no optimizer, no master copy)."""
+
+    compute: torch.dtype
+    master: torch.dtype
+    reference: torch.dtype
+
+    @property
+    def bf16(self) -> bool:
+        return self.compute == torch.bfloat16
+
+
+DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def resolve_precision(device: torch.device, precision: str, master_dtype: str) -> Precision:
+    """``trainer.precision`` (auto: bf16 compute on CUDA, fp32 on CPU) and
+    ``trainer.master_dtype`` (float32; bfloat16 only with a stochastic-rounding optimizer)."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"trainer.precision must be auto, bf16 or fp32, got {precision!r}")
+    if master_dtype not in DTYPE_NAMES:
+        raise ValueError(
+            f"trainer.master_dtype must be one of {sorted(DTYPE_NAMES)}, got {master_dtype!r}"
+        )
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    compute = torch.bfloat16 if bf16 else torch.float32
+    return Precision(compute, DTYPE_NAMES[master_dtype], compute)
+
+
+def shard(
+    model: PreTrainedModel, world: World, precision: Precision, trainable: bool = True
+) -> StatsModel:
+    """``fully_shard`` each decoder block, then the wrapper (root), and allocate the shards.
+
+    ``model`` may live on the meta device (``prefopt.models.empty_model``): then only this rank's
+    shards are ever allocated, on ``world.device``, and ``load_weights`` fills them. The trainable
+    policy is sharded in ``precision.master`` (fp32 master weights whatever the dtype on disk),
+    gathered in ``precision.compute`` for the forward and its gradients reduced in fp32; the
+    frozen reference is held in ``precision.reference``.
+    """
+    dtype = precision.master if trainable else precision.reference
+    for p in model.parameters():  # parameters only: RoPE buffers keep their fp32 values
+        p.data = p.data.to(dtype)
+    buffers = {n: b.clone() for n, b in model.named_buffers() if not b.is_meta}
     wrapper = StatsModel(model)
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
-        else MixedPrecisionPolicy()  # fmt: skip
+    mp = MixedPrecisionPolicy(
+        param_dtype=precision.compute if precision.compute != dtype else None,
+        reduce_dtype=torch.float32 if trainable else None,
+    )
     units = decoder_blocks(model)
     for block in units:
         fully_shard(block, mesh=world.mesh, mp_policy=mp, reshard_after_forward=True)
-    fully_shard(wrapper, mesh=world.mesh, mp_policy=mp, reshard_after_forward=trainable)
+    # The trainable root (embeddings, final norm, output layer) keeps FSDP's default: not
+    # resharded after forward, since backward needs it at once. The reference never runs a
+    # backward, so its root is freed after each forward.
+    root_reshard = {} if trainable else {"reshard_after_forward": True}
+    fully_shard(wrapper, mesh=world.mesh, mp_policy=mp, **root_reshard)
     for unit in [*units, wrapper]:
         # Sum gradients over ranks instead of averaging: the loop divides by the number of valid
         # groups of the whole step, over all ranks, in one place.
         unit.set_gradient_divide_factor(1.0)
         unit.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no PREMUL_SUM)
+    if any(p.is_meta for p in wrapper.parameters()):
+        _materialize(wrapper, world.device, buffers)
+    else:
+        wrapper.to(world.device)
     if not trainable:
         wrapper.requires_grad_(False).eval()
     return wrapper
+
+
+def _materialize(wrapper: nn.Module, device: torch.device, buffers: dict[str, Tensor]) -> None:
+    """Allocate the shards of a model built on the meta device (values are set by
+    ``load_weights``); buffers computed at construction (RoPE frequencies) are put back."""
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)  # keeps tied parameters tied
+    try:
+        wrapper.to_empty(device=device)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap)
+    with torch.no_grad():
+        for name, buf in wrapper.model.named_buffers():
+            if name in buffers:
+                buf.copy_(buffers[name])
+
+
+def tied_names(model: nn.Module) -> set[str]:
+    """Names under which an already-named parameter appears again (a tied output layer)."""
+    seen: set[int] = set()
+    tied: set[str] = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            tied.add(name)
+        seen.add(id(param))
+    return tied
+
+
+def load_weights(wrapper: StatsModel, weights: Path | dict[str, Tensor]) -> None:
+    """Fill a sharded model's parameters without materializing the whole model on any rank.
+
+    ``weights`` is a directory of Hugging Face safetensors files: every rank reads only the
+    slices of its own shards (``torch.distributed.checkpoint``'s Hugging Face reader), and values
+    are converted from the dtype on disk to the shards' dtype. Or a full state dict held by rank
+    0 (the random tiny model, a ``.bin`` checkpoint): broadcast shard by shard.
+    """
+    model = wrapper.model
+    if isinstance(weights, dict):
+        set_model_state_dict(
+            model,
+            dict(weights) if is_main() else {},  # the call replaces values in the dict it gets
+            options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True),
+        )
+        return
+    skip = tied_names(model)
+    targets = {k: v for k, v in model.state_dict().items() if k not in skip}
+    try:
+        dcp.load(targets, storage_reader=dcp.HuggingFaceStorageReader(str(weights)))
+    except Exception as e:  # DCP wraps per-rank failures; name the directory and the cause
+        raise RuntimeError(f"loading weights from {weights} failed: {e}") from e
 
 
 @contextmanager
@@ -126,6 +237,13 @@ def unsharded(module: nn.Module) -> Iterator[None]:
         yield
 
 
+def reshard(module: nn.Module) -> None:
+    """Free the gathered parameters a forward without backward left behind (the trainable root
+    is not resharded after forward), so optimizer and checkpoints see the sharded ones again."""
+    if isinstance(module, FSDPModule):
+        module.reshard()
+
+
 def set_gradient_sync(module: nn.Module, sync: bool) -> None:
     """Skip the reduce-scatter on all but the last micro-batch of a step."""
     if isinstance(module, FSDPModule):
@@ -139,13 +257,13 @@ def full_state_dict(module: nn.Module) -> dict[str, Tensor]:
     )
     # Gathered tied weights (embeddings = output layer) come back as separate copies; keep one
     # name per parameter so the export matches what save_pretrained writes for the plain model.
-    seen: set[int] = set()
-    tied: set[str] = set()
-    for name, param in module.named_parameters(remove_duplicate=False):
-        if id(param) in seen:
-            tied.add(name)
-        seen.add(id(param))
+    tied = tied_names(module)
     return {k.removeprefix("model."): v for k, v in sd.items() if k not in tied}
+
+
+def size() -> int:
+    """The number of ranks (1 without a process group)."""
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def is_main() -> bool:
@@ -163,24 +281,23 @@ def all_reduce_sum(t: Tensor) -> Tensor:
     return t
 
 
-def all_ranks(flag: bool) -> bool:
-    """True when ``flag`` holds on every rank: ranks must agree before a sharded backward, or the
-    ones that run it wait forever for the ones that skipped it."""
-    return all_reduce_mean(float(flag)) == 1.0
-
-
-def all_reduce_mean(value: float) -> float:
-    """The mean of a per-rank scalar over ranks."""
-    t = all_reduce_sum(torch.tensor([value], dtype=torch.float64))
-    return float(t) / (dist.get_world_size() if dist.is_initialized() else 1)
-
-
 def all_gather_objects(obj: object) -> list:
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return [obj]
     out: list = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+@contextmanager
+def main_first() -> Iterator[None]:
+    """Rank 0 runs the block first (converting, downloading, tokenizing into a shared cache);
+    the other ranks wait for it, then run it themselves and find the cache filled."""
+    if not is_main():
+        barrier()
+    yield
+    if is_main():
+        barrier()
 
 
 def barrier() -> None:

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from prefopt.atomic import publish_dir
 from prefopt.data.loading import make_views
 from prefopt.evaluation import batches, rank_slice
-from prefopt.parallel import StatsModel, all_gather_objects, barrier, is_main
+from prefopt.parallel import StatsModel, all_gather_objects, barrier, is_main, reshard
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,7 @@ def precompute_reference(
                 mine[order[start + b]] = (stats.logps[b, :k].float().tolist(),
                                           stats.eos_logps[b, :k].float().tolist())  # fmt: skip
     model.train(was_training)
+    reshard(model)
     merged = {row: v for part in all_gather_objects(mine) for row, v in part.items()}
     out = data.add_column("ref_logps", [merged[i][0] for i in range(len(data))])
     out = out.add_column("ref_eos_logps", [merged[i][1] for i in range(len(data))])

@@ -17,7 +17,7 @@ from hydra import compose, initialize_config_dir
 
 from prefopt.losses import LOSSES, build_loss
 from prefopt.parallel import StatsModel
-from prefopt.train.loop import run, train_step
+from prefopt.train.loop import StepContext, run, train_step
 
 
 def _cfg(run_dir: Path, data: tuple[Path, Path], *overrides: str):
@@ -107,8 +107,8 @@ def _step_grads(tmp_path, tiny_data, micro: int) -> list[torch.Tensor]:
     mbs = batches(data.train, data.train_views, [0, 1, 2, 3], micro, tok.pad_token_id, "cpu")
     import contextlib
 
-    train_step(StatsModel(model), None, list(mbs), spec, loss_fn, cfg.trainer,
-               contextlib.nullcontext())  # fmt: skip
+    ctx = StepContext(spec, loss_fn, contextlib.nullcontext(), 1024, cfg.trainer.max_grad_norm)
+    train_step(StatsModel(model), None, list(mbs), ctx)
     return [p.grad.clone() for p in model.parameters()]
 
 
@@ -150,10 +150,10 @@ def test_non_finite_loss_never_reaches_the_optimizer(tmp_path, tiny_data):
     mbs = batches(data.train, data.train_views, [0, 1], 2, tok.pad_token_id, "cpu")
     import contextlib
 
-    result = train_step(StatsModel(model), None, list(mbs), spec, nan_loss, cfg.trainer,
-                        contextlib.nullcontext())  # fmt: skip
-    assert math.isnan(result.grad_norm)  # the loop skips optimizer.step() on a NaN norm
-    assert all(p.grad is None for p in model.parameters())  # backward never ran on the NaN
+    ctx = StepContext(spec, nan_loss, contextlib.nullcontext(), 1024, cfg.trainer.max_grad_norm)
+    result = train_step(StatsModel(model), None, list(mbs), ctx)
+    assert not result.applied  # the loop skips optimizer.step()
+    assert math.isnan(result.metrics["loss"])
 
 
 def test_all_steps_non_finite_stops_with_clear_error(tmp_path, tiny_data, monkeypatch):

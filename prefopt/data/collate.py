@@ -28,6 +28,7 @@ class Batch(NamedTuple):
     ref_eos_logps: Tensor | None = None  # (B, K)
     # KTO's KL baseline: prompt b with the first response of group (b + 1) % B, as (B, 1) rows.
     mismatched: Batch | None = None
+    sequence_tokens: int = 0  # prompt + response tokens of every row, counted at collate time
 
     @property
     def num_groups(self) -> int:
@@ -35,8 +36,9 @@ class Batch(NamedTuple):
 
     @property
     def num_tokens(self) -> int:
-        """Sequence tokens: prompt + response of every row (the same count in every layout)."""
-        return int(self.attention_mask.sum())
+        """Sequence tokens: prompt + response of every row (the same count in every layout);
+        a plain int, so reading it never waits for the device."""
+        return self.sequence_tokens
 
     @property
     def forward_tokens(self) -> int:
@@ -44,7 +46,7 @@ class Batch(NamedTuple):
         return self.input_ids.numel()
 
     def to(self, device: torch.device | str) -> Batch:
-        return Batch(*(t if t is None else t.to(device) for t in self))
+        return Batch(*(t.to(device) if isinstance(t, Tensor | Batch) else t for t in self))
 
 
 def collate(
@@ -78,6 +80,7 @@ def collate(
         per_slot(groups, "ref_logps"),
         per_slot(groups, "ref_eos_logps"),
         collate(mismatched_groups(groups), pad_id) if mismatched else None,
+        sum(len(p) + len(r) for *_, p, r in rows),
     )
 
 

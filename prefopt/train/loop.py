@@ -21,6 +21,7 @@ import math
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -81,9 +82,25 @@ def step_micro_batches(
                         world.device, mismatched, t.layout))  # fmt: skip
 
 
+@dataclass(frozen=True)
+class StepContext:
+    """What one optimizer step needs besides the models and its micro-batches."""
+
+    spec: LossSpec
+    loss_fn: LossFn
+    autocast: AbstractContextManager
+    chunk_size: int  # response tokens per log-prob chunk
+    max_grad_norm: float
+    loss_state: LossState | None = None  # running statistics of stateful losses
+    # A per-step term that is not per group (SPO's on-policy KL): it runs its own backward after
+    # the group losses are normalised and returns its detached per-rank value.
+    regularizer: Callable[[], torch.Tensor] | None = None
+
+
 class StepResult(NamedTuple):
-    metrics: dict[str, float]
-    grad_norm: float  # NaN: the step must not be applied
+    metrics: dict[str, float]  # averaged over valid groups and ranks, plus counts and grad_norm
+    applied: bool  # False: the optimizer must not step (non-finite loss or gradient, no group)
+    stop: bool  # some rank was asked to stop (a signal): every rank checkpoints and exits
     stat_sums: dict[str, torch.Tensor]  # reduced LossOutput.stat_updates (stateful losses)
 
 
@@ -91,46 +108,47 @@ def train_step(
     policy: StatsModel,
     ref: StatsModel | None,
     micro_batches: list[Batch | PackedBatch],
-    spec: LossSpec,
-    loss_fn: LossFn,
-    t: DictConfig,
-    autocast: AbstractContextManager,
-    loss_state: LossState | None = None,
-    regularizer: Callable[[], float] | None = None,
+    ctx: StepContext,
+    stop_requested: bool = False,
 ) -> StepResult:
-    """Accumulate gradients over the micro-batches, normalise by the step's valid groups, clip.
+    """Accumulate gradients over the micro-batches, normalise by the step's valid groups, clip,
+    and decide once whether the step may be applied.
 
-    The gradient norm is NaN when the step must not be applied: a non-finite loss or gradient,
-    or no valid group. ``regularizer`` (SPO's on-policy KL) is a per-step term, not per group:
-    it backpropagates itself when finite and returns its value.
+    Every micro-batch runs its backward on every rank, finite or not: the last one (with gradient
+    sync on) flushes the gradients FSDP accumulated unsharded into the sharded ones, so a skipped
+    step leaves nothing behind, and no rank leaves a collective the others are in. The decision
+    (finite loss, finite gradient norm, at least one valid group) and the stop flag come from one
+    reduction all ranks share; the host reads the step's numbers once, at the end.
     """
     sums = MetricSums()
     for i, batch in enumerate(micro_batches):
         # Reduce-scatter gradients once per step; every rank runs the same number of micro-batches.
         parallel.set_gradient_sync(policy, i == len(micro_batches) - 1)
-        with autocast:
-            out = forward_loss(policy, ref, batch, spec, loss_fn, t.logps_chunk_size, loss_state)
-        loss_sum = out.losses[out.valid].sum()
-        if not parallel.all_ranks(bool(torch.isfinite(loss_sum))):  # the loop zeroes the grads
-            return StepResult(sums.finish(), math.nan, {})
-        loss_sum.backward()  # on every rank, even with no valid group here (sharded collectives)
+        with ctx.autocast:
+            out = forward_loss(policy, ref, batch, ctx.spec, ctx.loss_fn, ctx.chunk_size,
+                               ctx.loss_state)  # fmt: skip
+        torch.where(out.valid, out.losses, 0.0).sum().backward()
         sums.add(out, batch.num_tokens)
-    metrics = sums.finish()
-    if metrics["valid_groups"] == 0:
-        return StepResult(metrics, math.nan, {})
-    for p in policy.parameters():  # one normalisation for accumulation and ranks
-        if p.grad is not None:
-            p.grad.div_(metrics["valid_groups"])
-    if regularizer is not None:  # a per-step term (SPO's KL), added after the normalisation
-        with autocast:
-            # backpropagated inside when finite; each rank has its own samples: log their mean
-            metrics["regularizer"] = parallel.all_reduce_mean(regularizer())
-        if not math.isfinite(metrics["regularizer"]):
-            return StepResult(metrics, math.nan, {})
+    totals = sums.reduce({"stop": stop_requested})
+    valid = totals["valid_groups"]
     params = [p for p in policy.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
-    grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-    return StepResult(metrics, grad_norm, sums.stat_sums())
+    for p in params:  # one normalisation for accumulation and ranks, on the local shards
+        grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+        grad.div_(valid.clamp(min=1).to(grad.dtype))
+    extra: dict[str, torch.Tensor] = {}
+    if ctx.regularizer is not None:  # a per-step term (SPO's KL), added after the normalisation
+        with ctx.autocast:
+            value = ctx.regularizer()
+        extra["regularizer"] = parallel.all_reduce_sum(value.double().clone()) / parallel.size()
+    norm = torch.nn.utils.clip_grad_norm_(params, ctx.max_grad_norm)
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    ok = torch.isfinite(totals["loss"]) & torch.isfinite(norm) & (valid > 0)
+    if "regularizer" in extra:
+        ok &= torch.isfinite(extra["regularizer"])
+    metrics = totals.read({**extra, "grad_norm": norm, "applied": ok})
+    stop = metrics.pop("flag/stop") > 0
+    applied = bool(metrics.pop("applied"))
+    return StepResult(metrics, applied, stop, sums.stat_sums() if applied else {})
 
 
 def run(
@@ -146,15 +164,17 @@ def run(
         torch.set_num_threads(t.num_threads)
     run_dir = cfg.run_dir
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    autocast = make_autocast(world.device, t.precision)
+    precision = parallel.resolve_precision(world.device, t.precision, t.master_dtype)
+    autocast = make_autocast(precision, world.device)
 
     # ---- loss, tokenizer, data, models, optimizer ----
     spec, loss_fn = build_loss(cfg.loss)
-    tok = load_tokenizer(cfg.model, cfg.cache_dir)
-    data = prepare_data(cfg, tok, spec)
+    with parallel.main_first():  # rank 0 converts and tokenizes once; the others read the cache
+        tok = load_tokenizer(cfg.model, cfg.cache_dir)
+        data = prepare_data(cfg, tok, spec)
     G = t.global_batch_groups
     max_steps = t.max_steps or math.ceil(t.epochs * len(data.train_views) / G)
-    policy, ref, data = build_models(cfg, spec, tok, data, world, autocast)
+    policy, ref, data = build_models(cfg, spec, tok, data, world, precision, autocast)
     optimizer = build_optimizer(cfg.optimizer, [p for p in policy.parameters() if p.requires_grad])
     hparams = spec.hparams(cfg.loss)
     state = TrainState(loss_state=spec.state.init(**hparams) if spec.state else {},
@@ -196,10 +216,12 @@ def run(
                                            spec.needs_mismatched)  # fmt: skip
         regularizer = kl.prepare(policy, state, [data.train[data.train_views[i][0]]["prompt_ids"]
                                                  for i in order]) if kl else None  # fmt: skip
-        metrics, grad_norm, stat_sums = train_step(
-            policy, ref, micro_batches, spec, loss_fn, t, autocast, state.loss_state, regularizer
+        ctx = StepContext(spec, loss_fn, autocast, t.logps_chunk_size, t.max_grad_norm,
+                          state.loss_state, regularizer)  # fmt: skip
+        metrics, applied, stop_signal, stat_sums = train_step(
+            policy, ref, micro_batches, ctx, preempt.requested
         )
-        if math.isfinite(grad_norm):
+        if applied:
             optimizer.step()
             if spec.state is not None:
                 state.loss_state = spec.state.update(state.loss_state, stat_sums, **hparams)
@@ -221,14 +243,15 @@ def run(
         # ---- log, eval, checkpoint ----
         if state.step % t.log_every == 0 or state.step == max_steps:
             logger.log({**{f"train/{k}": v for k, v in metrics.items()}, "train/lr": lr,
-                        "train/grad_norm": grad_norm, "train/skipped_steps": state.skipped_steps,
+                        "train/skipped_steps": state.skipped_steps,
                         "perf/tokens_per_s": metrics["tokens"] / dt}, step=state.step)  # fmt: skip
         bar.update(1)
         bar.set_postfix(loss=f"{metrics.get('loss', math.nan):.4f}",
                         tok_s=f"{metrics['tokens'] / dt:.0f}")  # fmt: skip
         if t.eval_every and state.step % t.eval_every == 0 and state.step < max_steps:
             best_eval = best_of(best_eval, run_eval())
-        stop = preempt.requested or (t.stop_at_step and state.step >= t.stop_at_step)
+        # A signal seen by any rank stops all of them after the same step (agreed in train_step).
+        stop = stop_signal or (t.stop_at_step and state.step >= t.stop_at_step)
         if (t.save_every and state.step % t.save_every == 0) or stop or state.step == max_steps:
             save_checkpoint(run_dir, policy, optimizer, state, t.keep_last)
         if stop and state.step < max_steps:
