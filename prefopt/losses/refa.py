@@ -111,8 +111,8 @@ def set_contrast(z: Tensor, pos: Tensor, neg: Tensor, valid: Tensor, gamma: floa
 @dataclass
 class REFADynamicConfig(LossConfig):
     name: str = "refa_dynamic"
-    beta: float = 2.5  # inverse temperature on l_bar + alpha*dS (section 7 range: 2.0-4.0)
-    gamma: float = 1.0  # weight of the negative set (section 7 range: 0.7-1.4)
+    beta: float = 2.5  # inverse temperature on l_bar + alpha*dS (paper's Sec. 7 range: 2.0-4.0)
+    gamma: float = 1.0  # weight of the negative set (paper's Sec. 7 range: 0.7-1.4)
     alpha: float = 0.5  # deviation-weight scale, Eq. 8 (no value reported in the paper)
     p: float = 2.0  # deviation power (App. C.4); p = 2 is the headline method
     deviation: str = "signed"  # signed (r - r_bar)^p as printed | abs |r - r_bar|^p (SWEPO)
@@ -167,8 +167,8 @@ def _weighted_contrast(
 @dataclass
 class REFA1vsAllConfig(LossConfig):
     name: str = "refa_1vsall"
-    beta: float = 3.0  # inverse temperature on l_bar + alpha*dS (section 7 range 2.0-4.0, midpoint)
-    gamma: float = 1.05  # weight of the negative set (section 7 range 0.7-1.4, midpoint)
+    beta: float = 3.0  # inverse temperature on l_bar + alpha*dS (Sec. 7 range 2.0-4.0, midpoint)
+    gamma: float = 1.05  # weight of the negative set (paper's Sec. 7 range 0.7-1.4, midpoint)
     alpha: float = 0.5  # deviation-weight scale, Eq. 8 (no value reported in the paper)
     p: float = 2.0  # deviation power (App. C.4); only p = 2 is reported for 1-vs-all (Table 3)
     deviation: str = "signed"  # signed (r - r_bar)^p as printed | abs |r - r_bar|^p (SWEPO)
@@ -261,7 +261,7 @@ def _target(scores: Tensor, support: Tensor, valid: Tensor, target_alpha: float)
 @dataclass
 class REFAInfoNCAConfig(LossConfig):
     name: str = "refa_infonca"
-    beta: float = 2.25  # inverse temperature on l_bar (section 7 range 2.0-2.5, midpoint)
+    beta: float = 2.25  # inverse temperature on l_bar (paper's Sec. 7 range 2.0-2.5, midpoint)
     target_alpha: float = 1.0  # p^target = softmax(target_alpha * r), Eq. 14 (none reported)
     lam: float = 0.0  # EOS regularizer weight, Eq. 33; the paper does not say R is added
     length_normalize: bool = True  # l_bar (Eq. 3) in the model softmax; False: summed logps
