@@ -1,5 +1,5 @@
 # Run: .venv/bin/pytest tests/test_losses.py -q
-"""Tests for prefopt.losses: DPO, SimPO, REFA-dynamic (digest-refa.md U1-U11) and the registry.
+"""Tests for prefopt.losses: DPO, SimPO, REFA-dynamic (the paper's identities) and the registry.
 
 Every expected value is computed independently of the loss code: by hand from explicit numbers,
 or with python-float loops over responses (never the softplus / logsumexp form of the losses).
@@ -7,10 +7,14 @@ or with python-float loops over responses (never the softplus / logsumexp form o
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
+from pathlib import Path
 
 import pytest
 import torch
+from loss_helpers import F64, TOL, assert_detached_metrics, neg_log_sigmoid, random_stats, stats, t
 from omegaconf import OmegaConf
 from torch.testing import assert_close
 
@@ -18,53 +22,6 @@ from prefopt.losses import LOSSES, build_loss, get_spec
 from prefopt.losses.pairwise import dpo_loss, simpo_loss
 from prefopt.losses.refa import eos_regularizer, refa_dynamic_loss, score_deviation
 from prefopt.types import GroupStats, LossOutput
-
-F64 = torch.float64
-TOL = {"rtol": 1e-10, "atol": 1e-12}  # float64 comparisons of two computations of one quantity
-
-
-def t(x, dtype=F64) -> torch.Tensor:
-    return torch.tensor(x, dtype=dtype)
-
-
-def stats(
-    logps,
-    lengths=None,
-    eos_logps=None,
-    has_eos=None,
-    mask=None,
-    *,
-    grad: bool = False,
-) -> GroupStats:
-    """GroupStats from lists or tensors; default lengths 1, eos_logps -2, has_eos and mask True."""
-    logps = torch.as_tensor(logps, dtype=F64).clone()
-    shape = logps.shape
-    lengths = (
-        torch.ones(shape, dtype=F64) if lengths is None else torch.as_tensor(lengths, dtype=F64)
-    )
-    if eos_logps is None:
-        eos_logps = torch.full(shape, -2.0, dtype=F64)
-    eos_logps = torch.as_tensor(eos_logps, dtype=F64).clone()
-    has_eos = torch.ones(shape, dtype=torch.bool) if has_eos is None else torch.as_tensor(has_eos)
-    mask = torch.ones(shape, dtype=torch.bool) if mask is None else torch.as_tensor(mask)
-    if grad:
-        logps.requires_grad_(True)
-        eos_logps.requires_grad_(True)
-    return GroupStats(logps, lengths.clone(), eos_logps, has_eos.bool(), mask.bool())
-
-
-def random_stats(
-    B: int, K: int, seed: int, *, grad: bool = False
-) -> tuple[GroupStats, torch.Tensor]:
-    """Random (B, K) stats with integer scores 0..10 (so ties with the mean are exact)."""
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(2, 20, (B, K), generator=g).to(F64)
-    avg = -0.3 - 2.5 * torch.rand(B, K, generator=g, dtype=F64)
-    eos = -0.05 - 4.0 * torch.rand(B, K, generator=g, dtype=F64)
-    has_eos = torch.rand(B, K, generator=g) > 0.25
-    scores = torch.randint(0, 11, (B, K), generator=g).to(F64)
-    return stats(avg * lengths, lengths, eos, has_eos, grad=grad), scores
-
 
 REFA_DEFAULTS = dict(
     beta=2.5, gamma=1.0, alpha=0.5, p=2.0, deviation="signed", lam=0.0, length_normalize=True
@@ -102,18 +59,6 @@ def refa_direct(policy: GroupStats, scores: torch.Tensor, **overrides) -> list[f
                 reg += hp["lam"] * math.exp(eos[b][k])
         out.append(-math.log(a_sum / (a_sum + hp["gamma"] * b_sum)) + reg)
     return out
-
-
-def neg_log_sigmoid(x: float) -> float:
-    return math.log(1.0 + math.exp(-x))
-
-
-def assert_detached_metrics(out: LossOutput, B: int) -> None:
-    assert out.metrics
-    for key, value in out.metrics.items():
-        assert not value.requires_grad, key
-        assert value.grad_fn is None, key
-        assert value.shape == (B,), key
 
 
 # ----------------------------------------------------------------------------------------------
@@ -279,7 +224,7 @@ def test_refa_positive_count_metric():
     assert out.metrics["refa/positives"][:3].tolist() == [2.0, 1.0, 1.0]
 
 
-def test_u1_simpo_limit():
+def test_refa_simpo_limit():
     policy, _ = random_stats(6, 2, seed=20)
     scores = t([[7.0, 2.0], [5.0, 4.0], [1.0, 0.0], [10.0, 3.0], [6.0, 5.5], [3.0, 1.0]])
     beta = 2.5
@@ -302,7 +247,7 @@ def test_u1_simpo_limit():
 
 
 @pytest.mark.parametrize("gamma", [0.7, 1.0, 1.4])
-def test_u2_pairwise_p1(gamma):
+def test_refa_pairwise_p1(gamma):
     policy, _ = random_stats(5, 2, seed=21)
     scores = t([[7.0, 2.0], [5.0, 4.0], [0.0, 9.0], [10.0, 3.0], [6.0, 5.5]])
     beta, alpha = 2.0, 0.4
@@ -317,7 +262,7 @@ def test_u2_pairwise_p1(gamma):
 
 
 @pytest.mark.parametrize("gamma", [0.7, 1.0, 1.4])
-def test_u3_pairwise_p2_weights_cancel(gamma):
+def test_refa_pairwise_p2_weights_cancel(gamma):
     policy, _ = random_stats(5, 2, seed=22)
     scores = t([[7.0, 2.0], [5.0, 4.0], [9.0, 0.0], [10.0, 3.0], [6.0, 5.5]])
     beta = 2.0
@@ -330,7 +275,7 @@ def test_u3_pairwise_p2_weights_cancel(gamma):
     assert_close(out.losses, simpo.losses, **TOL)
 
 
-def test_u5_nonnegative_and_vanishes_without_negative_mass():
+def test_refa_nonnegative_and_vanishes_without_negative_mass():
     policy, scores = refa_batch(seed=23)
     out = refa(policy, scores, lam=0.0, gamma=1.3)
     assert (out.losses >= 0).all()
@@ -348,7 +293,7 @@ def test_u5_nonnegative_and_vanishes_without_negative_mass():
     assert far.losses.max() < 1e-12
 
 
-def test_u6_gamma_zero():
+def test_refa_gamma_zero():
     policy, scores = refa_batch(seed=24)
     policy = stats(*policy, grad=True)
     out = refa(policy, scores, gamma=0.0, lam=0.2)
@@ -360,7 +305,7 @@ def test_u6_gamma_zero():
     assert_close(policy.logps.grad, torch.zeros(8, 4, dtype=F64), rtol=0, atol=0)
 
 
-def test_u7_all_equal_scores_invalid_with_finite_gradients():
+def test_refa_all_equal_scores_invalid_with_finite_gradients():
     policy, scores = refa_batch(seed=25)
     scores[0] = t([4.0, 4.0, 4.0, 4.0])
     scores[1, :3] = t([2.5, 2.5, 2.5])  # padded slot 3 holds 100
@@ -402,7 +347,7 @@ def test_padding_with_neg_inf_stays_finite():
 
 
 @pytest.mark.parametrize(("p", "deviation"), [(1.0, "signed"), (1.0, "abs"), (2.0, "signed")])
-def test_u8_shift_invariance(p, deviation):
+def test_refa_shift_invariance(p, deviation):
     policy, scores = refa_batch(seed=27)
     hp = dict(p=p, deviation=deviation, lam=0.1, gamma=0.9)
     base = refa(policy, scores, **hp)
@@ -420,7 +365,7 @@ def test_u8_shift_invariance(p, deviation):
 
 
 @pytest.mark.parametrize("p", [1.0, 2.0])
-def test_u8_reward_scaling_rescales_alpha(p):
+def test_refa_reward_scaling_rescales_alpha(p):
     policy, scores = refa_batch(seed=28)
     a = 3.0
     scaled = refa(policy, scores * a, p=p, alpha=0.2)
@@ -428,7 +373,7 @@ def test_u8_reward_scaling_rescales_alpha(p):
     assert_close(scaled.losses, rescaled.losses, **TOL)
 
 
-def test_u9_gradient_formula():
+def test_refa_gradient_formula():
     policy, scores = refa_batch(seed=29)
     unit = stats(policy.avg_logps, None, policy.eos_logps, policy.has_eos, policy.mask, grad=True)
     beta, gamma, alpha, p = 2.0, 1.2, 0.4, 2.0
@@ -458,7 +403,7 @@ def test_u9_gradient_formula():
     assert (grad[~unit.mask] == 0).all()
 
 
-def test_u10_deviation_readings():
+def test_refa_deviation_readings():
     policy, scores = refa_batch(seed=30)
     signed = refa(policy, scores, p=2.0, deviation="signed")
     absolute = refa(policy, scores, p=2.0, deviation="abs")
@@ -477,7 +422,7 @@ def test_u10_deviation_readings():
     )
     with pytest.raises(ValueError, match="deviation"):
         score_deviation(r, torch.ones(1, 4, dtype=torch.bool), 1.0, "squared")
-    # K = 2 and p = 1 with |.|: both deviations equal |dr| / 2, the weights cancel as in U3.
+    # K = 2 and p = 1 with |.|: both deviations equal |dr| / 2, the weights cancel (as for p = 2).
     pair, _ = random_stats(4, 2, seed=31)
     pr = t([[7.0, 2.0], [0.0, 9.0], [5.0, 4.0], [6.0, 1.0]])
     out = refa(pair, pr, p=1.0, deviation="abs", alpha=0.7, gamma=1.2, beta=2.0)
@@ -488,7 +433,7 @@ def test_u10_deviation_readings():
     assert_close(out.losses, t(expected), **TOL)
 
 
-def test_u11_eos_regularizer():
+def test_refa_eos_regularizer():
     eos = [[-0.1, -2.0, -5.0, -0.5], [-1.0, -0.2, -3.0, -0.7]]
     has_eos = [[True, True, False, True], [True, True, True, True]]
     mask = [[True, True, True, True], [True, True, True, False]]
@@ -508,7 +453,7 @@ def test_u11_eos_regularizer():
     assert_close(policy.eos_logps.grad, expected_grad, **TOL)
 
 
-def test_u11_regularizer_in_loss_independent_of_rewards():
+def test_refa_regularizer_in_loss_independent_of_rewards():
     policy, scores = refa_batch(seed=32)
     other = scores.clone()
     other[:3] = t([[1.0, 2.0, 9.0, 0.0], [9.0, 0.0, 4.0, 100.0], [3.0, 3.0, 0.0, 8.0]])
@@ -534,7 +479,9 @@ def test_u11_regularizer_in_loss_independent_of_rewards():
         (2.0, [-1.994, -0.005, 0.0, 1.999], 1e-3),
     ],
 )
-def test_digest_numeric_example(p, expected, atol):
+def test_refa_gradient_worked_example(p, expected, atol):
+    """dL/dl for r = (9, 8, 4, 1), equal log-probs, beta 2, alpha 0.5, gamma 1: under p = 1 the
+    worst response (r = 1) is pushed down 20 times less than r = 4 (the literal (r - r_bar)^p)."""
     group = stats([[-1.0, -1.0, -1.0, -1.0]], grad=True)
     out = refa(group, t([[9.0, 8.0, 4.0, 1.0]]), beta=2.0, alpha=0.5, gamma=1.0, lam=0.0, p=p)
     out.losses.sum().backward()
@@ -612,24 +559,32 @@ def capability_inputs(spec, cfg, B: int) -> dict:
     return extra
 
 
+CONF_LOSS = Path(__file__).resolve().parents[1] / "conf" / "loss"
+CAPABILITY_INPUTS = {"state", "mismatched_log_ratio"}  # passed by the loop, never from the config
+SPO_LOOP_FIELDS = {"kl_weight", "kl_every", "kl_num_samples", "kl_max_new_tokens"}
+
+
 @pytest.mark.parametrize("name", sorted(LOSSES))
-def test_registry_config_and_build(name):
+def test_registry_yaml_dataclass_and_signature_agree(name):
+    """conf/loss/<name>.yaml repeats its dataclass's defaults, and build_loss binds exactly the
+    function's keyword-only hyperparameters with those values; the other fields are read by the
+    loop (``name``; SPO's ``kl_*``), and capability inputs match the registered capabilities."""
     spec = get_spec(name)
-    assert spec.name == name
-    cfg = spec.config_cls()
-    assert cfg.name == name
-    built_spec, fn = build_loss(OmegaConf.structured(spec.config_cls()))
-    assert built_spec is spec and callable(fn)
-    policy, _ = random_stats(3, spec.k or 3, seed=50)
-    scores = torch.arange(spec.k or 3, 0, -1, dtype=F64).expand(3, -1)
-    ref = random_stats(3, spec.k or 3, seed=51)[0] if spec.needs_reference else None
-    extra = capability_inputs(spec, cfg, 3)
-    hparams = {k: v for k, v in vars(cfg).items() if k != "name" and k in spec.hparams(cfg)}
-    assert_close(
-        fn(policy, ref, scores, **extra).losses,
-        spec.fn(policy, ref, scores, **hparams, **extra).losses,
-        **TOL,
-    )
+    defaults = {f.name: f.default for f in dataclasses.fields(spec.config_cls)}
+    yaml = OmegaConf.to_container(OmegaConf.load(CONF_LOSS / f"{name}.yaml"))
+    assert yaml.pop("defaults") == [f"_schema_{name}"]
+    assert yaml == defaults and defaults["name"] == name
+    params = inspect.signature(spec.fn).parameters
+    assert list(params)[:3] == ["policy", "ref", "scores"]
+    keyword_only = {n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    hparams = keyword_only - CAPABILITY_INPUTS
+    built, fn = build_loss(OmegaConf.structured(spec.config_cls))
+    assert built is spec and fn.func is spec.fn and fn.args == ()
+    assert fn.keywords == {k: defaults[k] for k in hparams}
+    loop_read = SPO_LOOP_FIELDS if spec.on_policy_kl else set()
+    assert set(defaults) - hparams == {"name"} | loop_read
+    assert ("state" in keyword_only) == (spec.state is not None)
+    assert ("mismatched_log_ratio" in keyword_only) == spec.needs_mismatched
 
 
 @pytest.mark.parametrize("name", sorted(LOSSES))

@@ -1,5 +1,5 @@
 # Run: .venv/bin/pytest tests/test_losses_alpha_lmpo.py -q
-"""alpha-DPO (digest-alpha-dpo.md I1-I6, I10) and LMPO (digest-lmpo.md T1-T3, T6-T15, T17).
+"""alpha-DPO and LMPO: hand-computed values and their papers' identities.
 
 Expected values are computed independently of the loss code: python-float loops over pairs
 (``statistics`` for the z-score moments, the literal Eq. 10 / Eq. 12 forms), or the registered
@@ -14,6 +14,7 @@ import statistics
 
 import pytest
 import torch
+from loss_helpers import F64, TOL, assert_detached_metrics, neg_log_sigmoid, stats, t
 from test_train import _cfg, _weights
 from torch.testing import assert_close
 
@@ -23,21 +24,7 @@ from prefopt.losses.lmpo import length_normalized_prob, lmpo_loss, lmpo_margin
 from prefopt.losses.pairwise import simpo_loss
 from prefopt.losses.running import batch_sums, init_state, update_state, zscore
 from prefopt.train.loop import run
-from prefopt.types import GroupStats, LossOutput
-
-F64 = torch.float64
-TOL = {"rtol": 1e-10, "atol": 1e-12}
-
-
-def t(x) -> torch.Tensor:
-    return torch.tensor(x, dtype=F64)
-
-
-def stats(logps, lengths, *, grad: bool = False) -> GroupStats:
-    logps = t(logps).requires_grad_(grad)
-    shape = logps.shape
-    ones = torch.ones(shape, dtype=torch.bool)
-    return GroupStats(logps, t(lengths), torch.full(shape, -2.0, dtype=F64), ones, ones)
+from prefopt.types import LossOutput
 
 
 def state(mean: float, std: float, initialized: bool = True) -> dict[str, torch.Tensor]:
@@ -52,10 +39,6 @@ REF = [[-11.0, -11.0], [-19.0, -17.0], [-6.0, -4.0], [-7.5, -12.0]]
 LENGTHS = [[4.0, 6.0], [5.0, 3.0], [2.0, 2.0], [7.0, 9.0]]
 SCORES = [[2.0, 1.0], [3.0, 1.0], [1.0, 1.0], [0.9, 0.1]]
 VALID = [True, True, False, True]
-
-
-def neg_log_sigmoid(x: float) -> float:
-    return math.log1p(math.exp(-x))
 
 
 def moments_direct(values: list[float]) -> tuple[float, float]:
@@ -73,13 +56,6 @@ def zscore_params(values, st, zscore_stats, decay) -> tuple[float, float]:
     if zscore_stats == "running":
         return mean, std
     return decay * mean + (1 - decay) * bm, decay * std + (1 - decay) * bs
-
-
-def check_detached_metrics(out: LossOutput, B: int) -> None:
-    for key, value in out.metrics.items():
-        assert value.grad_fn is None and value.shape == (B,), key
-    for key, value in out.stat_updates.items():
-        assert value.grad_fn is None and value.dtype == F64 and value.shape == (), key
 
 
 # ----------------------------------------------------------------------------------------------
@@ -131,7 +107,7 @@ def test_alpha_dpo_hand_value_code_convention():
     assert_close(out.metrics["alpha_dpo/m"], t(ms), **TOL)
     valid_star = [x if v else 0.0 for x, v in zip(m_star, VALID, strict=True)]
     assert_close(out.metrics["alpha_dpo/m_star"], t(valid_star), **TOL)
-    check_detached_metrics(out, 4)
+    assert_detached_metrics(out, 4)
 
 
 @pytest.mark.parametrize("convention", ["code", "paper"])
@@ -160,7 +136,7 @@ def test_alpha_dpo_stat_updates_are_sums_over_valid_pairs():
 
 
 def test_alpha_dpo_uninitialised_state_normalises_with_the_batch():
-    """I4: before the first update, M* has mean 0 and (unbiased) std 1 over the valid pairs."""
+    """Before the first update, M* has mean 0 and (unbiased) std 1 over the valid pairs."""
     out = alpha(stats(POLICY, LENGTHS), stats(REF, LENGTHS), t(SCORES), UNINIT, eps=0.0)
     m_star = out.metrics["alpha_dpo/m_star"][out.valid]
     assert_close(m_star.mean(), t(0.0), **TOL)
@@ -187,7 +163,7 @@ def test_alpha_dpo_zscore_uses_the_state_passed_in():
 @pytest.mark.parametrize("convention", ["code", "paper"])
 @pytest.mark.parametrize("st", [state(0.2, 0.7), UNINIT])
 def test_alpha_dpo_with_alpha_zero_is_simpo(convention, st):
-    """I1: alpha = 0 gives SimPO(beta, gamma), value and gradient."""
+    """alpha = 0 gives SimPO(beta, gamma), value and gradient."""
     pa, pb = stats(POLICY, LENGTHS, grad=True), stats(POLICY, LENGTHS, grad=True)
     out = alpha(pa, stats(REF, LENGTHS), t(SCORES), st, alpha=0.0, convention=convention)
     ref_out = simpo_loss(pb, None, t(SCORES), beta=2.5, gamma=1.5, label_smoothing=0.0)
@@ -198,7 +174,7 @@ def test_alpha_dpo_with_alpha_zero_is_simpo(convention, st):
 
 
 def test_alpha_dpo_margin_is_detached_and_gives_simpo_per_pair():
-    """I2-I3: no gradient reaches the reference; the gradient is SimPO's with gamma_i fixed."""
+    """No gradient reaches the reference; the gradient is SimPO's with gamma_i fixed."""
     policy, ref = stats(POLICY, LENGTHS, grad=True), stats(REF, LENGTHS, grad=True)
     out = alpha(policy, ref, t(SCORES), state(0.1, 0.5), alpha=0.5)
     (g_ref,) = torch.autograd.grad(out.losses.sum(), ref.logps, allow_unused=True,
@@ -216,7 +192,7 @@ def test_alpha_dpo_margin_is_detached_and_gives_simpo_per_pair():
 
 
 def test_alpha_dpo_policy_equal_to_reference_is_simpo_without_nan():
-    """I6: pi_theta = pi_ref gives M = 0, M* = 0 (eps-guarded), the SimPO loss, finite grads."""
+    """pi_theta = pi_ref gives M = 0, M* = 0 (eps-guarded), the SimPO loss, finite grads."""
     policy = stats(POLICY, LENGTHS, grad=True)
     out = alpha(policy, stats(POLICY, LENGTHS), t(SCORES), UNINIT)
     assert torch.count_nonzero(out.metrics["alpha_dpo/m_star"]) == 0
@@ -228,7 +204,7 @@ def test_alpha_dpo_policy_equal_to_reference_is_simpo_without_nan():
 
 
 def test_alpha_dpo_margin_antisymmetry():
-    """I5: swapping chosen and rejected flips M."""
+    """Swapping chosen and rejected flips M."""
     swap = [[r[1], r[0]] for r in POLICY], [[r[1], r[0]] for r in REF]
     lengths = [[r[1], r[0]] for r in LENGTHS]
     for convention in ("code", "paper"):
@@ -238,7 +214,8 @@ def test_alpha_dpo_margin_antisymmetry():
 
 
 def test_alpha_dpo_convention_bridge_with_equal_lengths():
-    """I10 (and I4): with equal lengths, code(alpha_c) == paper(alpha = beta * alpha_c)."""
+    """Convention bridge (z-scores ignore scale): with equal lengths, code(alpha_c) equals
+    paper(alpha = beta * alpha_c)."""
     lengths = [[6.0, 6.0]] * 4
     policy, ref, scores = stats(POLICY, lengths), stats(REF, lengths), t(SCORES)
     code = alpha(policy, ref, scores, UNINIT, convention="code", alpha=0.2, eps=0.0)
@@ -293,7 +270,7 @@ def test_state_update_two_steps_by_hand():
 
 
 def test_state_zero_init_is_the_code_ema():
-    """T12: zero-initialised EMA of a constant batch mean mu gives (1 - decay^t) * mu."""
+    """Zero-initialised EMA of a constant batch mean mu gives (1 - decay^t) * mu."""
     s = init_state("zero")
     x = t([2.0, 4.0])  # mean 3, stdev sqrt(2)
     for step in range(1, 4):
@@ -315,7 +292,7 @@ def test_state_update_is_pure():
 
 @pytest.mark.parametrize("zscore_stats", ["running", "running_and_batch"])
 def test_zscore_gradient_flows_through_x_only(zscore_stats):
-    """T11 / Eq. 24-25: the statistics carry no gradient, so d z / d x = 1 / (std + eps)."""
+    """Eqs. 24-25: the statistics carry no gradient, so d z / d x = 1 / (std + eps)."""
     x = t([0.3, 0.5, 0.9, 0.1]).requires_grad_(True)
     valid = torch.tensor([True, True, True, False])
     st = state(0.4, 0.2)
@@ -326,7 +303,7 @@ def test_zscore_gradient_flows_through_x_only(zscore_stats):
 
 
 def test_zscore_batch_statistics_are_affine_invariant():
-    """T11: with batch statistics, z(a * x + c) = z(x) for a > 0, mean 0 and std 1."""
+    """With batch statistics, z(a * x + c) = z(x) for a > 0, mean 0 and std 1."""
     x = t([0.3, 0.5, 0.9, 0.2])
     valid = torch.ones(4, dtype=torch.bool)
     kw = dict(decay=0.9, eps=0.0, zscore_stats="running")
@@ -369,7 +346,8 @@ def lmpo_direct(st, policy=POLICY, lengths=LENGTHS, scores=SCORES, **overrides):
     return losses, ms, m_bar
 
 
-# Log-probs near 0 so that p is far from 0 and the power-5 term matters (digest 1.6.3, T9).
+# Log-probs near 0 so that p is far from 0 and the power-5 term matters (for typical log-probs
+# it is about 1e-5).
 NEAR = [[-0.4, -3.0], [-1.0, -0.8], [-0.5, -0.5], [-0.2, -4.0]]
 
 
@@ -388,7 +366,7 @@ def test_lmpo_hand_value():
         assert_close(out.losses, t(expected), **TOL)
         assert_close(out.metrics["lmpo/margin"], t(ms), **TOL)
         assert_close(out.metrics["lmpo/m_bar"][out.valid], t(m_bar)[out.valid], **TOL)
-        check_detached_metrics(out, 4)
+        assert_detached_metrics(out, 4)
     vals = [m for m, v in zip(ms, VALID, strict=True) if v]
     assert_close(out.stat_updates["sum"], t(sum(vals)), **TOL)
     assert_close(out.stat_updates["sq_sum"], t(sum(m * m for m in vals)), **TOL)
@@ -415,7 +393,7 @@ def test_lmpo_matches_direct_computation(overrides, initialized):
 @pytest.mark.parametrize(("beta", "log_h"), [(2.0, 1.6), (2.5, 0.25), (2.0, 1.0), (2.5, 1.4),
                                              (2.0, 0.0)])  # fmt: skip
 def test_lmpo_lambda_zero_is_simpo_with_gamma_log_h(beta, log_h):
-    """T2-T3: LMPO(beta, h, lam = 0) == SimPO(beta, gamma = log h), value and gradient."""
+    """LMPO(beta, h, lam = 0) == SimPO(beta, gamma = log h), value and gradient."""
     pa, pb = stats(POLICY, LENGTHS, grad=True), stats(POLICY, LENGTHS, grad=True)
     out = lmpo(pa, t(SCORES), state(0.3, 0.1), beta=beta, log_h=log_h, lam=0.0)
     ref = simpo_loss(pb, None, t(SCORES), beta=beta, gamma=log_h, label_smoothing=0.0)
@@ -426,7 +404,7 @@ def test_lmpo_lambda_zero_is_simpo_with_gamma_log_h(beta, log_h):
 
 
 def test_lmpo_loss_at_d_equal_log_h_is_log_2_and_gradient():
-    """T6-T7: loss(d = log h) = log 2; d L / d logps_w = (sigmoid(d - log h) - 1) beta / |y_w|."""
+    """Loss(d = log h) = log 2; d L / d logps_w = (sigmoid(d - log h) - 1) beta / |y_w|."""
     policy = stats([[-2.0, (-2.0 - 1.4 / 2.5) * 3]], [[1.0, 3.0]], grad=True)  # beta * d_avg = 1.4
     out = lmpo(policy, t([[1.0, 0.0]]), UNINIT, lam=0.0)
     assert math.isclose(float(out.losses.detach()[0]), math.log(2), rel_tol=1e-12)
@@ -435,7 +413,7 @@ def test_lmpo_loss_at_d_equal_log_h_is_log_2_and_gradient():
 
 
 def test_lmpo_length_normalized_prob():
-    """T8: log p = sum * L_bar / |y|^2; equal lengths give exp(avg); p in (0, 1]."""
+    """log p = sum * L_bar / |y|^2; equal lengths give exp(avg); p in (0, 1]."""
     p = length_normalized_prob(stats(POLICY, LENGTHS), True)
     for b, ((sw, sl), (lw, ll)) in enumerate(zip(POLICY, LENGTHS, strict=True)):
         lbar = (lw + ll) / 2
@@ -447,7 +425,7 @@ def test_lmpo_length_normalized_prob():
 
 
 def test_lmpo_margin_bounds():
-    """T9: m(1, .) = 0, m(p, p) = 1 - p, m(0, 1) = 2, m in [0, 2]; the power-5 path."""
+    """m(1, .) = 0, m(p, p) = 1 - p, m(0, 1) = 2, m in [0, 2]; the power-5 path."""
     assert float(lmpo_margin(t(1.0), t(0.3), 5)) == 0.0
     assert math.isclose(float(lmpo_margin(t(0.4), t(0.4), 5)), 0.6, rel_tol=1e-12)
     assert float(lmpo_margin(t(0.0), t(1.0), 5)) == 2.0
@@ -458,7 +436,7 @@ def test_lmpo_margin_bounds():
 
 
 def test_lmpo_margin_partials():
-    """T10: dm/dp_w = -(1 - D^5) - 5 (1 - p_w) D^4 <= 0 and dm/dp_l = 5 (1 - p_w) D^4 >= 0."""
+    """dm/dp_w = -(1 - D^5) - 5 (1 - p_w) D^4 <= 0 and dm/dp_l = 5 (1 - p_w) D^4 >= 0."""
     grid = torch.linspace(0.0, 1.0, 11, dtype=F64)
     p_w = grid[:, None].expand(11, 11).clone().requires_grad_(True)
     p_l = grid[None, :].expand(11, 11).clone().requires_grad_(True)
@@ -470,7 +448,7 @@ def test_lmpo_margin_partials():
 
 
 def test_lmpo_detach_flag_toggles_the_margin_gradient():
-    """T13-T14: detach=True is SimPO with gamma_i = log h + lam m_bar_i; detach=False is not,
+    """detach=True is SimPO with gamma_i = log h + lam m_bar_i; detach=False is not,
     and its extra margin gradient pushes chosen up and rejected down harder."""
     st = state(0.3, 0.1)
     grads = {}
@@ -493,7 +471,7 @@ def test_lmpo_detach_flag_toggles_the_margin_gradient():
 
 
 def test_lmpo_small_lambda_is_close_to_simpo():
-    """T15: the loss difference to SimPO(gamma = log h) is linear in lam for small lam."""
+    """The loss difference to SimPO(gamma = log h) is linear in lam for small lam."""
     policy, scores, st = stats(NEAR, LENGTHS), t(SCORES), state(0.3, 0.1)
     base = lmpo(policy, scores, st, lam=0.0).losses
     d1 = lmpo(policy, scores, st, lam=1e-4).losses - base
@@ -511,7 +489,7 @@ def test_lmpo_all_invalid_is_zero_and_finite():
 
 
 def test_lmpo_registration_is_reference_free():
-    """T17: no reference model; the loss runs with ref=None."""
+    """No reference model; the loss runs with ref=None."""
     spec = get_spec("lmpo")
     assert not spec.needs_reference and spec.k == 2 and spec.state is not None
     st = spec.state.init(**spec.hparams(spec.config_cls()))

@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from loss_helpers import F64, TOL, assert_detached_metrics, neg_log_sigmoid, random_stats, stats, t
 from torch.testing import assert_close
 
 from prefopt.losses import LOSSES
@@ -27,46 +28,7 @@ from prefopt.losses.baselines import (
     slic_hf_loss,
 )
 from prefopt.losses.pairwise import dpo_loss
-from prefopt.types import GroupStats, LossOutput
-
-F64 = torch.float64
-TOL = {"rtol": 1e-10, "atol": 1e-12}
-
-
-def t(x, dtype=F64) -> torch.Tensor:
-    return torch.as_tensor(x, dtype=dtype)
-
-
-def stats(logps, lengths=None, mask=None, *, grad: bool = False, dtype=F64) -> GroupStats:
-    """GroupStats from lists; default lengths 1, mask True; eos_logps -2, has_eos True."""
-    logps = torch.as_tensor(logps, dtype=dtype).clone()
-    shape = logps.shape
-    lengths = torch.ones(shape, dtype=dtype) if lengths is None else t(lengths, dtype)
-    mask = torch.ones(shape, dtype=torch.bool) if mask is None else torch.as_tensor(mask).bool()
-    if grad:
-        logps.requires_grad_(True)
-    eos = torch.full(shape, -2.0, dtype=dtype)
-    return GroupStats(logps, lengths, eos, torch.ones(shape, dtype=torch.bool), mask)
-
-
-def random_stats(B: int, K: int, seed: int, *, grad: bool = False) -> GroupStats:
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(2, 20, (B, K), generator=g).to(F64)
-    avg = -0.3 - 2.5 * torch.rand(B, K, generator=g, dtype=F64)
-    return stats(avg * lengths, lengths, grad=grad)
-
-
-def nls(x: float) -> float:
-    """-log sigmoid(x)."""
-    return math.log(1.0 + math.exp(-x))
-
-
-def assert_detached_metrics(out: LossOutput, B: int) -> None:
-    assert out.metrics
-    for key, value in out.metrics.items():
-        assert not value.requires_grad and value.grad_fn is None, key
-        assert value.shape == (B,), key
-
+from prefopt.types import GroupStats
 
 # Pairwise fixtures: two ordered pairs, a tie (invalid) and a reversed pair (invalid).
 POLICY = [[-10.0, -12.0], [-20.0, -15.0], [-5.0, -6.0], [-7.0, -9.0]]
@@ -142,9 +104,9 @@ def test_ipo_gradient_signs_below_and_above_target():
 def test_cpo_hand_value():
     beta, lam = 0.1, 1.0
     # Group 0 by hand: -log sigmoid(0.1 * (-10 + 12)) + 10 / 4 = -log sigmoid(0.2) + 2.5.
-    assert math.isclose(nls(0.2) + 2.5, 0.5981388693815918 + 2.5, rel_tol=1e-12)
+    assert math.isclose(neg_log_sigmoid(0.2) + 2.5, 0.5981388693815918 + 2.5, rel_tol=1e-12)
     expected = [
-        nls(beta * (pw - pl)) + lam * (-pw / lw)
+        neg_log_sigmoid(beta * (pw - pl)) + lam * (-pw / lw)
         for (pw, pl), (lw, _) in zip(POLICY, LENGTHS, strict=True)
     ]
     out = cpo_loss(stats(POLICY, LENGTHS), None, t(PAIR_SCORES), beta=beta, lam=lam)
@@ -154,7 +116,7 @@ def test_cpo_hand_value():
 
 
 def test_cpo_without_nll_is_dpo_with_zero_reference():
-    policy = random_stats(6, 2, seed=1)
+    policy = random_stats(6, 2, seed=1)[0]
     scores = t([[3.0, 1.0], [2.0, 2.0], [0.0, 5.0], [9.0, 8.0], [4.0, 0.0], [7.0, 6.0]])
     zero_ref = stats(torch.zeros(6, 2, dtype=F64), policy.lengths)
     cpo = cpo_loss(policy, None, scores, beta=0.3, lam=0.0)
@@ -178,7 +140,7 @@ def test_orpo_hand_value():
     expected = []
     for (pw, pl), (lw, ll) in zip(POLICY, LENGTHS, strict=True):
         ratio = log_odds_hand(pw / lw) - log_odds_hand(pl / ll)
-        expected.append(-pw / lw + lam * nls(ratio))
+        expected.append(-pw / lw + lam * neg_log_sigmoid(ratio))
     # Group 0 by hand: a_w = -2.5, a_l = -2; log odds = a - log(1 - e^a).
     by_hand = -2.5 - math.log(1 - math.exp(-2.5)) - (-2.0 - math.log(1 - math.exp(-2.0)))
     assert math.isclose(by_hand, log_odds_hand(-2.5) - log_odds_hand(-2.0), rel_tol=1e-12)
@@ -221,11 +183,11 @@ def test_orpo_log_odds_finite_at_extremes(dtype):
 def test_rdpo_hand_value_and_sign():
     beta, alpha = 0.1, 0.05
     expected = [
-        nls(beta * ((pw - rw) - (pl - rl)) + alpha * (lw - ll))
+        neg_log_sigmoid(beta * ((pw - rw) - (pl - rl)) + alpha * (lw - ll))
         for (pw, pl), (rw, rl), (lw, ll) in zip(POLICY, REF, LENGTHS, strict=True)
     ]
     # Group 0 by hand: 0.1 * 1.5 + 0.05 * (4 - 6) = 0.05.
-    assert math.isclose(expected[0], nls(0.05))
+    assert math.isclose(expected[0], neg_log_sigmoid(0.05))
     out = rdpo_loss(stats(POLICY, LENGTHS), stats(REF, LENGTHS), t(PAIR_SCORES), beta=beta,
                     alpha=alpha)  # fmt: skip
     assert_close(out.losses, t(masked_by_validity(expected)), **TOL)
@@ -238,8 +200,8 @@ def test_rdpo_hand_value_and_sign():
 
 
 def test_rdpo_without_length_term_is_dpo():
-    policy = random_stats(6, 2, seed=2)
-    ref = random_stats(6, 2, seed=3)
+    policy = random_stats(6, 2, seed=2)[0]
+    ref = random_stats(6, 2, seed=3)[0]
     scores = t([[3.0, 1.0], [2.0, 2.0], [0.0, 5.0], [9.0, 8.0], [4.0, 0.0], [7.0, 6.0]])
     rdpo = rdpo_loss(policy, ref, scores, beta=0.2, alpha=0.0)
     dpo = dpo_loss(policy, ref, scores, beta=0.2, label_smoothing=0.0)
@@ -305,7 +267,7 @@ def test_rrhf_hand_value():
 
 
 def test_rrhf_matches_direct_on_random_groups_with_ties_and_padding():
-    policy = random_stats(6, 4, seed=4)
+    policy = random_stats(6, 4, seed=4)[0]
     scores = t([[9.0, 3.0, 5.0, 1.0], [2.0, 2.0, 4.0, 4.0], [6.0, 6.0, 6.0, 6.0],
                 [1.0, 7.0, 0.0, 50.0], [3.0, 9.0, 9.0, 2.0], [0.0, 1.0, 2.0, 3.0]])  # fmt: skip
     mask = torch.ones(6, 4, dtype=torch.bool)
@@ -318,7 +280,7 @@ def test_rrhf_matches_direct_on_random_groups_with_ties_and_padding():
 
 
 def test_rrhf_pair_without_sft_is_hinge():
-    policy = random_stats(5, 2, seed=5)
+    policy = random_stats(5, 2, seed=5)[0]
     scores = t([[4.0, 1.0], [0.0, 2.0], [3.0, 3.0], [9.0, 8.0], [1.0, 5.0]])
     out = rrhf_loss(policy, None, scores, lam=0.0)
     expected = []
@@ -352,7 +314,7 @@ def infonca_direct(policy, ref, scores, beta: float, alpha: float) -> list[float
 
 
 def infonca_batch(seed: int) -> tuple[GroupStats, GroupStats, torch.Tensor]:
-    policy, ref = random_stats(5, 4, seed=seed), random_stats(5, 4, seed=seed + 1)
+    policy, ref = random_stats(5, 4, seed=seed)[0], random_stats(5, 4, seed=seed + 1)[0]
     scores = t([[9.0, 3.0, 5.0, 1.0], [2.0, 2.0, 4.0, 4.0], [6.0, 6.0, 6.0, 6.0],
                 [1.0, 7.0, 0.0, 50.0], [3.0, 9.0, 9.0, 2.0]])  # fmt: skip
     mask = torch.ones(5, 4, dtype=torch.bool)
@@ -379,7 +341,7 @@ def test_infonca_hand_value():
 
 
 def test_infonca_pair_is_label_smoothed_dpo():
-    policy, ref = random_stats(5, 2, seed=7), random_stats(5, 2, seed=8)
+    policy, ref = random_stats(5, 2, seed=7)[0], random_stats(5, 2, seed=8)[0]
     scores = t([[4.0, 1.0], [0.0, 2.0], [9.0, 8.5], [1.0, 5.0], [2.5, 2.0]])
     beta, alpha = 0.2, 1.5
     out = infonca_loss(policy, ref, scores, beta=beta, alpha=alpha)
@@ -388,7 +350,9 @@ def test_infonca_pair_is_label_smoothed_dpo():
     for (h0, h1), (r0, r1) in zip(h, scores.tolist(), strict=True):
         (hw, hl, rw, rl) = (h0, h1, r0, r1) if r0 > r1 else (h1, h0, r1, r0)
         eps = 1.0 / (1.0 + math.exp(-(rl - rw) / alpha))
-        expected.append((1 - eps) * nls(beta * (hw - hl)) + eps * nls(-beta * (hw - hl)))
+        expected.append(
+            (1 - eps) * neg_log_sigmoid(beta * (hw - hl)) + eps * neg_log_sigmoid(-beta * (hw - hl))
+        )
     assert_close(out.losses, t(expected), **TOL)
 
 
@@ -435,11 +399,11 @@ def test_registry_capabilities():
 @pytest.mark.parametrize("name", sorted(ALL))
 def test_gradient_signs(name):
     fn, hp = ALL[name]
-    policy = random_stats(6, 2, seed=10, grad=True)
+    policy = random_stats(6, 2, seed=10, grad=True)[0]
     if name == "rrhf":  # make the rejected response's average log-prob the larger one
         base = torch.stack([policy.avg_logps[:, 0] - 0.5, policy.avg_logps[:, 0]], -1).detach()
         policy = stats(base * policy.lengths, policy.lengths, grad=True)
-    ref = random_stats(6, 2, seed=11)
+    ref = random_stats(6, 2, seed=11)[0]
     out = fn(policy, ref, t([[3.0, 1.0]] * 6), **hp)
     assert out.valid.all()
     out.losses.sum().backward()
@@ -451,8 +415,8 @@ def test_gradient_signs(name):
 def test_invalid_groups_have_zero_loss_and_finite_gradients(name):
     fn, hp = ALL[name]
     K = 2 if name in PAIRWISE else 3
-    policy = random_stats(4, K, seed=12, grad=True)
-    ref = random_stats(4, K, seed=13)
+    policy = random_stats(4, K, seed=12, grad=True)[0]
+    ref = random_stats(4, K, seed=13)[0]
     scores = torch.arange(K, 0, -1, dtype=F64).repeat(4, 1)
     scores[1] = 2.0  # all tied
     scores[2] = scores[2].flip(-1)  # reversed: invalid for pairwise, fine for K-way
@@ -470,7 +434,7 @@ def test_invalid_groups_have_zero_loss_and_finite_gradients(name):
 def test_reference_free_losses_ignore_reference(name):
     fn, hp = ALL[name]
     K = 2 if name in PAIRWISE else 3
-    policy, ref = random_stats(5, K, seed=14), random_stats(5, K, seed=15)
+    policy, ref = random_stats(5, K, seed=14)[0], random_stats(5, K, seed=15)[0]
     scores = torch.randint(0, 4, (5, K), generator=torch.Generator().manual_seed(0)).to(F64)
     a, b = fn(policy, None, scores, **hp), fn(policy, ref, scores, **hp)
     assert_close(a.losses, b.losses, rtol=0, atol=0)
@@ -483,14 +447,14 @@ def test_reference_free_losses_ignore_reference(name):
 def test_masked_slot_equals_smaller_k(name):
     fn, hp = MULTI[name]
     hp = hp | ({"alpha": 1.3} if name == "infonca" else {})  # a soft target uses every slot
-    full = random_stats(1, 4, seed=16)
-    ref = random_stats(1, 4, seed=17)
+    full = random_stats(1, 4, seed=16)[0]
+    ref = random_stats(1, 4, seed=17)[0]
     logps = full.logps.detach().clone()
     logps[0, 3] = 40.0  # garbage the mask must hide
     lengths = full.lengths.clone()
     lengths[0, 3] = 1.0
     scores4 = t([[2.0, 7.0, 4.0, 50.0]])
-    padded = stats(logps, lengths, [[True, True, True, False]], grad=True)
+    padded = stats(logps, lengths, mask=[[True, True, True, False]], grad=True)
     small = stats(logps[:, :3], lengths[:, :3], grad=True)
     out4 = fn(padded, ref._replace(mask=padded.mask), scores4, **hp)
     out3 = fn(small, stats(ref.logps[:, :3], ref.lengths[:, :3]), scores4[:, :3], **hp)

@@ -3,38 +3,26 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
+from loss_helpers import sigmoid, stats
 
 from prefopt.data.collate import collate
 from prefopt.data.tokenize import TokenizedGroup
 from prefopt.losses.kto import kto_loss
-from prefopt.types import GroupStats
-
-
-def stats(logps, lengths=None) -> GroupStats:
-    logps = torch.tensor(logps, dtype=torch.float64, requires_grad=True)
-    ones = torch.ones_like(logps, dtype=torch.bool)
-    lengths = torch.ones_like(logps) if lengths is None else torch.tensor(lengths)
-    return GroupStats(logps, lengths.double(), torch.zeros_like(logps), ones, ones)
-
-
-def sig(x: float) -> float:
-    return 1 / (1 + math.exp(-x))
-
 
 KW = dict(beta=0.5, lambda_d=1.0, lambda_u=2.0, labels="best_worst")
 
 
 def test_value_by_hand_best_worst():
-    pol, ref = stats([[-3.0, -5.0, -4.0]]), stats([[-4.0, -4.0, -4.0]])
+    pol, ref = stats([[-3.0, -5.0, -4.0]], grad=True), stats([[-4.0, -4.0, -4.0]])
     scores = torch.tensor([[9.0, 1.0, 5.0]])
     mism = torch.tensor([[0.4], [0.8]], dtype=torch.float64)  # mean 0.6 -> z0 = 0.6
     out = kto_loss(pol, ref, scores, mismatched_log_ratio=mism, **KW)
     r_d, r_u, z0 = 1.0, -1.0, 0.6  # rewards of best (slot 0) and worst (slot 1)
-    by_hand = ((1.0 - 1.0 * sig(0.5 * (r_d - z0))) + (2.0 - 2.0 * sig(0.5 * (z0 - r_u)))) / 2
+    by_hand = (
+        (1.0 - 1.0 * sigmoid(0.5 * (r_d - z0))) + (2.0 - 2.0 * sigmoid(0.5 * (z0 - r_u)))
+    ) / 2
     assert out.losses.item() == pytest.approx(by_hand, rel=1e-12)
     assert out.metrics["kto/z0"].item() == pytest.approx(0.6)
     out.losses.sum().backward()
@@ -43,7 +31,7 @@ def test_value_by_hand_best_worst():
 
 
 def test_kl_baseline_is_clamped_at_zero_and_detached():
-    pol, ref = stats([[-3.0, -5.0]]), stats([[-4.0, -4.0]])
+    pol, ref = stats([[-3.0, -5.0]], grad=True), stats([[-4.0, -4.0]])
     mism = torch.tensor([[-2.0]], dtype=torch.float64, requires_grad=True)
     out = kto_loss(pol, ref, torch.tensor([[1.0, 0.0]]), mismatched_log_ratio=mism, **KW)
     assert out.metrics["kto/z0"].item() == 0.0
@@ -52,15 +40,16 @@ def test_kl_baseline_is_clamped_at_zero_and_detached():
 
 
 def test_mean_split_labels_and_tied_group_is_invalid():
-    pol, ref = stats([[-3.0, -5.0, -4.0, -1.0], [-1.0, -1.0, -1.0, -1.0]]), stats([[-4.0] * 4] * 2)
+    pol = stats([[-3.0, -5.0, -4.0, -1.0], [-1.0, -1.0, -1.0, -1.0]], grad=True)
+    ref = stats([[-4.0] * 4] * 2)
     scores = torch.tensor([[9.0, 1.0, 5.0, 6.0], [3.0, 3.0, 3.0, 3.0]])
     mism = torch.zeros(2, 1, dtype=torch.float64)
     out = kto_loss(pol, ref, scores, mismatched_log_ratio=mism, **{**KW, "labels": "mean_split"})
     assert out.valid.tolist() == [True, False] and out.losses[1] == 0
     # mean 5.25: slots 0 and 3 desirable, 1 and 2 undesirable
     rs = [1.0, -1.0, 0.0, 3.0]
-    terms = [1 - sig(0.5 * rs[0]), 2 - 2 * sig(-0.5 * rs[1]), 2 - 2 * sig(-0.5 * rs[2]),
-             1 - sig(0.5 * rs[3])]  # fmt: skip
+    terms = [1 - sigmoid(0.5 * rs[0]), 2 - 2 * sigmoid(-0.5 * rs[1]), 2 - 2 * sigmoid(-0.5 * rs[2]),
+             1 - sigmoid(0.5 * rs[3])]  # fmt: skip
     assert out.losses[0].item() == pytest.approx(sum(terms) / 4, rel=1e-12)
     with pytest.raises(ValueError, match="labels"):
         kto_loss(pol, ref, scores, mismatched_log_ratio=mism, **{**KW, "labels": "x"})

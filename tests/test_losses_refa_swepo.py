@@ -1,6 +1,6 @@
 # Run: .venv/bin/pytest tests/test_losses_refa_swepo.py -q
-"""REFA-1-vs-all, the three REFA-InfoNCA variants (digest-refa 3.2-3.5, U4, U8, U12, U13) and
-SWEPO (digest-swepo section 3).
+"""REFA-1-vs-all, the three REFA-InfoNCA variants (their K = 2 forms, shift invariance, target
+limits) and SWEPO (identities of its reconstructed loss; see docs/losses.md).
 
 Expected values come from python-float loops over responses written from the papers' ratio
 forms (-log(A / (A + gamma B)), -sum p_target log p_model, -log(sum_{Y+} w e^s / sum w e^s)),
@@ -13,6 +13,7 @@ import math
 
 import pytest
 import torch
+from loss_helpers import F64, TOL, assert_detached_metrics, neg_log_sigmoid, random_stats, stats, t
 from torch.testing import assert_close
 
 from prefopt.losses import LOSSES
@@ -26,39 +27,6 @@ from prefopt.losses.refa import (
 )
 from prefopt.losses.swepo import swepo_loss
 from prefopt.types import GroupStats, LossOutput
-
-F64 = torch.float64
-TOL = {"rtol": 1e-10, "atol": 1e-12}
-
-
-def t(x) -> torch.Tensor:
-    return torch.tensor(x, dtype=F64)
-
-
-def stats(logps, lengths=None, eos_logps=None, has_eos=None, mask=None, *, grad=False):
-    """GroupStats from lists or tensors; default lengths 1, eos_logps -2, has_eos and mask True."""
-    logps = torch.as_tensor(logps, dtype=F64).clone()
-    shape = logps.shape
-    lengths = torch.ones(shape, dtype=F64) if lengths is None else torch.as_tensor(lengths)
-    eos_logps = torch.full(shape, -2.0, dtype=F64) if eos_logps is None else eos_logps
-    eos_logps = torch.as_tensor(eos_logps, dtype=F64).clone()
-    has_eos = torch.ones(shape, dtype=torch.bool) if has_eos is None else torch.as_tensor(has_eos)
-    mask = torch.ones(shape, dtype=torch.bool) if mask is None else torch.as_tensor(mask)
-    if grad:
-        logps.requires_grad_(True)
-        eos_logps.requires_grad_(True)
-    return GroupStats(logps, lengths.to(F64).clone(), eos_logps, has_eos.bool(), mask.bool())
-
-
-def random_stats(B: int, K: int, seed: int, *, grad: bool = False):
-    """Random (B, K) stats with integer scores 0..10 (so ties with the mean are exact)."""
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(2, 20, (B, K), generator=g).to(F64)
-    avg = -0.3 - 2.5 * torch.rand(B, K, generator=g, dtype=F64)
-    eos = -0.05 - 4.0 * torch.rand(B, K, generator=g, dtype=F64)
-    has_eos = torch.rand(B, K, generator=g) > 0.25
-    scores = torch.randint(0, 11, (B, K), generator=g).to(F64)
-    return stats(avg * lengths, lengths, eos, has_eos, grad=grad), scores
 
 
 def edge_batch(seed: int, *, grad: bool = False) -> tuple[GroupStats, torch.Tensor]:
@@ -86,17 +54,6 @@ def edge_batch(seed: int, *, grad: bool = False) -> tuple[GroupStats, torch.Tens
 
 
 VALID_MEAN = [True, True, True, False, False, True, True, True, True]  # also for 1-vs-all
-
-
-def neg_log_sigmoid(x: float) -> float:
-    return math.log1p(math.exp(-x))
-
-
-def assert_detached_metrics(out: LossOutput, B: int) -> None:
-    for key, value in out.metrics.items():
-        assert value.grad_fn is None and not value.requires_grad, key
-        assert value.shape == (B,), key
-        assert torch.isfinite(value).all(), key
 
 
 def groups(policy: GroupStats, scores: torch.Tensor, values: torch.Tensor | None = None):
@@ -223,7 +180,7 @@ def test_refa_1vsall_negatives_include_above_mean_runner_up():
 
 @pytest.mark.parametrize(("p", "deviation"), [(1.0, "signed"), (1.0, "abs"), (2.0, "signed")])
 @pytest.mark.parametrize("gamma", [0.7, 1.0, 1.4])
-def test_u4_pairs_refa_1vsall_equals_dynamic(p, deviation, gamma):
+def test_pairs_refa_1vsall_equals_dynamic(p, deviation, gamma):
     policy, _ = random_stats(6, 2, seed=102)
     scores = t([[7.0, 2.0], [5.0, 4.0], [0.0, 9.0], [10.0, 3.0], [6.0, 5.5], [4.0, 4.0]])
     policy = stats(*policy, grad=True)
@@ -339,7 +296,7 @@ def test_refa_infonca_gradients(variant):
     assert (grad[~unit.mask] == 0).all()
 
 
-def test_u12_pairwise_infonca_readings():
+def test_pairwise_infonca_readings():
     policy, _ = random_stats(5, 2, seed=112)
     scores = t([[7.0, 2.0], [5.0, 4.0], [0.0, 9.0], [10.0, 3.0], [6.0, 5.5]])
     beta, alpha = 2.0, 0.4
@@ -364,7 +321,7 @@ def test_u12_pairwise_infonca_readings():
 
 
 @pytest.mark.parametrize("variant", ["plain", "dynamic", "dynamic_renorm", "1vsall_weighted"])
-def test_u13_target_alpha_limit(variant):
+def test_infonca_target_alpha_limit(variant):
     """Unique top (gap >= 1): as target_alpha grows every reading tends to -log softmax_top."""
     policy, scores = random_stats(6, 4, seed=113)
     scores = t(
@@ -386,7 +343,7 @@ def test_u13_target_alpha_limit(variant):
 
 
 # ----------------------------------------------------------------------------------------------
-# Shared REFA properties: shift invariance (U8), invalid groups, masks, reference ignored
+# Shared REFA properties: shift invariance, invalid groups, masks, reference ignored
 # ----------------------------------------------------------------------------------------------
 
 REFA_NEW = {
@@ -399,7 +356,7 @@ REFA_NEW = {
 
 
 @pytest.mark.parametrize("name", sorted(REFA_NEW))
-def test_u8_shift_invariance(name):
+def test_refa_variants_shift_invariance(name):
     loss = REFA_NEW[name]
     policy, scores = edge_batch(seed=120)
     base = loss(policy, scores)
@@ -571,7 +528,7 @@ def test_swepo_matches_direct(weighting, p, mode, beta_on_weights):
 @pytest.mark.parametrize("p", [0.0, 1.0, 2.0])
 @pytest.mark.parametrize("alpha", [0.1, 1.0, 3.0])
 def test_swepo_pairs_equal_dpo(p, alpha, weighting, beta_on_weights):
-    """Digest-swepo identity 5: at K = 2 |dS| is equal for both responses, the weights cancel."""
+    """At K = 2 |dS| is equal for both responses, the weights cancel."""
     policy, _ = random_stats(6, 2, seed=131)
     ref, _ = random_stats(6, 2, seed=132)
     scores = t([[7.0, 2.0], [5.0, 4.0], [9.0, 0.0], [10.0, 3.0], [6.0, 5.5], [3.0, 1.0]])
@@ -597,7 +554,7 @@ def test_swepo_pairs_equal_dpo(p, alpha, weighting, beta_on_weights):
 
 @pytest.mark.parametrize("weighting", ["power", "exp"])
 def test_swepo_1vsk_p0_equals_onehot_infonca(weighting):
-    """Identity 7: -log softmax_top(beta h), softmax over the real responses."""
+    """1-vs-k with p = 0: -log softmax_top(beta h), softmax over the real responses."""
     policy, ref, scores = swepo_batch(seed=133)
     beta = 0.4
     out = swepo(policy, ref, scores, beta=beta, mode="1vsk", weighting=weighting, p=0.0)
@@ -609,7 +566,7 @@ def test_swepo_1vsk_p0_equals_onehot_infonca(weighting):
 
 
 def test_swepo_dynamic_single_positive_equals_1vsk():
-    """Identity 8: dynamic (p = 0) with |Y+| = 1 is 1-vs-k (p = 0)."""
+    """Dynamic (p = 0) with |Y+| = 1 is 1-vs-k (p = 0)."""
     policy, ref, scores = swepo_batch(seed=134)
     dyn = swepo(policy, ref, scores, p=0.0, mode="dynamic")
     one = swepo(policy, ref, scores, p=0.0, mode="1vsk")
@@ -649,7 +606,8 @@ def test_swepo_shift_and_scale_invariances(weighting, p):
 
 @pytest.mark.parametrize(("weighting", "p"), [("power", 0.0), ("power", 2.0), ("exp", 1.0)])
 def test_swepo_gradient_formula_and_signs(weighting, p):
-    """Identity 4: dL/ds_i = q_i - 1[i in Y+] p+_i, s = beta h; ref and weights get no gradient."""
+    """Gradient (the paper's Lemma 5.3): dL/ds_i = q_i - 1[i in Y+] p+_i, s = beta h; ref and
+    weights get no gradient."""
     policy, ref, scores = swepo_batch(seed=136, grad=True)
     ref = stats(ref.logps, ref.lengths, mask=ref.mask, grad=True)
     beta, alpha = 0.5, 0.4
@@ -676,8 +634,8 @@ def test_swepo_gradient_formula_and_signs(weighting, p):
 
 
 def test_swepo_zero_weight_at_mean_and_worked_example():
-    """Identity 14 (S = (8, 7, 7, 6): the 7s drop out under power weights) and the digest's
-    worked weights for S = (8.5, 7, 6, 3) at s = 0 (negatives' gradients are w_j / W)."""
+    """Power weights: for S = (8, 7, 7, 6) the 7s (at the mean) drop out; and hand-computed
+    weights for S = (8.5, 7, 6, 3) at s = 0 (negatives' gradients are w_j / W)."""
     pol = stats([[-4.0, -2.0, -3.0, -5.0]], grad=True)
     ref = stats([[-4.5, -1.0, -2.0, -5.5]])
     out = swepo(pol, ref, t([[8.0, 7.0, 7.0, 6.0]]), beta=1.0, p=1.0)

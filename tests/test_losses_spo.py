@@ -1,7 +1,8 @@
 # Run: .venv/bin/pytest tests/test_losses_spo.py -q
-"""Tests for prefopt.losses.spo: SPO's preference term (paper 002, Eqs. 9-17) and ``token_kl``.
+"""Tests for prefopt.losses.spo: SPO's preference term (arXiv 2405.00747, Eqs. 9-17) and
+``token_kl``.
 
-Numbers refer to ``shared/papers/digest-spo.md`` section 3. Expected values are computed with
+Expected values are computed with
 python floats from the literal equations (pi^alpha / sum pi^alpha, never softplus/logsumexp), and
 the fixed-point tests train a tabular policy with plain gradient descent.
 """
@@ -13,40 +14,22 @@ import math
 
 import pytest
 import torch
+from loss_helpers import F64, TOL, sigmoid, stats, t
 from omegaconf import OmegaConf
 from torch.testing import assert_close
 
 from prefopt.losses import LOSSES, build_loss, get_spec
 from prefopt.losses.spo import SPOConfig, spo_loss
 from prefopt.stats import token_kl
-from prefopt.types import GroupStats, LossOutput
+from prefopt.types import LossOutput
 
-F64 = torch.float64
-TOL = {"rtol": 1e-10, "atol": 1e-12}
 FORMS = ("pairwise", "best_of_n", "ranked")
-
-
-def t(x) -> torch.Tensor:
-    return torch.tensor(x, dtype=F64)
-
-
-def stats(logps, mask=None, *, grad: bool = False) -> GroupStats:
-    logps = torch.as_tensor(logps, dtype=F64)
-    logps = logps.clone().requires_grad_(True) if grad else logps
-    ones = torch.ones(logps.shape, dtype=torch.bool)
-    mask = ones if mask is None else torch.as_tensor(mask).bool()
-    return GroupStats(logps, torch.ones_like(logps).detach(), torch.zeros_like(logps).detach(),
-                      ones, mask)  # fmt: skip
 
 
 def spo(policy, scores, form="pairwise", weighting="basic", alpha=0.5, gamma=0.5, eta=1.0,
         state=None) -> LossOutput:  # fmt: skip
     return spo_loss(policy, None, scores, form=form, weighting=weighting, alpha=alpha,
                     gamma=gamma, eta=eta, state=state)  # fmt: skip
-
-
-def sigmoid(x: float) -> float:
-    return 1.0 / (1.0 + math.exp(-x))
 
 
 def literal_term(ell: list[float], i: int, members: list[int], alpha: float) -> float:
@@ -215,7 +198,7 @@ def test_gradient_directions(form, weighting):
         worst = [k for k in range(3) if row[k] == min(row)]
         assert (grad[b, best] < 0).all(), (b, grad[b])  # descent raises the best responses
         assert (grad[b, worst] > 0).all(), (b, grad[b])  # and lowers the worst ones
-        assert abs(grad[b].sum().item()) < 1e-12  # shift invariance (digest 3)
+        assert abs(grad[b].sum().item()) < 1e-12  # shift invariance: only differences of l matter
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -226,7 +209,7 @@ def test_invalid_groups_and_masks(form, weighting):
     logps = [[-1.0, -2.0, -3.0], [-1.0, 1e6, -1e6], [-1.0, -2.0, 1e6], [-1.0, -2.0, -3.0]]
     mask = [[True] * 3, [True, False, False], [True, True, False], [True] * 3]
     scores = [[2.0, 2.0, 2.0], [1.0, 5.0, 0.0], [1.0, 0.0, 9.0], [3.0, 2.0, 1.0]]
-    policy = stats(logps, mask, grad=True)
+    policy = stats(logps, mask=mask, grad=True)
     out = spo(policy, t(scores), form, weighting, alpha=0.5)
     assert out.valid.tolist() == [False, False, True, True]
     assert out.losses[:2].tolist() == [0.0, 0.0]
@@ -256,7 +239,7 @@ def test_all_invalid_batch_and_shift_invariance():
 
 @pytest.mark.parametrize("form", FORMS)
 def test_long_sequences_do_not_underflow(form):
-    """Digest 9 and section 6 item 2: l ~ -1000 nats, alpha = 1e-3; pi^alpha is never formed."""
+    """Underflow: l ~ -1000 nats, alpha = 1e-3; pi^alpha is never formed."""
     logps = [[-1000.0, -1010.0, -1200.0], [-800.0, -790.0, -805.0]]
     policy = stats(logps, grad=True)
     out = spo(policy, t([[3.0, 2.0, 1.0]] * 2), form, "weighted", alpha=1e-3, gamma=0.01)
@@ -300,14 +283,14 @@ def test_mu_properties_and_running_baseline():
 
 
 # ----------------------------------------------------------------------------------------------
-# Fixed point Softmax(r / alpha) on a tabular policy (digest 16-19)
+# Fixed point Softmax(r / alpha) on a tabular policy (Theorems 1-4)
 # ----------------------------------------------------------------------------------------------
 
 R = [1.0, 0.3, -0.5, 0.8, -1.2]
 
 
 def tabular_data(form: str):
-    """Groups (response indices, scores) and their probabilities D under the digest's models.
+    """Groups (response indices, scores) and their probabilities D under BT / PL models.
 
     pairwise: BT-consistent D(y1, y2) = b({y1, y2}) sigmoid(r1 - r2), b symmetric, non-uniform;
     best_of_n: n-ary BT D(S, i) = softmax(r_S)_i over 3-subsets S; ranked: PL-consistent
@@ -366,7 +349,7 @@ def test_tabular_fixed_point_is_softmax_r_over_alpha(form, weighting, alpha):
 
 
 # ----------------------------------------------------------------------------------------------
-# token_kl (Eq. 15) and the regularizer's chain rule (digest 22-24)
+# token_kl (Eq. 15) and the regularizer's chain rule
 # ----------------------------------------------------------------------------------------------
 
 
@@ -390,7 +373,7 @@ def test_token_kl_zero_for_identical_and_handles_zero_probabilities():
     pol_logits = logits.clone().requires_grad_(True)
     kl = token_kl(torch.log_softmax(pol_logits, -1), torch.log_softmax(logits, -1))
     assert_close(kl, torch.zeros(4, dtype=F64), rtol=0, atol=1e-14)
-    kl.sum().backward()  # digest 24: zero value and zero gradient at pi = pi_ref
+    kl.sum().backward()  # zero value and zero gradient at pi = pi_ref
     assert_close(pol_logits.grad, torch.zeros_like(logits), rtol=0, atol=1e-14)
     # A token the policy can never emit (-inf logit) contributes 0, with finite gradients.
     pol_logits = logits.clone()
@@ -405,7 +388,7 @@ def test_token_kl_zero_for_identical_and_handles_zero_probabilities():
 def test_token_kl_summed_over_positions_is_the_sequence_kl():
     """Digest 22: E_{y~pi}[sum_tau KL_tau] = KL_seq on a toy AR model (vocab {a, b, EOS}, forced
     EOS after 3 tokens), with the EOS-emitting position included; the stop-grad estimator's
-    gradient differs from the sequence KL's (digest 23, expected)."""
+    gradient differs from the sequence KL's (expected: samples are constants)."""
     eos, max_len = 2, 3
     prefixes = [()] + [p for n in (1, 2) for p in itertools.product((0, 1), repeat=n)]
     g = torch.Generator().manual_seed(5)

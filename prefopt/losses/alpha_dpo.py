@@ -1,10 +1,16 @@
-"""alpha-DPO: SimPO with an adaptive, detached, z-scored reward margin (Wu et al.; paper 001).
+"""alpha-DPO: SimPO with an adaptive, detached, z-scored reward margin.
 
-Notation follows ``shared/papers/digest-alpha-dpo.md``: l_bar = logps / lengths (EOS counted),
-u = beta * (l_bar_w - l_bar_l) (Eq. 12), M the DPO implicit-reward margin (Eq. 10), M* its z-score
-(Eq. 11) with running statistics (``prefopt/losses/running.py``).
+"alpha-DPO: Adaptive Reward Margin is What Direct Preference Optimization Needs" (ICLR 2025
+submission; published as "AlphaDPO", Wu et al., ICML 2025), arXiv 2410.10148. Readings and
+alternatives: ``docs/losses.md``, section alpha-DPO.
 
-``convention`` (digest A2-A3, I10):
+Notation: l_bar = logps / lengths (EOS counted), u = beta * (l_bar_w - l_bar_l) (Eq. 12), M the
+DPO implicit-reward margin (Eq. 10), M* its z-score (Eq. 11) with running statistics
+(``prefopt/losses/running.py``).
+
+``convention`` (the paper's Eq. 10 uses summed log-probs and the margin gamma + alpha M*; the
+authors' code length-normalises M and scales alpha by beta, and the reported alpha values are in
+the code's units):
 - ``code`` (default; the authors' code, ``ln: true``): M = (l_bar_w - l_bar_ref_w) - (l_bar_l -
   l_bar_ref_l), length-normalised, and the margin is gamma + alpha * beta * M*. The reported alpha
   values (0.05, 0.2) and the defaults below are in this convention.
@@ -86,7 +92,7 @@ def alpha_dpo_loss(
 
     u = beta * (l_bar_w - l_bar_l);  M* = (M - mu_M) / (sigma_M + eps) (Eq. 11).
     The whole margin is detached, so no gradient reaches the reference or flows through M:
-    the loss is SimPO with a per-pair constant margin (I2). ``stats_init`` is read by the state;
+    the loss is SimPO with a per-pair constant margin. ``stats_init`` is read by the state;
     ``state=None`` (outside the loop) normalises with the batch's own statistics.
     """
     valid = has_preference(scores, policy.mask) & (scores[:, 0] > scores[:, 1])  # (B,)

@@ -2,9 +2,10 @@
 
 Pairwise losses (K = 2) read column 0 as chosen and column 1 as rejected, valid only where
 scores[:, 0] > scores[:, 1] (as in ``pairwise.py``). RRHF and InfoNCA take any K >= 2 and go
-through ``mask``. Standard forms: SimPO's Table 3 (``digest-alpha-dpo.md`` §5, ``digest-lmpo.md``
-§4.7), checked against the original papers; each docstring names the reading taken where a paper
-leaves a choice (summed vs length-averaged log-probs, NLL normaliser, ties).
+through ``mask``. Standard forms: the SimPO paper's Table 3 (Meng et al. 2024, arXiv 2405.14734),
+checked against the original papers; each docstring names the reading taken where a paper leaves
+a choice (summed vs length-averaged log-probs, NLL normaliser, ties). The readings are collected
+in ``docs/losses.md``, section Baselines.
 """
 
 from __future__ import annotations
@@ -41,7 +42,10 @@ class IPOConfig(LossConfig):
 def ipo_loss(
     policy: GroupStats, ref: GroupStats, scores: Tensor, *, tau: float, average_log_prob: bool
 ) -> LossOutput:
-    """IPO (Azar et al. 2023, Eq. 17): (h_w - h_l - 1/(2 tau))^2, h = log pi - log pi_ref.
+    """IPO (Azar et al. 2023, arXiv 2310.12036, Eq. 17): (h_w - h_l - 1/(2 tau))^2.
+
+    "A General Theoretical Paradigm to Understand Learning from Human Preferences";
+    h = log pi - log pi_ref.
 
     Reading: h uses summed response log-probs, the paper's log pi(y|x); ``average_log_prob``
     gives TRL's variant (both log-probs divided by |y| before the ratio). Implicit reward: h.
@@ -66,7 +70,10 @@ class CPOConfig(LossConfig):
 def cpo_loss(
     policy: GroupStats, ref: GroupStats | None, scores: Tensor, *, beta: float, lam: float
 ) -> LossOutput:
-    """CPO (Xu et al. 2024, Sec. 3: L_CPO = L_prefer + L_NLL; equation number not verified).
+    """CPO (Xu et al. 2024, arXiv 2401.08417, Sec. 3: L_CPO = L_prefer + L_NLL; Eq. unverified).
+
+    "Contrastive Preference Optimization: Pushing the Boundaries of LLM Performance in Machine
+    Translation".
 
     -log sigmoid(beta log pi_w - beta log pi_l) + lam * NLL(y_w)
 
@@ -115,7 +122,9 @@ class ORPOConfig(LossConfig):
 def orpo_loss(
     policy: GroupStats, ref: GroupStats | None, scores: Tensor, *, lam: float
 ) -> LossOutput:
-    """ORPO (Hong et al. 2024, Eqs. 6-7): L_SFT + lam * L_OR.
+    """ORPO (Hong et al. 2024, arXiv 2403.07691, Eqs. 6-7): L_SFT + lam * L_OR.
+
+    "ORPO: Monolithic Preference Optimization without Reference Model".
 
     L_SFT = -log pi_w / |y_w| (token-mean NLL of the chosen response, the paper's L_SFT);
     L_OR  = -log sigmoid(log odds(y_w) - log odds(y_l)), odds = p / (1 - p), p = exp(log pi / |y|).
@@ -143,13 +152,16 @@ class RDPOConfig(LossConfig):
 def rdpo_loss(
     policy: GroupStats, ref: GroupStats, scores: Tensor, *, beta: float, alpha: float
 ) -> LossOutput:
-    """R-DPO (Park et al. 2024, length-regularised DPO; SimPO Table 3 form, Eq. no. unverified).
+    """R-DPO (Park et al. 2024, arXiv 2403.19159; SimPO Table 3 form, Eq. no. unverified).
+
+    "Disentangling Length from Quality in Direct Preference Optimization" (length-regularised
+    DPO).
 
     -log sigmoid(beta (h_w - h_l) + alpha (|y_w| - |y_l|)), h = log pi - log pi_ref (summed)
 
     Sign: the length penalty -alpha |y| in the RLHF objective moves into the implicit reward as
     +alpha |y|, so a longer chosen response already earns margin and is pushed up less. The
-    alpha-DPO repo's R-DPO subtracts, and measures the batch size (digest-alpha-dpo §5); not
+    alpha-DPO authors' code subtracts, and measures the batch size instead of the lengths; not
     copied. |y| counts response tokens including EOS.
     """
     rewards = beta * (policy.logps - ref.logps)  # (B, 2)
@@ -173,7 +185,9 @@ class SLiCHFConfig(LossConfig):
 def slic_hf_loss(
     policy: GroupStats, ref: GroupStats | None, scores: Tensor, *, delta: float, lam: float
 ) -> LossOutput:
-    """SLiC-HF (Zhao et al. 2023, calibration + regulariser; SimPO Table 3 form, Eq. unverified).
+    """SLiC-HF (Zhao et al. 2023, arXiv 2305.10425; SimPO Table 3 form, Eq. unverified).
+
+    "SLiC-HF: Sequence Likelihood Calibration with Human Feedback": calibration + regulariser.
 
     max(0, delta - log pi_w + log pi_l) - lam * log pi_w
 
@@ -200,7 +214,9 @@ class RRHFConfig(LossConfig):
 def rrhf_loss(
     policy: GroupStats, ref: GroupStats | None, scores: Tensor, *, lam: float
 ) -> LossOutput:
-    """RRHF (Yuan et al. 2023, Eqs. 2-4): L_rank + lam * L_ft.
+    """RRHF (Yuan et al. 2023, arXiv 2304.05302, Eqs. 2-4): L_rank + lam * L_ft.
+
+    "RRHF: Rank Responses to Align Language Models with Human Feedback without tears".
 
     p_i    = log pi(y_i) / |y_i|                        (Eq. 2, length-normalised)
     L_rank = sum_{r_i < r_j} max(0, p_i - p_j)         (Eq. 3, every ordered pair, not averaged)
@@ -235,7 +251,9 @@ class InfoNCAConfig(LossConfig):
 def infonca_loss(
     policy: GroupStats, ref: GroupStats, scores: Tensor, *, beta: float, alpha: float
 ) -> LossOutput:
-    """InfoNCA (Chen et al. 2024, NCA; own Eq. no. unverified, SWEPO restates it as Eqs. 23-24).
+    """InfoNCA (Chen et al. 2024, arXiv 2402.05369; Eq. no. unverified; SWEPO's Eqs. 23-24).
+
+    "Noise Contrastive Alignment of Language Models with Explicit Rewards" (InfoNCA and NCA).
 
     -sum_i softmax_i(r / alpha) * log softmax_i(beta * (log pi_i - log pi_ref_i))
 

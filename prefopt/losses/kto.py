@@ -1,5 +1,8 @@
 """KTO: Kahneman-Tversky Optimization (Ethayarajh et al. 2024), on multi-response groups.
 
+"KTO: Model Alignment as Prospect Theoretic Optimization", arXiv 2402.01306, Eq. 8. Readings:
+``docs/losses.md``, section KTO.
+
 Desirable / undesirable labels come from the scores (``labels``): ``best_worst`` marks a group's
 highest-scored response desirable and its lowest undesirable (the binarized-UltraFeedback
 convention the SimPO/alpha-DPO baseline tables use); ``mean_split`` marks responses above the

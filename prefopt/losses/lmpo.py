@@ -1,14 +1,18 @@
-"""LMPO: Length-controlled Margin-based Preference Optimization, reference-free (paper 004).
+"""LMPO: Length-Controlled Margin-Based Preference Optimization without Reference Model.
 
-Notation follows ``shared/papers/digest-lmpo.md``: avg = logps / lengths (EOS counted), the
-home-court advantage h enters as the additive margin log h (Eq. 3 / 10, reading A), the length-
+Anonymous ACL submission, arXiv 2502.14643. Readings and alternatives: ``docs/losses.md``,
+section LMPO.
+
+Notation: avg = logps / lengths (EOS counted); the home-court advantage h multiplies exp(-d)
+(Eqs. 3, 10), i.e. enters as the additive margin log h, not scaled by beta; the length-
 controlled margin m (Eqs. 7-8) is z-scored with running statistics (Eq. 9 with the EMA of Eqs.
 20-22, ``prefopt/losses/running.py``) into m_bar.
 
-Readings: p is Eq. 8's length-normalised probability, not the sequence probability of App. A
-Eq. 29 (digest 1.6); m has no factor 1/2 (the code's /2 is a no-op under the z-score); ``detach``
-False lets the gradient flow through m as in App. A, True detaches lam * m_bar as the authors'
-code does (then LMPO is SimPO with a per-pair margin log h + lam * m_bar, digest T14).
+Readings: p is Eq. 8's length-normalised probability, not the sequence probability that App. A
+Eq. 29 differentiates (which is ~0 for real responses, making m constant); m has no factor 1/2
+(the authors' code's /2 is a no-op under the z-score); ``detach`` False lets the gradient flow
+through m as in App. A, True detaches lam * m_bar as the authors' code does (then LMPO is SimPO
+with a per-pair margin log h + lam * m_bar).
 """
 
 from __future__ import annotations

@@ -36,7 +36,10 @@ class DPOConfig(LossConfig):
 def dpo_loss(
     policy: GroupStats, ref: GroupStats, scores: Tensor, *, beta: float, label_smoothing: float
 ) -> LossOutput:
-    """DPO (Rafailov et al. 2023, Eq. 7): -log sigmoid(beta * ((pi_w - ref_w) - (pi_l - ref_l))).
+    """DPO (Rafailov et al. 2023, arXiv 2305.18290, Eq. 7).
+
+    "Direct Preference Optimization: Your Language Model is Secretly a Reward Model":
+    -log sigmoid(beta * ((pi_w - ref_w) - (pi_l - ref_l))), summed log-probs.
 
     ``label_smoothing`` > 0 gives conservative DPO (Mitchell 2023); 0 is the paper's loss.
     """
@@ -65,7 +68,9 @@ def simpo_loss(
     gamma: float,
     label_smoothing: float,
 ) -> LossOutput:
-    """SimPO (Meng et al. 2024, Eq. 6).
+    """SimPO (Meng et al. 2024, arXiv 2405.14734, Eq. 6).
+
+    "SimPO: Simple Preference Optimization with a Reference-Free Reward".
 
     -log sigmoid(beta/|y_w| log pi_w - beta/|y_l| log pi_l - gamma)
 

@@ -1,18 +1,23 @@
-"""REFA: Reference-Free Alignment for multi-preference optimization (Gupta et al.; paper 000).
+"""REFA: Reference Free Alignment for multi-preference optimization.
 
-Notation follows ``shared/papers/digest-refa.md``: mean split Y+ = {r > r_bar}, Y- = {r <= r_bar}
-(Eqs. 1-2), length-normalised log-probs l_bar = logps / lengths (Eq. 3, EOS counted in |y|:
-reading L1), deviation dS = (r - r_bar)^p (App. C.4), EOS regularizer R (Eq. 33).
+Gupta, Madhavan, Zhang, Bansal, Rajmohan, arXiv 2412.16378 (the early version with Eqs. 1-34;
+the later version's EOS regularizers are not implemented). Readings and alternatives:
+``docs/losses.md``, section REFA.
 
-Policy for groups without signal (digest U7: all scores equal, so Y+ is empty and the loss is
--log 0; or fewer than 2 real responses): the group is invalid; it gets no loss (its EOS regularizer
-is dropped too), is excluded from the batch mean and counted in ``skipped_groups``.
+Notation: mean split Y+ = {r > r_bar}, Y- = {r <= r_bar} (Eqs. 1-2: ties with the mean are
+negative), length-normalised log-probs l_bar = logps / lengths (Eq. 3; the paper does not say
+whether EOS counts in |y|, here it does), deviation dS = (r - r_bar)^p (App. C.4), EOS regularizer
+R (Eq. 33).
 
-Variants (digest section 3): ``refa_dynamic`` (Eq. 34, the paper's method), ``refa_1vsall``
-(Eq. 20 + LN + R), and the three reference-free InfoNCA variants ``refa_infonca``,
-``refa_infonca_dynamic`` and ``refa_infonca_1vsall`` (named in Table 3 only, rebuilt from
-App. A-C). The InfoNCA target temperature is ``target_alpha``, distinct from the deviation
-scale ``alpha`` of Eq. 8 (the paper calls both alpha).
+Groups without signal (all scores equal, so Y+ is empty and the loss would be -log 0; or fewer
+than 2 real responses) are invalid: no loss (their EOS regularizer is dropped too), excluded from
+the batch mean and counted in ``skipped_groups``.
+
+Variants: ``refa_dynamic`` (Eq. 34, the paper's method), ``refa_1vsall`` (Eq. 20 + LN + R), and
+the three reference-free InfoNCA variants ``refa_infonca``, ``refa_infonca_dynamic`` and
+``refa_infonca_1vsall`` (named in Table 3 only; their formulas are rebuilt here from App. A-C).
+The InfoNCA target temperature is ``target_alpha``, distinct from the deviation scale ``alpha``
+of Eq. 8 (the paper calls both alpha).
 """
 
 from __future__ import annotations
@@ -61,8 +66,8 @@ def mean_split(scores: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(B, K) Y+ = {r > r_bar} (Eq. 1), Y- = the other real responses (Eq. 2: ties with the mean
     are negative), and (B,) validity: both sets non-empty.
 
-    Validity is read from the sets (U7), not from the scores: with near-equal scores the rounded
-    mean can reach the maximum.
+    Validity is read from the sets (an empty Y+ means all scores are equal), not from the
+    scores: with near-equal scores the rounded mean can reach the maximum.
     """
     r_bar = masked_mean(scores, mask)[:, None]
     pos = mask & (scores > r_bar)
@@ -73,8 +78,9 @@ def mean_split(scores: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 def top_split(scores: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(B, K) Y+ = {argmax r}, Y- = every other real response (Eq. 20), and (B,) validity.
 
-    Ties for the top go to the first index (digest V2, App. C.3 "pick the first '8'"), so a tied
-    runner-up is a negative. Valid where the real scores are not all equal.
+    Ties for the top go to the first index (the paper does not say; its App. C.3 example "pick
+    the first '8'" suggests it), so a tied runner-up is a negative. Valid where the real scores
+    are not all equal.
     """
     best, _ = best_worst(scores, mask)
     pos = F.one_hot(best, scores.shape[-1]).bool() & mask
@@ -83,7 +89,7 @@ def top_split(scores: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 def set_contrast(z: Tensor, pos: Tensor, neg: Tensor, valid: Tensor, gamma: float = 1.0) -> Tensor:
     """(B,) -log(A / (A + gamma B)), A = sum_{Y+} e^z, B = sum_{Y-} e^z, in the stable form
-    softplus(log gamma + LSE_{Y-}(z) - LSE_{Y+}(z)) (digest section 2).
+    softplus(log gamma + LSE_{Y-}(z) - LSE_{Y+}(z)), the same value without overflow.
 
     Slots outside both sets reach neither the value nor the gradient. Invalid rows get both sets
     filled (other slots' z set to 0) so that the LSEs stay finite and no NaN reaches backward;
@@ -105,8 +111,8 @@ def set_contrast(z: Tensor, pos: Tensor, neg: Tensor, valid: Tensor, gamma: floa
 @dataclass
 class REFADynamicConfig(LossConfig):
     name: str = "refa_dynamic"
-    beta: float = 2.5  # inverse temperature on l_bar + alpha*dS (section 7 range: 2.0-4.0)
-    gamma: float = 1.0  # weight of the negative set (section 7 range: 0.7-1.4)
+    beta: float = 2.5  # inverse temperature on l_bar + alpha*dS (paper's Sec. 7 range: 2.0-4.0)
+    gamma: float = 1.0  # weight of the negative set (paper's Sec. 7 range: 0.7-1.4)
     alpha: float = 0.5  # deviation-weight scale, Eq. 8 (no value reported in the paper)
     p: float = 2.0  # deviation power (App. C.4); p = 2 is the headline method
     deviation: str = "signed"  # signed (r - r_bar)^p as printed | abs |r - r_bar|^p (SWEPO)
@@ -128,7 +134,7 @@ def refa_dynamic_loss(
     lam: float,
     length_normalize: bool,
 ) -> LossOutput:
-    """REFA-dynamic, Eq. 34 = Eq. 24 (Eq. 11) + Eq. 33, in the stable form of digest section 2.
+    """REFA-dynamic, Eq. 34 = Eq. 24 (Eq. 11) + Eq. 33, in a numerically stable form.
 
     z_y = beta * (l_bar_y + alpha * dS_y)
     L   = softplus(log gamma + LSE_{Y-}(z) - LSE_{Y+}(z)) + lam * sum_y P(EOS at |y|)
@@ -161,8 +167,8 @@ def _weighted_contrast(
 @dataclass
 class REFA1vsAllConfig(LossConfig):
     name: str = "refa_1vsall"
-    beta: float = 3.0  # inverse temperature on l_bar + alpha*dS (section 7 range 2.0-4.0, midpoint)
-    gamma: float = 1.05  # weight of the negative set (section 7 range 0.7-1.4, midpoint)
+    beta: float = 3.0  # inverse temperature on l_bar + alpha*dS (Sec. 7 range 2.0-4.0, midpoint)
+    gamma: float = 1.05  # weight of the negative set (paper's Sec. 7 range 0.7-1.4, midpoint)
     alpha: float = 0.5  # deviation-weight scale, Eq. 8 (no value reported in the paper)
     p: float = 2.0  # deviation power (App. C.4); only p = 2 is reported for 1-vs-all (Table 3)
     deviation: str = "signed"  # signed (r - r_bar)^p as printed | abs |r - r_bar|^p (SWEPO)
@@ -189,10 +195,11 @@ def refa_1vsall_loss(
     z_y = beta * (l_bar_y + alpha * dS_y),  Y+ = {argmax r},  Y- = every other real response
     L   = softplus(log gamma + LSE_{Y-}(z) - LSE_{Y+}(z)) + lam * sum_y P(EOS at |y|)
 
-    Reading V1 [RECON]: the paper prints only Eq. 20 (no LN, no R); LN and R are added as Eq. 24
-    and Eq. 34 add them to the dynamic loss (``length_normalize=False, lam=0`` is Eq. 20).
-    dS uses the mean of all K scores, so Y- holds above-mean runners-up, which under p = 1 get
-    the largest negative weights (digest 3.2). Top ties: first index (V2). Reference-free.
+    Reading: the paper prints only Eq. 20 (no LN, no R) and does not say whether Table 3's row
+    adds them; here LN and R are added the way Eq. 24 and Eq. 34 add them to the dynamic loss
+    (``length_normalize=False, lam=0`` is Eq. 20). dS uses the mean of all K scores, as printed,
+    so Y- holds above-mean runners-up, which under p = 1 get the largest negative weights. Top
+    ties: first index. Reference-free.
     """
     pos, neg, valid = top_split(scores, policy.mask)
     out = _weighted_contrast(policy, scores, pos, neg, valid, beta=beta, gamma=gamma, alpha=alpha,
@@ -204,7 +211,7 @@ def refa_1vsall_loss(
 
 
 # ----------------------------------------------------------------------------------------------
-# Reference-free InfoNCA variants (App. A-C; digest 3.3-3.5)
+# Reference-free InfoNCA variants (named in Table 3; rebuilt from App. A-C)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -254,7 +261,7 @@ def _target(scores: Tensor, support: Tensor, valid: Tensor, target_alpha: float)
 @dataclass
 class REFAInfoNCAConfig(LossConfig):
     name: str = "refa_infonca"
-    beta: float = 2.25  # inverse temperature on l_bar (section 7 range 2.0-2.5, midpoint)
+    beta: float = 2.25  # inverse temperature on l_bar (paper's Sec. 7 range 2.0-2.5, midpoint)
     target_alpha: float = 1.0  # p^target = softmax(target_alpha * r), Eq. 14 (none reported)
     lam: float = 0.0  # EOS regularizer weight, Eq. 33; the paper does not say R is added
     length_normalize: bool = True  # l_bar (Eq. 3) in the model softmax; False: summed logps
@@ -275,8 +282,9 @@ def refa_infonca_loss(
 
     L = -sum_{i=1..K} p_i^target log softmax_i(beta * l_bar) [+ lam * sum_y P(EOS at |y|)]
 
-    Reading [RECON, digest 3.3]: LN and beta as in Eq. 24 (the beta range 2.0-2.5 is the
-    per-token scale); no deviation weights, no gamma; R off by default (lam = 0: unstated).
+    Reading (the paper names this variant but prints no formula): LN and beta as in Eq. 24 (the
+    paper's beta range 2.0-2.5 is a per-token scale); no deviation weights, no gamma; R off by
+    default (lam = 0), since the paper does not say it is added.
     Groups whose scores are all equal (a uniform target, no preference) are invalid.
     """
     valid = has_preference(scores, policy.mask)
@@ -289,7 +297,7 @@ def refa_infonca_loss(
 @dataclass
 class REFAInfoNCADynamicConfig(REFAInfoNCAConfig):
     name: str = "refa_infonca_dynamic"
-    renormalize_target: bool = False  # V3: False keeps p^target over all K (Fix 1 as printed)
+    renormalize_target: bool = False  # False keeps p^target over all K (Fix 1 as printed)
 
 
 @register_loss("refa_infonca_dynamic", REFAInfoNCADynamicConfig)
@@ -308,8 +316,9 @@ def refa_infonca_dynamic_loss(
 
     L = -sum_{i in Y+} p_i^target log softmax_i(beta * l_bar) [+ R],  softmax over all K
 
-    Reading [RECON, digest 3.4], Y+ = {r > r_bar} (Eq. 1). V3: p^target is the softmax over all
-    K (default), or renormalised over Y+ (``renormalize_target``). R off by default (lam = 0).
+    Reading (named but not printed in the paper): Fix 1 with Y+ = {r > r_bar} (Eq. 1). The paper
+    leaves open whether p^target is renormalised over Y+: by default it is the softmax over all
+    K, as Fix 1 prints it; ``renormalize_target`` renormalises. R off by default (lam = 0).
     """
     mask = policy.mask
     pos, _, valid = mean_split(scores, mask)
@@ -325,7 +334,7 @@ def refa_infonca_dynamic_loss(
 @dataclass
 class REFAInfoNCA1vsAllConfig(REFAInfoNCAConfig):
     name: str = "refa_infonca_1vsall"
-    target_weight: bool = False  # V4: False c = 1 (Fix 2 as printed) | True c = p^target_top
+    target_weight: bool = False  # False c = 1 (Fix 2 as printed) | True c = p^target_top
 
 
 @register_loss("refa_infonca_1vsall", REFAInfoNCA1vsAllConfig)
@@ -344,8 +353,9 @@ def refa_infonca_1vsall_loss(
 
     L = -c * log softmax_{i*}(beta * l_bar) [+ R],  i* = argmax r (first index on ties)
 
-    Reading [RECON, digest 3.5], V4: c = 1 (default) or c = p_{i*}^target (``target_weight``);
-    ``target_alpha`` matters only then. The per-positive reading of section 8 is not offered.
+    Reading (named but not printed in the paper): the weight c is left open; c = 1 by default
+    (Fix 2 as printed) or c = p_{i*}^target (``target_weight``), and ``target_alpha`` matters only
+    then. A per-positive loss over Y+ (another reading of the paper's Section 8) is not offered.
     R off by default (lam = 0).
     """
     mask = policy.mask

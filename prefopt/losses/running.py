@@ -9,8 +9,8 @@ unbiased one (``torch.std``, as both codes), 0 for fewer than two values.
 
 ``stats_init`` (before the first update): ``batch`` starts the averages at the first step's
 statistics and, until then, normalises with the current micro-batch's own mean and std (bias-free
-initialisation, digest-lmpo section 1.7); ``zero`` starts them at 0, as both authors' codes do
-(no bias correction: the first margins are inflated by about 1 / (1 - decay)).
+initialisation; LMPO's paper gives no initial values); ``zero`` starts them at 0, as both
+authors' codes do (no bias correction: the first margins are inflated by about 1 / (1 - decay)).
 
 ``zscore_stats`` (what normalises the current batch): ``running`` uses the state passed in, the
 statistics of the previous steps (LMPO Eq. 20 normalises with alpha_t, then Eq. 21 updates; alpha-

@@ -1,31 +1,41 @@
-"""SPO: Soft Preference Optimization (Sharifnassab et al.; paper 002, ``digest-spo.md``).
+"""SPO: Soft Preference Optimization.
 
-L_SPO = L_pref + kl_weight * D_KL(pi || pi_ref) (Eq. 6, Algorithm 1; kl_weight = the D.2 "beta",
-reading A1-i). This module holds the preference term, a pure (B, K) loss over summed response
-log-probs l = log pi(y|x) (never length-normalised); the per-position piece of the regularizer
-(Eq. 15) is ``prefopt.stats.token_kl``. The preference term does not use pi_ref; the loop adds
-the KL term on on-policy samples (the ``kl_*`` config fields), which is where pi_ref enters.
+"Soft Preference Optimization: Aligning Language Models to Expert Distributions", Sharifnassab,
+Salehkaleybar, Ghiassian, Kanoria, Schuurmans, arXiv 2405.00747. Readings and alternatives:
+``docs/losses.md``, section SPO.
+
+L_SPO = L_pref + kl_weight * D_KL(pi || pi_ref) (Eq. 6, Algorithm 1). kl_weight is the "beta"
+that App. D.2 sweeps but never defines, read as the weight of the KL term (the only knob left;
+beta on L_pref instead is less plausible). This module holds the preference term, a pure (B, K)
+loss over summed response log-probs l = log pi(y|x) (never length-normalised); the per-position
+piece of the regularizer (Eq. 15) is ``prefopt.stats.token_kl``. The preference term does not
+use pi_ref; the loop adds the KL term on on-policy samples (the ``kl_*`` config fields), which is
+where pi_ref enters.
 
 Every form is built from one term on a set T that holds a response i and its competitors:
     term(i, T) = -(1/alpha) log( pi_i^alpha / sum_{j in T} pi_j^alpha )
                = -(1/alpha) log_softmax(alpha * l_T)_i  (= (1/alpha) softplus(-alpha dl) for a pair)
 with T(i) = {i} + {j : score_j < score_i}, so tied responses never compete with each other.
 
-Readings (digest section 1.10), chosen here:
+Readings chosen here (the paper leaves these open):
 - pairwise on K > 2: all ordered pairs with distinct scores (the winner scored higher), averaged,
   so every pair of a group is one draw of the BT pair distribution D of Theorem 1 with equal b.
 - best_of_n with several top-scored responses: the mean of their terms (each against the
   strictly worse ones); one best response is Eq. 16 exactly.
 - ranked with ties: responses with equal scores share a rank and leave each other out of T
   (a Breslow-style tie rule); strict rankings are Eq. 17 exactly. The decay is eta^(k-1) on the
-  k-th term (A7 leaves the offset open; k - 1 keeps the top term at 1, so K = 2 is Eq. 11).
-- n-ary mu (A6): mu(T) = 2 sigmoid((sum_{j in T} pi_j)^gamma - E_hat), one mu per term set.
-- E_hat (A5): the previous optimizer step's mean over every weighted set of the effective batch
-  (all micro-batches and ranks, through ``state``); the micro-batch mean on the first step or
-  without state. Any symmetric positive mu keeps the fixed point (Theorem 2a), so the lag is safe,
-  while a micro-batch of one group would make mu identically 1 (digest section 6, item 4).
+  k-th term (the paper's eta^k leaves the offset open; k - 1 keeps the top term at 1, so K = 2
+  is Eq. 11).
+- n-ary mu (Eq. 13 is pairwise only): mu(T) = 2 sigmoid((sum_{j in T} pi_j)^gamma - E_hat), one mu
+  per term set.
+- E_hat ("the current batch" in the paper): the previous optimizer step's mean over every
+  weighted set of the effective batch (all micro-batches and ranks, through ``state``); the
+  micro-batch mean on the first step or without state. Any symmetric positive mu keeps the
+  fixed point (Theorem 2a), so the lag is safe, while a micro-batch of one group (the paper's
+  per-device batch) would make mu identically 1.
 - alpha = 0: Eq. 10/12 for pairs; other sets use the alpha -> 0+ gradient limit
-  -(l_i - mean_T l) (not defined in the paper, A8). Unbounded below: it needs the KL term.
+  -(l_i - mean_T l) (the paper's alpha = 0 claims do not hold: the loss is linear in the
+  logits). Unbounded below: it needs the KL term.
 """
 
 from __future__ import annotations
@@ -67,7 +77,7 @@ class SPOConfig(LossConfig):
     alpha: float = 0.001  # softmax exponent; fixed point Softmax(r/alpha); swept {1e-3, 1e-2, 1e-1}
     gamma: float = 0.01  # exponent in mu (Eq. 13); 0.01 in every weighted run, never swept
     eta: float = 1.0  # ranked only: decay eta^(k-1) of the k-th term (App. D.2 sweeps {1, 0.5})
-    # Read by the loop, not by the loss function (Algorithm 1, digest section 1.7):
+    # Read by the loop, not by the loss function (Algorithm 1 and the estimator of Eq. 15):
     kl_weight: float = 0.1  # beta on the token-wise KL (D.2 sweeps {0.01, 0.1}); 0 turns it off
     kl_every: int = 8  # T: regenerate the on-policy sample batch every T optimizer steps
     kl_num_samples: int = 32  # |B|: samples per regeneration, one per recent training prompt

@@ -1,8 +1,9 @@
-"""SWEPO: Simultaneous Weighted Preference Optimization (Gupta et al.; paper 003).
+"""SWEPO: Simultaneous Weighted Preference Optimization for Group Contrastive Alignment.
 
-Paper 003 is arXiv 2412.04628v3, whose extracted text has lost every formula: everything here
-follows the reconstruction of ``shared/papers/digest-swepo.md`` (section 1), whose readings are
-named in the docstring of ``swepo_loss``.
+Gupta, Madhavan, Zhang, Bansal, Rajmohan, arXiv 2412.04628 v3 (v4, renamed "Multi-Preference
+Optimization", differs). The text of v3 we work from has lost its formulas, so the loss here is
+rebuilt from the prose, the proofs and the gradients; the readings taken are named in the
+docstring of ``swepo_loss`` and argued in ``docs/losses.md``, section SWEPO.
 SWEPO is the reference-based ancestor of REFA (``refa.py``) and shares its mean split and set
 contrast: -log(sum_{Y+} w e^s / sum_all w e^s), the positives summed inside the log.
 """
@@ -28,9 +29,9 @@ def swepo_log_weights(
 ) -> tuple[Tensor, Tensor]:
     """(B, K) log w of each real response and (B, K) keep: the responses with w > 0.
 
-    power (reading A, Sec. 4.3 "the p-th power of the deviation"): w = |dS|^p, with w = 1 for
+    power (Sec. 4.3 "the p-th power of the deviation"): w = |dS|^p, with w = 1 for
         p = 0 (unweighted); for p > 0 a response exactly at the mean has w = 0 and drops out.
-    exp (reading B, Sec. 4.1 "exponentiating their deviations ... with a chosen power"):
+    exp (Sec. 4.1 "exponentiating their deviations ... with a chosen power"):
         w = exp(alpha * |dS|^p); p = 1 is Eqs. 5-6, p = 0 is a constant weight that cancels.
     dS = S - S_mean over the real responses (Eqs. 1-2), no std normalisation; no gradient.
     """
@@ -53,10 +54,10 @@ class SWEPOConfig(LossConfig):
     name: str = "swepo"
     beta: float = 0.1  # scale of the log-ratio (never named or valued in the paper; DPO's default)
     mode: str = "dynamic"  # dynamic: mean split (Eqs. 3-4) | 1vsk: top response vs all others
-    weighting: str = "power"  # power: w = |dS|^p (reading A) | exp: w = exp(alpha |dS|^p) (B)
+    weighting: str = "power"  # power: w = |dS|^p (Sec. 4.3) | exp: w = exp(alpha |dS|^p) (4.1)
     p: float = 1.0  # deviation power; Table 1 reports p = 0, 1, 2 (p = 1 best on Mistral)
     alpha: float = 1.0  # exp weighting scale (Eqs. 5-6; value never given); unused by power
-    beta_on_weights: bool = False  # beta2: z = beta (h + log w) | False, beta1: z = beta h + log w
+    beta_on_weights: bool = False  # True: z = beta (h + log w) | False: z = beta h + log w
 
 
 @register_loss("swepo", SWEPOConfig, needs_reference=True)
@@ -77,9 +78,10 @@ def swepo_loss(
     h = log pi(y) - log pi_ref(y) (summed log-probs),  z = beta * h + log w
     L = -log( sum_{Y+} e^z / sum_{all} e^z ) = softplus(LSE_{Y-}(z) - LSE_{Y+}(z))
 
-    Readings (digest-swepo 1.3-1.5): weights w from ``weighting`` (see ``swepo_log_weights``;
-    negatives use |dS|, the sign flip of Eq. 6); beta1 (default: beta scales the log-ratio only,
-    Algorithm 1 lines 7-9) or beta2 (``beta_on_weights``); no length normalisation; the
+    Readings: weights w from ``weighting`` (see ``swepo_log_weights``; negatives use |dS|, the
+    sign flip of Eq. 6); the paper never names beta: by default it scales the log-ratio only
+    (Algorithm 1 scales the score after computing the weights), ``beta_on_weights`` scales
+    h + log w; no length normalisation; the
     reference and the weights carry no gradient. ``mode="1vsk"``: Y+ = the top response (first
     index on ties), Y- = all others, weights from the mean of all K (only p = 0 is reported).
     Responses with w = 0 (power, p > 0, exactly at the mean) leave both sets; a group is valid
