@@ -1,8 +1,9 @@
 """Checkpoints: sharded model + optimizer (torch.distributed.checkpoint) and a small TrainState.
 
 Layout: ``<run_dir>/checkpoints/step_000030/`` with DCP shards (``*.distcp``, ``.metadata``),
-``train_state.pt`` (rank 0: step, data position, counters, loss state, RNG) and ``rng_rank<r>.pt``
-for the other ranks. Everything is written into a hidden temporary directory that rank 0 renames
+``train_state.pt`` (rank 0: step, data position, counters, loss state, RNG, SPO samples) and
+``rng_rank<r>.pt`` for the other ranks (their RNG and their own SPO samples). Everything is
+written into a hidden temporary directory that rank 0 renames
 when all ranks are done, so a crash mid-write leaves the previous checkpoint as the latest good
 one. The learning-rate schedule is a pure function of the step: the step is all the scheduler
 state there is. Resuming needs the same world size (per-rank data slices and RNG).
@@ -35,7 +36,7 @@ class TrainState:
     tokens: int = 0
     wall_time: float = 0.0
     loss_state: dict = field(default_factory=dict)  # running statistics of stateful losses
-    kl_samples: list = field(default_factory=list)  # SPO's on-policy samples (prompt, response)
+    kl_samples: list = field(default_factory=list)  # this rank's SPO samples (prompt, response)
     world_size: int = 1
     rng: dict = field(default_factory=dict)
 
@@ -75,7 +76,8 @@ def save_checkpoint(
     if is_main():
         torch.save(asdict(state), tmp / "train_state.pt")
     else:
-        torch.save(state.rng, tmp / f"rng_rank{_rank()}.pt")
+        torch.save({"rng": state.rng, "kl_samples": state.kl_samples},
+                   tmp / f"rng_rank{_rank()}.pt")  # fmt: skip
     barrier()
     if is_main():
         if final.exists():  # re-saving the same step (e.g. resumed at the end): replace it
@@ -126,6 +128,8 @@ def load_checkpoint(
     set_state_dict(model, optimizer, model_state_dict=loaded["model"],
                    optim_state_dict=loaded["optim"])  # fmt: skip
     rank = _rank()
-    set_rng_state(state.rng if rank == 0 else torch.load(path / f"rng_rank{rank}.pt",
-                                                         weights_only=False))  # fmt: skip
+    if rank > 0:  # every rank draws its own on-policy samples from its own prompts
+        own = torch.load(path / f"rng_rank{rank}.pt", weights_only=False)
+        state.rng, state.kl_samples = own["rng"], own["kl_samples"]
+    set_rng_state(state.rng)
     return state

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
+from typing import NamedTuple
 
 import datasets
 import torch
+from torch import Tensor
 
 from prefopt import parallel
 from prefopt.data.collate import Batch
@@ -14,7 +16,8 @@ from prefopt.data.packing import collate_layout
 from prefopt.losses import LossSpec
 from prefopt.losses.registry import LossFn, LossState
 from prefopt.metrics import MetricSums
-from prefopt.parallel import StatsModel
+from prefopt.mismatched import kl_estimate
+from prefopt.parallel import StatsModel, rank_slice
 from prefopt.types import LossOutput
 
 
@@ -26,7 +29,10 @@ def forward_loss(
     loss_fn: LossFn,
     chunk_size: int,
     loss_state: LossState | None = None,
+    extra: dict[str, Tensor] | None = None,
 ) -> LossOutput:
+    """The batch's statistics (and the reference's), then the loss. ``extra``: per-step inputs a
+    loss declares (KTO's ``kl_estimate``), computed once for the whole step."""
     stats = policy(batch, chunk_size)
     ref_stats = None
     if spec.needs_reference and batch.ref_logps is not None:  # trainer.reference=precompute
@@ -37,16 +43,36 @@ def forward_loss(
     elif spec.needs_reference:
         with torch.no_grad():
             ref_stats = ref(batch, chunk_size)
-    extra = {}
+    kwargs = dict(extra or {})
     if spec.state is not None:
-        extra["state"] = loss_state
-    if spec.needs_mismatched:  # KTO: detached KL baseline from mismatched (prompt, response)
-        with torch.no_grad():
-            mismatched = batch.mismatched
-            extra["mismatched_log_ratio"] = (
-                policy(mismatched, chunk_size).logps - ref(mismatched, chunk_size).logps
-            )
-    return loss_fn(stats, ref_stats, batch.scores, **extra)
+        kwargs["state"] = loss_state
+    return loss_fn(stats, ref_stats, batch.scores, **kwargs)
+
+
+class StepInputOptions(NamedTuple):
+    batch_groups: int
+    pad_id: int
+    chunk_size: int
+    autocast: AbstractContextManager
+
+
+def step_inputs(
+    policy: StatsModel,
+    ref: StatsModel | None,
+    data: datasets.Dataset,
+    views: list[View],
+    order: list[int],
+    spec: LossSpec,
+    opts: StepInputOptions,
+) -> dict[str, Tensor]:
+    """Loss inputs computed once over a whole step (or evaluation set), not per micro-batch:
+    KTO's ``kl_estimate`` over the mismatched pairs of ``order`` (all ranks together)."""
+    if not spec.needs_mismatched:
+        return {}
+    est = kl_estimate(policy, ref, data, views, order, batch_groups=opts.batch_groups,
+                      pad_id=opts.pad_id, chunk_size=opts.chunk_size,
+                      autocast=opts.autocast)  # fmt: skip
+    return {"kl_estimate": est}
 
 
 def batches(
@@ -56,22 +82,13 @@ def batches(
     size: int,
     pad_id: int,
     device: torch.device | str,
-    mismatched: bool = False,
     layout: str = "padded",
 ):
     """Collated batches of ``size`` views taken in ``order``, in ``layout``."""
     for start in range(0, len(order), size):
         chunk = [views[i] for i in order[start : start + size]]
         groups = [(group_at(data, row), idx) for row, idx in chunk]
-        yield collate_layout(groups, pad_id, layout, mismatched).to(device)
-
-
-def rank_slice(n: int, rank: int, world_size: int) -> tuple[list[int], int]:
-    """This rank's share of ``range(n)`` padded (by wrapping around) to the same length on every
-    rank, so all ranks run the same number of sharded forwards; and how many are its own."""
-    own = list(range(rank, n, world_size))
-    width = -(-n // world_size)
-    return own + [(rank + world_size * i) % n for i in range(len(own), width)], len(own)
+        yield collate_layout(groups, pad_id, layout).to(device)
 
 
 @torch.no_grad()
@@ -98,12 +115,14 @@ def evaluate(
     policy.eval()
     sums = MetricSums()
     device = next(policy.parameters()).device
+    extra = step_inputs(policy, ref, data, views, list(range(len(views))), spec,
+                        StepInputOptions(batch_groups, pad_id, chunk_size, autocast))  # fmt: skip
     order, own = rank_slice(len(views), rank, world_size)
     for start, batch in zip(range(0, len(order), batch_groups),
                             batches(data, views, order, batch_groups, pad_id, device,
-                                    spec.needs_mismatched, layout), strict=True):  # fmt: skip
+                                    layout), strict=True):  # fmt: skip
         with autocast:
-            out = forward_loss(policy, ref, batch, spec, loss_fn, chunk_size, loss_state)
+            out = forward_loss(policy, ref, batch, spec, loss_fn, chunk_size, loss_state, extra)
         keep = torch.arange(start, start + batch.num_groups, device=out.valid.device) < own
         sums.add(out, batch.num_tokens, keep)
     policy.train(was_training)

@@ -261,6 +261,18 @@ def full_state_dict(module: nn.Module) -> dict[str, Tensor]:
     return {k.removeprefix("model."): v for k, v in sd.items() if k not in tied}
 
 
+def rank_slice(n: int, rank: int, world_size: int) -> tuple[list[int], int]:
+    """This rank's share of ``range(n)`` padded (by wrapping around) to the same length on every
+    rank, so all ranks run the same number of sharded forwards; and how many are its own."""
+    own = list(range(rank, n, world_size))
+    width = -(-n // world_size)
+    return own + [(rank + world_size * i) % n for i in range(len(own), width)], len(own)
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
 def size() -> int:
     """The number of ranks (1 without a process group)."""
     return dist.get_world_size() if dist.is_initialized() else 1

@@ -18,8 +18,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from prefopt.atomic import publish_dir
 from prefopt.data.loading import make_views
-from prefopt.evaluation import batches, rank_slice
-from prefopt.parallel import StatsModel, all_gather_objects, barrier, is_main, reshard
+from prefopt.evaluation import batches
+from prefopt.parallel import (
+    StatsModel,
+    all_gather_objects,
+    barrier,
+    is_main,
+    rank_slice,
+    reshard,
+)
 
 log = logging.getLogger(__name__)
 

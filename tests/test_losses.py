@@ -555,12 +555,12 @@ def capability_inputs(spec, cfg, B: int) -> dict:
     if spec.state is not None:
         extra["state"] = spec.state.init(**spec.hparams(cfg))
     if spec.needs_mismatched:
-        extra["mismatched_log_ratio"] = torch.zeros(B, 1, dtype=F64)
+        extra["kl_estimate"] = torch.zeros((), dtype=F64)
     return extra
 
 
 CONF_LOSS = Path(__file__).resolve().parents[1] / "conf" / "loss"
-CAPABILITY_INPUTS = {"state", "mismatched_log_ratio"}  # passed by the loop, never from the config
+CAPABILITY_INPUTS = {"state", "kl_estimate"}  # passed by the loop, never from the config
 SPO_LOOP_FIELDS = {"kl_weight", "kl_every", "kl_num_samples", "kl_max_new_tokens"}
 
 
@@ -584,7 +584,7 @@ def test_registry_yaml_dataclass_and_signature_agree(name):
     loop_read = SPO_LOOP_FIELDS if spec.on_policy_kl else set()
     assert set(defaults) - hparams == {"name"} | loop_read
     assert ("state" in keyword_only) == (spec.state is not None)
-    assert ("mismatched_log_ratio" in keyword_only) == spec.needs_mismatched
+    assert ("kl_estimate" in keyword_only) == spec.needs_mismatched
 
 
 @pytest.mark.parametrize("name", sorted(LOSSES))

@@ -26,8 +26,6 @@ class Batch(NamedTuple):
     has_eos: Tensor  # (B, K) bool
     ref_logps: Tensor | None = None  # (B, K) precomputed reference log-probs, when cached
     ref_eos_logps: Tensor | None = None  # (B, K)
-    # KTO's KL baseline: prompt b with the first response of group (b + 1) % B, as (B, 1) rows.
-    mismatched: Batch | None = None
     sequence_tokens: int = 0  # prompt + response tokens of every row, counted at collate time
 
     @property
@@ -46,17 +44,13 @@ class Batch(NamedTuple):
         return self.input_ids.numel()
 
     def to(self, device: torch.device | str) -> Batch:
-        return Batch(*(t.to(device) if isinstance(t, Tensor | Batch) else t for t in self))
+        return Batch(*(t.to(device) if isinstance(t, Tensor) else t for t in self))
 
 
 def collate(
-    groups: list[tuple[TokenizedGroup, tuple[int, ...]]], pad_id: int, mismatched: bool = False
+    groups: list[tuple[TokenizedGroup, tuple[int, ...]]], pad_id: int
 ) -> Batch:
-    """Lay out groups (each with the response indices of its view) as padded rows.
-
-    ``mismatched`` adds the (prompt b, a response of group b + 1) rows that KTO's KL baseline
-    needs; with a single group the prompt is paired with its own response (no other is there).
-    """
+    """Lay out groups (each with the response indices of its view) as padded rows."""
     rows = [
         (b, k, g.prompt_ids, g.response_ids[r])
         for b, (g, idx) in enumerate(groups)
@@ -79,7 +73,6 @@ def collate(
         *group_fields(groups),
         per_slot(groups, "ref_logps"),
         per_slot(groups, "ref_eos_logps"),
-        collate(mismatched_groups(groups), pad_id) if mismatched else None,
         sum(len(p) + len(r) for *_, p, r in rows),
     )
 
@@ -95,17 +88,6 @@ def group_fields(groups: list[tuple[TokenizedGroup, tuple[int, ...]]]) -> tuple[
         mask[b, : len(idx)] = True
         has_eos[b, : len(idx)] = torch.tensor([g.has_eos[r] for r in idx])
     return scores, mask, has_eos
-
-
-def mismatched_groups(
-    groups: list[tuple[TokenizedGroup, tuple[int, ...]]],
-) -> list[tuple[TokenizedGroup, tuple[int, ...]]]:
-    """KTO's KL rows as K = 1 groups: prompt b with the first response of group (b + 1) % B."""
-    return [
-        (TokenizedGroup(g.prompt_ids, [other.response_ids[idx[0]]], [other.has_eos[idx[0]]], [0.0]),
-         (0,))
-        for (g, _), (other, idx) in zip(groups, groups[1:] + groups[:1], strict=True)
-    ]  # fmt: skip
 
 
 def per_slot(groups: list[tuple[TokenizedGroup, tuple[int, ...]]], field: str) -> Tensor | None:

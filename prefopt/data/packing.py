@@ -31,7 +31,7 @@ import datasets
 import torch
 from torch import Tensor
 
-from prefopt.data.collate import Batch, collate, group_fields, mismatched_groups, per_slot
+from prefopt.data.collate import Batch, collate, group_fields, per_slot
 from prefopt.data.loading import View, group_at
 from prefopt.data.tokenize import TokenizedGroup
 
@@ -62,7 +62,6 @@ class PackedBatch(NamedTuple):
     has_eos: Tensor  # (B, K) bool
     ref_logps: Tensor | None = None  # (B, K) precomputed reference log-probs, when cached
     ref_eos_logps: Tensor | None = None  # (B, K)
-    mismatched: PackedBatch | None = None  # KTO's (prompt b, response of b + 1) rows, same layout
     max_seqlen: int = 0  # longest document (flash-attn varlen)
     shared: bool = False  # prompts shared: responses of one document must not see each other
     sequence_tokens: int = 0  # prompt + response per row, as the padded layout counts them
@@ -87,7 +86,7 @@ class PackedBatch(NamedTuple):
                              for t in self))  # fmt: skip
 
 
-def collate_packed(groups: Groups, share_prompts: bool, mismatched: bool = False) -> PackedBatch:
+def collate_packed(groups: Groups, share_prompts: bool) -> PackedBatch:
     """Lay out groups (each with the response indices of its view) in one row.
 
     ``share_prompts`` writes each prompt once, followed by all its responses (``shared``);
@@ -136,7 +135,6 @@ def collate_packed(groups: Groups, share_prompts: bool, mismatched: bool = False
         has_eos=has_eos,
         ref_logps=per_slot(groups, "ref_logps"),
         ref_eos_logps=per_slot(groups, "ref_eos_logps"),
-        mismatched=collate_packed(mismatched_groups(groups), share_prompts) if mismatched else None,
         max_seqlen=max(doc_lengths),
         shared=share_prompts,
         sequence_tokens=sum(len(groups[b][0].prompt_ids) + R for b, _, R in rows),
@@ -144,13 +142,13 @@ def collate_packed(groups: Groups, share_prompts: bool, mismatched: bool = False
 
 
 def collate_layout(
-    groups: Groups, pad_id: int, layout: str = "padded", mismatched: bool = False
+    groups: Groups, pad_id: int, layout: str = "padded"
 ) -> Batch | PackedBatch:
     """``collate`` (padded) or ``collate_packed`` by layout name; ``group_stats`` accepts both."""
     if layout == "padded":
-        return collate(groups, pad_id, mismatched)
+        return collate(groups, pad_id)
     if layout in ("packed", "shared"):
-        return collate_packed(groups, layout == "shared", mismatched)
+        return collate_packed(groups, layout == "shared")
     raise ValueError(f"trainer.layout must be one of {LAYOUTS}, got {layout!r}")
 
 
@@ -260,7 +258,6 @@ def budget_batches(
     layout: str,
     pad_id: int,
     device: torch.device | str,
-    mismatched: bool = False,
     rank: int = 0,
     world_size: int = 1,
 ) -> list[Batch | PackedBatch]:
@@ -269,5 +266,5 @@ def budget_batches(
     groups = [(group_at(data, views[i][0]), views[i][1]) for i in order]
     sizes = [view_size(g, idx, layout) for g, idx in groups]
     plan = plan_micro_batches(sizes, budget, layout, world_size)
-    return [collate_layout([groups[i] for i in mb], pad_id, layout, mismatched).to(device)
+    return [collate_layout([groups[i] for i in mb], pad_id, layout).to(device)
             for mb in plan[rank::world_size]]  # fmt: skip

@@ -60,10 +60,10 @@ class AlphaDPOConfig(LossConfig):
     stats_init: str = "batch"  # batch: start from the first step's stats | zero: the code
 
 
-def _init(*, stats_init: str, convention: str, **_) -> dict[str, Tensor]:
+def _init(*, stats_init: str, convention: str, zscore_stats: str, **_) -> dict[str, Tensor]:
     if convention not in CONVENTIONS:
         raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
-    return running.init_state(stats_init)
+    return running.init_state(stats_init, zscore_stats)
 
 
 def _update(state: dict[str, Tensor], sums: dict[str, Tensor], *, momentum: float, **_):

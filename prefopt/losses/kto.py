@@ -58,19 +58,20 @@ def kto_loss(
     lambda_d: float,
     lambda_u: float,
     labels: str,
-    mismatched_log_ratio: Tensor,
+    kl_estimate: Tensor,
 ) -> LossOutput:
     """KTO (Ethayarajh et al. 2024, Eq. 8), per group the mean over its labelled responses of
 
         lambda_y - v(x, y),  v = lambda_d sigma(beta (r - z0)) | lambda_u sigma(beta (z0 - r)),
 
-    r = log pi(y|x) - log ref(y|x) (summed), and the KL baseline z0 = max(0, mean over the
-    micro-batch of log pi(y'|x) - log ref(y'|x)) on mismatched pairs (prompt b with a response
-    of group b + 1), detached, as in the paper's estimator.
+    r = log pi(y|x) - log ref(y|x) (summed), and the KL baseline z0 = max(0, ``kl_estimate``),
+    detached: the paper's batch estimate, mean log pi(y'|x) - log ref(y'|x) over mismatched
+    pairs, taken over the whole optimizer step (every micro-batch and rank; see
+    ``prefopt.mismatched``), so it does not depend on how the step is split.
     """
     valid = has_preference(scores, policy.mask)
     desirable, undesirable = _labels(scores, policy.mask, labels)
-    z0 = mismatched_log_ratio.detach().mean().clamp(min=0)
+    z0 = kl_estimate.detach().clamp(min=0)
     rewards = policy.logps - ref.logps  # (B, K)
     value = torch.where(desirable, lambda_d * torch.sigmoid(beta * (rewards - z0)),
                         lambda_u * torch.sigmoid(beta * (z0 - rewards)))  # fmt: skip

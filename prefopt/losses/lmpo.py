@@ -60,8 +60,8 @@ class LMPOConfig(LossConfig):
     stats_init: str = "batch"  # batch: start from the first step's stats | zero: the code
 
 
-def _init(*, stats_init: str, **_) -> dict[str, Tensor]:
-    return running.init_state(stats_init)
+def _init(*, stats_init: str, zscore_stats: str, **_) -> dict[str, Tensor]:
+    return running.init_state(stats_init, zscore_stats)
 
 
 def _update(state: dict[str, Tensor], sums: dict[str, Tensor], *, ema_decay: float, **_):

@@ -50,8 +50,9 @@ class LossSpec:
     # SPO: the loop adds kl_weight * KL(pi || ref) on on-policy samples (config fields kl_weight,
     # kl_every, kl_num_samples, kl_max_new_tokens), with a reference model when kl_weight > 0.
     on_policy_kl: bool = False
-    # KTO: the loop passes ``mismatched_log_ratio`` (B, 1), log pi - log ref of (prompt b,
-    # response of group b + 1), computed without grad, for the KL baseline z_0.
+    # KTO: the loop passes ``kl_estimate`` (a scalar, no grad): the mean over the whole optimizer
+    # step (all micro-batches and ranks) of log pi - log ref on mismatched (prompt, response)
+    # pairs (``prefopt.mismatched``), for the KL baseline z_0.
     needs_mismatched: bool = False
 
     def hparams(self, cfg: Any) -> dict[str, Any]:

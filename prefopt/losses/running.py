@@ -30,9 +30,16 @@ ZSCORE_STATS = ("running", "running_and_batch")
 F64 = torch.float64
 
 
-def init_state(stats_init: str) -> dict[str, Tensor]:
+def init_state(stats_init: str, zscore_stats: str = "running_and_batch") -> dict[str, Tensor]:
     if stats_init not in STATS_INIT:
         raise ValueError(f"stats_init must be one of {STATS_INIT}, got {stats_init!r}")
+    if stats_init == "zero" and zscore_stats == "running":
+        # the first step would divide its margins by a running std of exactly 0
+        raise ValueError(
+            "loss.stats_init=zero with loss.zscore_stats=running normalises the first step by a "
+            "std of 0; use loss.stats_init=batch, or loss.zscore_stats=running_and_batch (the "
+            "authors' code, which folds each batch in before normalising)"
+        )
     started = 1.0 if stats_init == "zero" else 0.0  # zero: the averages start at 0 right away
     return {"mean": torch.zeros((), dtype=F64), "std": torch.zeros((), dtype=F64),
             "initialized": torch.tensor(started, dtype=F64)}  # fmt: skip

@@ -21,7 +21,7 @@ import math
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -52,7 +52,13 @@ from prefopt.checkpoint import (
 from prefopt.data.collate import Batch, views_at
 from prefopt.data.loading import DataSplits
 from prefopt.data.packing import PackedBatch, budget_batches
-from prefopt.evaluation import batches, evaluate, forward_loss
+from prefopt.evaluation import (
+    StepInputOptions,
+    batches,
+    evaluate,
+    forward_loss,
+    step_inputs,
+)
 from prefopt.logger import SweepInfo, build_logger
 from prefopt.losses import LossSpec, build_loss
 from prefopt.losses.registry import LossFn, LossState
@@ -67,19 +73,18 @@ MAX_CONSECUTIVE_SKIPS = 10
 
 
 def step_micro_batches(
-    t: DictConfig, data: DataSplits, step_views: list[int], world: parallel.World, pad_id: int,
-    mismatched: bool,
-) -> list[Batch | PackedBatch]:  # fmt: skip
+    t: DictConfig, data: DataSplits, step_views: list[int], world: parallel.World, pad_id: int
+) -> list[Batch | PackedBatch]:
     """This rank's micro-batches of a step, in ``trainer.layout``: filled to
     ``micro_batch_tokens`` (planned over the whole step, so every rank runs as many), or
     ``micro_batch_groups`` views at a time from the rank's slice of the step."""
     if t.micro_batch_tokens:
         return budget_batches(data.train, data.train_views, step_views, t.micro_batch_tokens,
-                              t.layout, pad_id, world.device, mismatched, world.rank,
+                              t.layout, pad_id, world.device, world.rank,
                               world.world_size)  # fmt: skip
     order = step_views[world.rank :: world.world_size]
     return list(batches(data.train, data.train_views, order, t.micro_batch_groups, pad_id,
-                        world.device, mismatched, t.layout))  # fmt: skip
+                        world.device, t.layout))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -92,6 +97,7 @@ class StepContext:
     chunk_size: int  # response tokens per log-prob chunk
     max_grad_norm: float
     loss_state: LossState | None = None  # running statistics of stateful losses
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # per-step loss inputs (KTO)
     # A per-step term that is not per group (SPO's on-policy KL): it runs its own backward after
     # the group losses are normalised and returns its detached per-rank value.
     regularizer: Callable[[], torch.Tensor] | None = None
@@ -126,7 +132,7 @@ def train_step(
         parallel.set_gradient_sync(policy, i == len(micro_batches) - 1)
         with ctx.autocast:
             out = forward_loss(policy, ref, batch, ctx.spec, ctx.loss_fn, ctx.chunk_size,
-                               ctx.loss_state)  # fmt: skip
+                               ctx.loss_state, ctx.extra)  # fmt: skip
         torch.where(out.valid, out.losses, 0.0).sum().backward()
         sums.add(out, batch.num_tokens)
     totals = sums.reduce({"stop": stop_requested})
@@ -196,6 +202,8 @@ def run(
         return metrics
 
     kl = OnPolicyKL.build(spec, cfg.loss, ref, tok, t.logps_chunk_size)
+    inputs_opts = StepInputOptions(t.eval_batch_groups, tok.pad_token_id, t.logps_chunk_size,
+                                   autocast)  # fmt: skip
     eval_before = run_eval() if state.step == 0 else None
     best_eval = eval_before
     preempt = Preemption()
@@ -212,12 +220,13 @@ def run(
         # Every rank draws the same global order and takes its slice of it.
         step_views = views_at(len(data.train_views), cfg.seed, state.consumed, G)
         order = step_views[world.rank :: world.world_size]  # this rank's groups
-        micro_batches = step_micro_batches(t, data, step_views, world, tok.pad_token_id,
-                                           spec.needs_mismatched)  # fmt: skip
+        micro_batches = step_micro_batches(t, data, step_views, world, tok.pad_token_id)
+        extra = step_inputs(policy, ref, data.train, data.train_views, step_views, spec,
+                            inputs_opts)  # fmt: skip
         regularizer = kl.prepare(policy, state, [data.train[data.train_views[i][0]]["prompt_ids"]
                                                  for i in order]) if kl else None  # fmt: skip
         ctx = StepContext(spec, loss_fn, autocast, t.logps_chunk_size, t.max_grad_norm,
-                          state.loss_state, regularizer)  # fmt: skip
+                          state.loss_state, extra, regularizer)  # fmt: skip
         metrics, applied, stop_signal, stat_sums = train_step(
             policy, ref, micro_batches, ctx, preempt.requested
         )
