@@ -123,10 +123,20 @@ def load_tokenizer(cfg: ModelConfig, cache_dir: str) -> PreTrainedTokenizerBase:
     return tok
 
 
+def enable_activation_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute each block's activations in backward (non-reentrant, so FSDP2 hooks still
+    fire). transformers 5.2x renamed the method; older 5.x only has the first name."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def model_config(
-    cfg: ModelConfig, cache_dir: str, tokenizer: PreTrainedTokenizerBase
+    cfg: ModelConfig, cache_dir: str, tokenizer: PreTrainedTokenizerBase | None
 ) -> PretrainedConfig:
-    """The architecture a config names, without any weights (a GGUF file is converted once)."""
+    """The architecture a config names, without any weights (a GGUF file is converted once).
+    ``tokenizer`` sizes the vocabulary of ``model=tiny``; other models read their config.json."""
     attn = resolve_attn_implementation(cfg.attn_implementation)
     if cfg.source == "tiny":
         t = cfg.tiny
@@ -167,7 +177,7 @@ def empty_model(cfg: ModelConfig, config: PretrainedConfig) -> PreTrainedModel:
     # layer from the embeddings: tie them again.
     model.tie_weights()
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     return model
 
 
@@ -218,5 +228,5 @@ def load_model(
     else:
         raise ValueError(f"model.source must be hub, gguf or tiny, got {cfg.source!r}")
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     return model

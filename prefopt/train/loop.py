@@ -67,6 +67,7 @@ from prefopt.models import load_tokenizer
 from prefopt.onpolicy import OnPolicyKL
 from prefopt.optim import build_optimizer, lr_at
 from prefopt.parallel import StatsModel
+from prefopt.plan import format_plan, plan_for_run
 
 log = logging.getLogger("prefopt")
 MAX_CONSECUTIVE_SKIPS = 10
@@ -180,6 +181,9 @@ def run(
         data = prepare_data(cfg, tok, spec)
     G = t.global_batch_groups
     max_steps = t.max_steps or math.ceil(t.epochs * len(data.train_views) / G)
+    memory = plan_for_run(cfg, world)  # before any weight is allocated; refuses what cannot fit
+    if parallel.is_main():
+        log.info("memory plan (per GPU, %d rank(s)):\n%s", world.world_size, format_plan(memory))
     policy, ref, data = build_models(cfg, spec, tok, data, world, precision, autocast)
     optimizer = build_optimizer(cfg.optimizer, [p for p in policy.parameters() if p.requires_grad])
     hparams = spec.hparams(cfg.loss)

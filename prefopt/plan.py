@@ -1,0 +1,212 @@
+"""The memory plan of a training run: bytes per GPU (and host memory per rank) for the composed
+config and world size, before anything is allocated.
+
+    python -m prefopt.plan model=llama3_8b_instruct dataset=ultrafeedback trainer=gpu \
+        --world-size 8 --gpu-memory-gib 80
+
+It counts what the code keeps: the policy's sharded master parameters, gradients and optimizer
+state; the frozen reference's shards; the parameters FSDP gathers for compute (the block running
+and the one prefetched, the root held through backward); activations at the micro-batch token
+budget (saved block inputs with gradient checkpointing, every block's intermediates without);
+one log-prob chunk's fp32 logits. Activations are an estimate (per token and block: 2 bytes x
+(8 hidden + 3 intermediate), the tensors a Llama-style block keeps for backward); the rest is
+exact for the parameter counts. The run prints it and refuses to start when it exceeds the device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+
+GIB = 1024**3
+SAFETY = 0.92  # the share of device memory a plan may fill (allocator fragmentation, kernels)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the plan needs to know of a model."""
+
+    params: int  # all parameters (a tied output layer counted once)
+    block_params: int  # one decoder block
+    root_params: int  # embeddings, final norm, output layer: FSDP's root group
+    layers: int
+    hidden: int
+    intermediate: int
+    vocab: int
+
+    @staticmethod
+    def of(model) -> Shape:
+        """From a model (on the meta device is enough): exact counts."""
+        from prefopt.parallel import decoder_blocks
+
+        blocks = decoder_blocks(model)
+        params = sum(p.numel() for p in model.parameters())
+        block = sum(p.numel() for p in blocks[0].parameters())
+        cfg = model.config
+        return Shape(params, block, params - block * len(blocks), len(blocks), cfg.hidden_size,
+                     cfg.intermediate_size, cfg.vocab_size)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class PlanInputs:
+    world_size: int
+    master_bytes: int  # 4: fp32 master weights; 2: bf16 (stochastic-rounding optimizer)
+    compute_bytes: int  # 2: bf16 compute; 4: fp32
+    optimizer_state_bytes: float  # per parameter: 8 (AdamW fp32), 2 (8-bit), 4 (bf16 states)
+    reference: str  # model | precompute | none
+    gradient_checkpointing: bool
+    micro_batch_tokens: int  # forward positions per micro-batch
+    chunk_tokens: int  # log-prob chunk
+    trainable_params: int | None = None  # None: all (full fine-tune); LoRA: the adapters
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    rows: dict[str, int]  # bytes per GPU by item
+    host_bytes: int  # weight bytes each rank reads into host memory while loading (bf16 files)
+
+    @property
+    def total(self) -> int:
+        return sum(self.rows.values())
+
+
+def plan_memory(shape: Shape, p: PlanInputs) -> MemoryPlan:
+    W = p.world_size
+    trainable = shape.params if p.trainable_params is None else p.trainable_params
+    frozen = shape.params - trainable  # LoRA: the base model, held in compute dtype
+    rows = {
+        "parameters (sharded)": (trainable * p.master_bytes + frozen * p.compute_bytes) // W,
+        "gradients (sharded)": trainable * p.master_bytes // W,
+        "optimizer state (sharded)": int(trainable * p.optimizer_state_bytes) // W,
+    }
+    # Gathered for compute: the running block and the prefetched one, plus the root, which the
+    # trainable policy keeps gathered from forward through backward.
+    gathered = (2 * shape.block_params + shape.root_params) * p.compute_bytes
+    rows["gathered parameters"] = gathered
+    rows["unsharded gradients (one block, fp32)"] = 4 * min(trainable, shape.block_params)
+    if p.reference == "model":
+        rows["reference (sharded)"] = shape.params * p.compute_bytes // W
+        rows["reference gathered"] = (shape.block_params + shape.root_params) * p.compute_bytes
+    T, H, I = p.micro_batch_tokens, shape.hidden, shape.intermediate  # noqa: E741
+    per_block = T * 2 * (8 * H + 3 * I)
+    if p.gradient_checkpointing:
+        rows["activations"] = shape.layers * T * H * 2 + per_block
+    else:
+        rows["activations"] = shape.layers * per_block
+    rows["log-prob chunk (fp32 logits)"] = 3 * p.chunk_tokens * shape.vocab * 4
+    # Loading: each rank reads only its slices of the (bf16) weight files.
+    return MemoryPlan(rows, shape.params * 2 // W)
+
+
+def format_plan(plan: MemoryPlan, capacity: int | None = None) -> str:
+    lines = [f"  {name:<40}{n / GIB:8.2f} GiB" for name, n in plan.rows.items()]
+    lines.append(f"  {'total per GPU':<40}{plan.total / GIB:8.2f} GiB")
+    if capacity:
+        lines.append(f"  {'device memory':<40}{capacity / GIB:8.2f} GiB")
+    lines.append(f"  {'weights read per rank (host, loading)':<40}{plan.host_bytes / GIB:8.2f} GiB")
+    return "\n".join(lines)
+
+
+def check_fits(plan: MemoryPlan, capacity: int, where: str) -> None:
+    """Refuse a plan over the device (``where`` names it), saying what would make it fit."""
+    if plan.total <= SAFETY * capacity:
+        return
+    raise MemoryError(
+        f"the memory plan needs {plan.total / GIB:.1f} GiB per GPU but {where} has "
+        f"{capacity / GIB:.1f} GiB ({SAFETY:.0%} usable):\n{format_plan(plan, capacity)}\n"
+        "to fit: more GPUs (FSDP shards parameters, gradients and optimizer state), "
+        "model.gradient_checkpointing=true, a smaller trainer.micro_batch_tokens, "
+        "trainer.reference=precompute, optimizer=adamw8bit_torchao, or LoRA"
+    )
+
+
+def optimizer_state_bytes(target: str, master_bytes: int) -> float:
+    """Optimizer state per trainable parameter, from its ``_target_``."""
+    if "8bit" in target.lower() or "8Bit" in target:
+        return 2.0  # two 8-bit moments (block scales are negligible)
+    if "4bit" in target.lower():
+        return 1.0
+    return 2.0 * master_bytes  # two moments in the parameters' dtype
+
+
+def inputs_from_config(cfg, world_size: int, device_type: str) -> PlanInputs:
+    """The plan's inputs as the composed training config says."""
+    t, d = cfg.trainer, cfg.dataset
+    bf16 = t.precision == "bf16" or (t.precision == "auto" and device_type == "cuda")
+    master = 4 if t.master_dtype == "float32" else 2
+    tokens = t.micro_batch_tokens or t.micro_batch_groups * 4 * d.max_length
+    reference = "none"
+    if t.reference == "model":  # the loss decides whether a reference is built at all
+        from prefopt.losses import get_spec
+
+        spec = get_spec(cfg.loss.name)
+        needs = spec.needs_reference or spec.needs_mismatched
+        needs |= spec.on_policy_kl and cfg.loss.get("kl_weight", 0) > 0
+        reference = "model" if needs else "none"
+    return PlanInputs(
+        world_size=world_size,
+        master_bytes=master,
+        compute_bytes=2 if bf16 else 4,
+        optimizer_state_bytes=optimizer_state_bytes(cfg.optimizer._target_, master),
+        reference=reference,
+        gradient_checkpointing=cfg.model.gradient_checkpointing,
+        micro_batch_tokens=tokens,
+        chunk_tokens=min(t.logps_chunk_size, tokens),
+    )
+
+
+def shape_from_config(model_cfg, cache_dir: str) -> Shape:
+    """Exact counts from the model built on the meta device: only the model's config.json is
+    read (from the Hub, a local directory, or built in code for ``model=tiny``)."""
+    from prefopt.models import empty_model, model_config, tiny_tokenizer
+
+    tok = tiny_tokenizer() if model_cfg.source == "tiny" else None
+    return Shape.of(empty_model(model_cfg, model_config(model_cfg, cache_dir, tok)))
+
+
+def plan_for_run(cfg, world) -> MemoryPlan:
+    """The composed run's plan on this world; on a GPU, refuse it when it does not fit."""
+    import torch
+
+    plan = plan_memory(
+        shape_from_config(cfg.model, cfg.cache_dir),
+        inputs_from_config(cfg, world.world_size, world.device.type),
+    )
+    if world.device.type == "cuda":
+        props = torch.cuda.get_device_properties(world.device)
+        check_fits(plan, props.total_memory, f"{props.name} ({world.device})")
+    return plan
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m prefopt.plan", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--world-size", type=int, default=1, help="GPUs (ranks) in the job")
+    parser.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for prefopt.train")
+    args = parser.parse_args(argv)
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    import prefopt.config  # noqa: F401  (schemas)
+    import prefopt.losses  # noqa: F401
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose("train", overrides=[*args.overrides, "run_dir=/nonexistent"])
+    shape = shape_from_config(cfg.model, cfg.cache_dir)
+    plan = plan_memory(shape, inputs_from_config(cfg, args.world_size, "cuda"))
+    capacity = int(args.gpu_memory_gib * GIB)
+    print(f"{cfg.model.name_or_path}: {shape.params / 1e9:.2f} B parameters, "
+          f"{args.world_size} GPU(s) of {args.gpu_memory_gib:g} GiB")  # fmt: skip
+    print(format_plan(plan, capacity))
+    fits = plan.total <= SAFETY * capacity
+    print("fits" if fits else "does NOT fit: see the rows above")
+    sys.exit(0 if fits else 1)
+
+
+if __name__ == "__main__":
+    main()
