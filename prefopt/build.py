@@ -15,15 +15,15 @@ from pathlib import Path
 
 import datasets
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from transformers import PreTrainedTokenizerBase
 
 from prefopt import parallel
+from prefopt.checks import validate, validate_batching  # noqa: F401  (the loop imports them here)
 from prefopt.data.loading import DataSplits, build_splits, make_views
-from prefopt.data.packing import LAYOUTS
 from prefopt.data.tokenize import TokenizeOptions, Tokenizer
 from prefopt.losses import LossSpec
-from prefopt.models import load_model, resolve_attn_implementation
+from prefopt.models import load_model
 from prefopt.parallel import StatsModel
 from prefopt.reference import precompute_reference, reference_key
 from prefopt.stats import compile_blocks
@@ -42,35 +42,6 @@ class Preemption:
     def _handle(self, signum: int, _frame: object) -> None:
         log.warning("received signal %d: will checkpoint after this step and exit", signum)
         self.requested = True
-
-
-def validate(cfg: DictConfig) -> None:
-    """Fail before any work on missing values or inconsistent batch sizes."""
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    if missing:
-        raise ValueError(f"config values missing: {missing}")
-    t = cfg.trainer
-    if t.reference not in ("model", "precompute"):
-        raise ValueError(f"trainer.reference must be 'model' or 'precompute', got {t.reference!r}")
-    attn = resolve_attn_implementation(cfg.model.attn_implementation)
-    if t.layout == "shared" and "flash" in attn:  # varlen flash cannot mask response pairs
-        raise ValueError(f"trainer.layout=shared needs a masked attention, not {attn!r}: set "
-                         "model.attn_implementation=flex_attention (GPU) or sdpa")  # fmt: skip
-
-
-def validate_batching(t: DictConfig, world_size: int) -> None:
-    """Every rank must run the same number of micro-batches per step (sharded collectives)."""
-    if t.layout not in LAYOUTS:
-        raise ValueError(f"trainer.layout must be one of {LAYOUTS}, got {t.layout!r}")
-    if t.micro_batch_tokens:  # the token-budget plan gives every rank as many micro-batches
-        if t.global_batch_groups % world_size:
-            raise ValueError(f"trainer.global_batch_groups={t.global_batch_groups} must be a "
-                             f"multiple of the {world_size} ranks")  # fmt: skip
-        return
-    if t.global_batch_groups % (t.micro_batch_groups * world_size):
-        raise ValueError(f"trainer.global_batch_groups={t.global_batch_groups} must be a multiple "
-                         f"of trainer.micro_batch_groups x ranks = {t.micro_batch_groups} x "
-                         f"{world_size}")  # fmt: skip
 
 
 def build_models(
