@@ -156,10 +156,10 @@ def check_ranges(cfg: DictConfig) -> None:
         )
 
 
-def validate(cfg: DictConfig) -> None:
-    """Fail before any work: missing values, unknown keys, ranges, the loss schema, attention."""
+def validate_config(cfg: DictConfig) -> None:
+    """Missing values, unknown keys, the loss schema, ranges and choices: no heavy imports, so the
+    CLI runs it right after composition, before torch and transformers load."""
     from prefopt.data.schemas import SCHEMAS
-    from prefopt.models import resolve_attn_implementation
 
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
@@ -168,9 +168,15 @@ def validate(cfg: DictConfig) -> None:
     check_loss_schema(cfg.loss)
     check_ranges(cfg)
     if cfg.dataset.schema not in SCHEMAS:
-        raise ConfigError(
-            f"dataset.schema={cfg.dataset.schema!r}: expected one of {sorted(SCHEMAS)}"
-        )
+        known = sorted(SCHEMAS)
+        raise ConfigError(f"dataset.schema={cfg.dataset.schema!r}: expected one of {known}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Fail before any work: :func:`validate_config`, then what needs the installed libraries."""
+    from prefopt.models import resolve_attn_implementation
+
+    validate_config(cfg)
     t = cfg.trainer
     attn = resolve_attn_implementation(cfg.model.attn_implementation)
     if t.layout == "shared" and "flash" in attn:  # varlen flash cannot mask response pairs
