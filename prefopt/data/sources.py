@@ -86,7 +86,9 @@ def _decode(where: str, raw: bytes) -> RawRow:
         row = json.loads(text)
     except json.JSONDecodeError as e:
         msg = e.msg.removesuffix(" at")  # "Invalid control character at"
-        return RawRow(where, None, DataError(f"{where}: invalid JSON ({msg} at column {e.colno})"))
+        ends = "; the line ends early (truncated?)" if e.pos >= len(text.rstrip()) else ""
+        err = f"{where}: invalid JSON ({msg} at column {e.pos + 1}{ends})"
+        return RawRow(where, None, DataError(err))
     except ValueError as e:  # e.g. an integer beyond Python's digit limit
         return RawRow(where, None, DataError(f"{where}: unreadable JSON value ({e})"))
     return _as_object(where, row)
