@@ -241,19 +241,29 @@ def test_typo_suggests_the_close_key():
     assert e.value.fix == "did you mean loss.beta?"
 
 
-def test_every_shipped_config_passes_the_checks():
-    for overrides in ([], ["loss=dpo"], ["loss=spo"], ["trainer=gpu"], ["experiment=cpu_demo"]):
-        validate_config(_compose(*overrides))
+def test_every_experiment_and_the_other_clis_pass_the_checks():
+    """No false alarm on shipped configs: experiments of four families (they set most groups and
+    many values; tests/test_configs.py composes every file) and the other CLIs' configs."""
+    from prefopt.checks import check_loss_schema, check_ranges, check_schema
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        for name in ("simpo_llama3_base", "alpha_dpo_gemma2_9b_it", "refa_mistral7b_base", "spo"):
+            experiment = [f"experiment={name}"] if name != "spo" else ["loss=spo", "trainer=gpu"]
+            cfg = compose("train", overrides=[*experiment, "run_dir=/r", "cache_dir=/c"])
+            check_schema(cfg)
+            check_loss_schema(cfg.loss)
+            check_ranges(cfg)
+        for name in ("generate", "evaluate", "datagen"):
+            check_schema(compose(name, overrides=["out_dir=/o", "cache_dir=/c"]))
 
 
 # ---- the CLI: one block on stderr, exit 2, no traceback unless PREFOPT_DEBUG=1 ----
 
 
-def _cli(tmp_path: Path, *overrides: str, debug: bool = False) -> subprocess.CompletedProcess:
+def _cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PREFOPT_CACHE": str(tmp_path / "cache")}
     env.pop("HYDRA_FULL_ERROR", None)
-    if debug:
-        env["PREFOPT_DEBUG"] = "1"
+    env.pop("PREFOPT_DEBUG", None)
     cmd = [
         sys.executable,
         "-m",
@@ -272,8 +282,30 @@ def test_cli_config_error_is_one_block_without_traceback(tmp_path):
     assert "prefopt config error: unknown key trainer.max_stepz" in proc.stderr
     assert "did you mean trainer.max_steps?" in proc.stderr
     assert "Traceback" not in proc.stderr
-    debug = _cli(tmp_path, "+trainer.max_stepz=3", debug=True)
-    assert debug.returncode != 0 and "Traceback" in debug.stderr  # the switch shows the stack
+
+
+@pytest.mark.parametrize("switch", ["PREFOPT_DEBUG", "HYDRA_FULL_ERROR"])
+def test_debug_switch_shows_the_stack_and_bugs_keep_theirs(monkeypatch, capsys, switch):
+    from prefopt.errors import report_user_errors
+
+    @report_user_errors
+    def main(error: Exception) -> None:
+        raise error
+
+    monkeypatch.delenv("PREFOPT_DEBUG", raising=False)
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    with pytest.raises(SystemExit) as e:
+        main(DataError("d.jsonl line 6: invalid UTF-8", fix="re-encode the file as UTF-8"))
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines()[:2] == [
+        "prefopt data error: d.jsonl line 6: invalid UTF-8",
+        "  to fix: re-encode the file as UTF-8",
+    ]
+    with pytest.raises(ZeroDivisionError):  # an internal bug is not a user error
+        main(ZeroDivisionError("bug"))
+    monkeypatch.setenv(switch, "1")
+    with pytest.raises(DataError):  # re-raised: Hydra / Python print the full stack
+        main(DataError("d.jsonl line 6: invalid UTF-8"))
 
 
 def test_cli_data_error_names_file_and_line_without_traceback(tmp_path):
