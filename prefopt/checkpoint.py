@@ -201,10 +201,21 @@ def save_checkpoint(
             error = _write_failure(e, tmp, 1 << 20, previous)
     _all_ok(error)
     if is_main():
-        for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+        _prune(list_checkpoints(run_dir), final, keep_last)
     barrier()
     return final
+
+
+def _prune(found: list[Path], final: Path, keep_last: int) -> None:
+    """Keep the newest ``keep_last`` up to ``final``. Newer ones belong to the timeline this run
+    resumed away from (damaged ones it skipped, or beyond an older explicit resume): left in
+    place, ``resume=auto`` would pick them after the next interruption."""
+    mine = found[: found.index(final) + 1]
+    for stale in found[len(mine) :]:
+        log.warning("removing %s: newer than the resumed run's checkpoint %s", stale, final.name)
+        shutil.rmtree(stale, ignore_errors=True)
+    for old in mine[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_manifest(root: Path, manifest: dict) -> None:

@@ -26,6 +26,7 @@ from prefopt.checkpoint import (
     list_checkpoints,
     resolve_resume,
     save_checkpoint,
+    verify_checkpoint,
 )
 from prefopt.checks import validate_config
 from prefopt.data.loading import load_tokenized, make_views
@@ -418,6 +419,9 @@ def test_damaged_checkpoints_fall_back_to_the_last_good_one_bit_identically(
     got = _final_weights(run_dir)
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
+    kept = list_checkpoints(str(run_dir))  # the damaged ones were replaced as training passed them
+    assert [p.name for p in kept] == ["step_000002", "step_000003", "step_000004"]
+    assert all(verify_checkpoint(p) is None for p in kept)
     steps = _train_steps(run_dir)
     assert steps == want_steps and [s for s, _ in steps] == [1, 2, 3, 4]  # each step once
     assert all(math.isfinite(loss) for _, loss in steps)
@@ -438,15 +442,17 @@ def test_no_verifying_checkpoint_fails_naming_each(interrupted, tmp_path):
         resolve_resume(str(tmp_path / "run" / "checkpoints" / "step_000002"), "unused")
 
 
-def _small_save(run_dir: Path, step: int) -> Path:
+def _small_save(run_dir: Path, step: int, keep_last: int = 2) -> Path:
     model = torch.nn.Linear(64, 64)
-    return save_checkpoint(
-        str(run_dir),
-        model,
-        torch.optim.AdamW(model.parameters()),
-        TrainState(step=step),
-        keep_last=2,
-    )
+    optimizer = torch.optim.AdamW(model.parameters())
+    return save_checkpoint(str(run_dir), model, optimizer, TrainState(step=step), keep_last)
+
+
+def test_a_save_after_an_older_resume_removes_the_newer_timeline(tmp_path):
+    for step in (1, 2, 3):
+        _small_save(tmp_path, step, keep_last=3)
+    _small_save(tmp_path, 2, keep_last=1)  # resumed from step 1 (2 and 3 were damaged, say)
+    assert [p.name for p in list_checkpoints(str(tmp_path))] == ["step_000002"]
 
 
 def test_disk_full_names_path_and_bytes_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
