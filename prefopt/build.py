@@ -14,20 +14,15 @@ from pathlib import Path
 
 import datasets
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from transformers import PreTrainedTokenizerBase
 
 from prefopt import parallel
+from prefopt.checks import validate, validate_batching  # noqa: F401  (the loop imports them here)
 from prefopt.data.loading import DataSplits, build_splits, make_views
-from prefopt.data.packing import LAYOUTS
 from prefopt.data.tokenize import TokenizeOptions, Tokenizer
 from prefopt.losses import LossSpec
-from prefopt.models import (
-    empty_model,
-    initial_weights,
-    model_config,
-    resolve_attn_implementation,
-)
+from prefopt.models import empty_model, initial_weights, model_config
 from prefopt.parallel import StatsModel
 from prefopt.reference import precompute_reference, reference_key
 from prefopt.stats import compile_blocks
@@ -46,35 +41,6 @@ class Preemption:
     def _handle(self, signum: int, _frame: object) -> None:
         log.warning("received signal %d: will checkpoint after this step and exit", signum)
         self.requested = True
-
-
-def validate(cfg: DictConfig) -> None:
-    """Fail before any work on missing values or inconsistent batch sizes."""
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    if missing:
-        raise ValueError(f"config values missing: {missing}")
-    t = cfg.trainer
-    if t.reference not in ("model", "precompute"):
-        raise ValueError(f"trainer.reference must be 'model' or 'precompute', got {t.reference!r}")
-    attn = resolve_attn_implementation(cfg.model.attn_implementation)
-    if t.layout == "shared" and "flash" in attn:  # varlen flash cannot mask response pairs
-        raise ValueError(f"trainer.layout=shared needs a masked attention, not {attn!r}: set "
-                         "model.attn_implementation=flex_attention (GPU) or sdpa")  # fmt: skip
-
-
-def validate_batching(t: DictConfig, world_size: int) -> None:
-    """Every rank must run the same number of micro-batches per step (sharded collectives)."""
-    if t.layout not in LAYOUTS:
-        raise ValueError(f"trainer.layout must be one of {LAYOUTS}, got {t.layout!r}")
-    if t.micro_batch_tokens:  # the token-budget plan gives every rank as many micro-batches
-        if t.global_batch_groups % world_size:
-            raise ValueError(f"trainer.global_batch_groups={t.global_batch_groups} must be a "
-                             f"multiple of the {world_size} ranks")  # fmt: skip
-        return
-    if t.global_batch_groups % (t.micro_batch_groups * world_size):
-        raise ValueError(f"trainer.global_batch_groups={t.global_batch_groups} must be a multiple "
-                         f"of trainer.micro_batch_groups x ranks = {t.micro_batch_groups} x "
-                         f"{world_size}")  # fmt: skip
 
 
 def build_models(
@@ -162,7 +128,12 @@ def git_commit() -> str:
         return "unknown"
 
 
-def print_eval(title: str, before: dict[str, float], after: dict[str, float] | None) -> None:
+def print_eval(
+    title: str, before: dict[str, float] | None, after: dict[str, float] | None
+) -> None:
+    """Held-out metrics side by side (only one column when the run had no "before")."""
+    if before is None:
+        before, after = after, None
     keys = [
         "loss",
         "rewards/accuracy",
@@ -178,6 +149,16 @@ def print_eval(title: str, before: dict[str, float], after: dict[str, float] | N
         row = f"{k:<22}{before.get(k, math.nan):>12.4f}"
         lines.append(row + (f"{after.get(k, math.nan):>12.4f}" if after else ""))
     print("\n".join(lines), flush=True)
+
+
+def peak_memory_gib(device: torch.device) -> dict[str, float]:
+    """This process's peak host memory (resident set) and, on a GPU, peak allocated memory."""
+    import resource
+
+    out = {"host_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2}
+    if device.type == "cuda":
+        out["gpu_allocated"] = torch.cuda.max_memory_allocated(device) / 1024**3
+    return out
 
 
 def prepare_data(cfg: DictConfig, tok: PreTrainedTokenizerBase, spec: LossSpec) -> DataSplits:

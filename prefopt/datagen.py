@@ -29,6 +29,8 @@ import torch
 from omegaconf import DictConfig
 
 from prefopt import constraints
+from prefopt.checks import check_schema
+from prefopt.errors import report_user_errors
 from prefopt.generate import (
     Prompt,
     Record,
@@ -132,7 +134,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 
 @hydra.main(config_path="../conf", config_name="datagen", version_base="1.3")
+@report_user_errors
 def main(cfg: DictConfig) -> None:
+    check_schema(cfg)
     run(cfg)
 
 

@@ -38,6 +38,8 @@ from omegaconf import DictConfig, OmegaConf
 import prefopt.losses  # noqa: F401  (registers loss schemas before composition)
 from prefopt import constraints, parallel
 from prefopt.build import make_autocast, prepare_data
+from prefopt.checks import check_schema
+from prefopt.errors import report_user_errors
 from prefopt.evaluation import evaluate
 from prefopt.generate import (
     ResultsLog,
@@ -201,7 +203,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 
 @hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")
+@report_user_errors
 def main(cfg: DictConfig) -> None:
+    check_schema(cfg)
     try:
         run(cfg)
     finally:

@@ -38,8 +38,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from prefopt import constraints
 from prefopt.build import git_commit
+from prefopt.checks import check_schema
 from prefopt.data.example import DataError, Message
 from prefopt.data.tokenize import TokenizeOptions, Tokenizer, keep_end
+from prefopt.errors import report_user_errors
 from prefopt.models import DTYPES, load_model, load_tokenizer
 from prefopt.sampling import decoding_config, eos_ids, generate_ids
 
@@ -342,7 +344,9 @@ def run(cfg: DictConfig) -> Path:
 
 
 @hydra.main(config_path="../conf", config_name="generate", version_base="1.3")
+@report_user_errors
 def main(cfg: DictConfig) -> None:
+    check_schema(cfg)
     run(cfg)
 
 

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import IO, Any, NamedTuple, Protocol
 
 from omegaconf import DictConfig, OmegaConf
 
 from prefopt.parallel import is_main
+
+log = logging.getLogger(__name__)
 
 
 class MetricLogger(Protocol):
@@ -18,16 +21,45 @@ class MetricLogger(Protocol):
     def close(self) -> None: ...
 
 
+def _step(line: str) -> float:
+    """The step of a metrics line; inf for a line torn by a kill (it is dropped)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
+
+
 class JsonlLogger:
+    """One JSON line per log call. A resumed run first drops the lines of steps it is about to
+    log again (written after its checkpoint, before the kill), so no step appears twice; the
+    first step it logs is the one after the checkpoint, or 0 for a fresh start."""
+
     def __init__(self, path: Path) -> None:
-        self.file = path.open("a", encoding="utf-8")
+        self.path = path
+        self.file: IO[str] | None = None
+
+    def _open(self, first_step: int) -> IO[str]:
+        if self.path.is_file():
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+            kept = [line for line in lines if _step(line) < first_step]
+            if len(kept) < len(lines):
+                dropped = len(lines) - len(kept)
+                tmp = self.path.with_suffix(".jsonl.tmp")
+                tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+                os.replace(tmp, self.path)
+                msg = "%s: dropped %d lines from step %d on (logged before the resume)"
+                log.info(msg, self.path, dropped, first_step)
+        return self.path.open("a", encoding="utf-8")
 
     def log(self, metrics: dict[str, float], step: int) -> None:
+        if self.file is None:
+            self.file = self._open(step)
         self.file.write(json.dumps({"step": step, **metrics}) + "\n")
         self.file.flush()
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
 
 
 class WandbLogger:

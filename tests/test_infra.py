@@ -18,6 +18,7 @@ from prefopt.data.example import DataError
 from prefopt.data.loading import load_tokenized
 from prefopt.data.schemas import ParseOptions
 from prefopt.data.tokenize import TokenizeOptions, Tokenizer
+from prefopt.errors import CheckpointError
 from prefopt.logger import build_logger
 from prefopt.optim import build_optimizer, lr_at
 
@@ -88,7 +89,7 @@ def test_checkpoints_are_atomic_and_pruned(tmp_path):
     assert [p.name for p in list_checkpoints(str(tmp_path))] == ["step_000002", "step_000003"]
     assert resolve_resume("auto", str(tmp_path)).name == "step_000003"
     assert resolve_resume("never", str(tmp_path)) is None
-    with pytest.raises(FileNotFoundError, match="trainer.resume"):
+    with pytest.raises(CheckpointError, match="trainer.resume"):
         resolve_resume(str(tmp_path / "nope"), str(tmp_path))
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from prefopt.data.example import DataError, Example
 from prefopt.data.schemas import SCHEMAS, ParseOptions, parse_row, register_schema
+from prefopt.errors import ConfigError
 
 WHERE = "data/train.jsonl row 17"
 LOC = r"^data/train\.jsonl row 17: "
@@ -494,5 +495,5 @@ def test_unknown_score_field() -> None:
 
 
 def test_unknown_schema() -> None:
-    with pytest.raises(KeyError, match=r"unknown schema 'ultra_feedback'.*'armorm', 'canonical'"):
+    with pytest.raises(ConfigError, match=r"unknown schema 'ultra_feedback'.*'armorm', 'canon"):
         parse_row("ultra_feedback", ultrafeedback_row(), WHERE, OPTS)

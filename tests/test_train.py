@@ -158,14 +158,16 @@ def test_non_finite_loss_never_reaches_the_optimizer(tmp_path, tiny_data):
 
 def test_all_steps_non_finite_stops_with_clear_error(tmp_path, tiny_data, monkeypatch):
     import prefopt.train.loop as train_mod
+    from prefopt.types import LossOutput
+
+    def nan_loss(policy, ref, scores):  # every step non-finite (tied data is refused at load)
+        losses = policy.logps.sum(-1) * float("nan")
+        return LossOutput(losses, torch.ones_like(losses, dtype=torch.bool), {})
 
     monkeypatch.setattr(train_mod, "MAX_CONSECUTIVE_SKIPS", 2)
-    rows = arithmetic_rows(8, seed=0)
-    for r in rows:
-        r["scores"] = [1.0] * 4  # no group has a preference: every step is skipped
-    data = (write_jsonl(tmp_path / "t.jsonl", rows), write_jsonl(tmp_path / "e.jsonl", rows))
+    monkeypatch.setattr(train_mod, "build_loss", lambda cfg: (build_loss(cfg)[0], nan_loss))
     with pytest.raises(FloatingPointError, match="consecutive steps skipped"):
-        run(_cfg(tmp_path / "run", data, "loss=refa_dynamic"))
+        run(_cfg(tmp_path / "run", tiny_data, "loss=simpo"))
 
 
 def _multirun(tmp_path: Path, data: tuple[Path, Path], *overrides: str) -> list[dict]:

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from prefopt.errors import DataError
+
+__all__ = ["DataError", "Example", "Message"]
 Message = dict[str, str]  # {"role": ..., "content": ...}
-
-
-class DataError(ValueError):
-    """A malformed row. The message names the file (or Hub id and split), the row and the key."""
 
 
 @dataclass(frozen=True)

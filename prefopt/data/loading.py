@@ -1,9 +1,10 @@
 """Read a source (local file or Hub id), parse rows, tokenize, cache; build group views.
 
-Local files are read row by row so an error names the file and line. Tokenized data is cached as
-an Arrow dataset under ``<cache_dir>/tokenized/<key>``; the key hashes the source (file content or
-Hub id + split + revision), the schema options, the tokenizer fingerprint and the tokenize options,
-so a stale cache is never reused.
+Rows come from :mod:`prefopt.data.sources`, so every error names the file and line (or row) and
+the key. Tokenized data is cached as an Arrow dataset under ``<cache_dir>/tokenized/<key>``; the
+key hashes the source (file content or Hub id + split), the schema options, the tokenizer
+fingerprint and the tokenize options, so a stale cache is never reused. Each entry carries a
+manifest of its files' SHA-256 sums: a damaged entry is named in the log, removed and rebuilt.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ import itertools
 import json
 import logging
 import os
+import secrets
+import shutil
+import socket
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -23,17 +26,22 @@ import datasets
 from prefopt.atomic import publish_dir
 from prefopt.data.example import DataError
 from prefopt.data.schemas import ParseOptions, parse_row
+from prefopt.data.sources import iter_rows, read_rows, source_key
 from prefopt.data.tokenize import (
     TokenizedGroup,
     Tokenizer,
     options_key,
     tokenizer_fingerprint,
 )
+from prefopt.errors import ConfigError
 
+__all__ = ["DataSplits", "build_splits", "group_at", "iter_rows", "load_tokenized", "make_views"]
 log = logging.getLogger(__name__)
 datasets.disable_progress_bars()  # one bar per cache write drowns the training log
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"  # 2: entries carry manifest.json
 PAIR_MODES = ("best_vs_worst", "best_vs_each", "all_pairs")
+BAD_ROWS = ("error", "skip")
+LOGGED_SKIPS = 5  # the first skipped rows are logged one by one; all are counted
 View = tuple[int, tuple[int, ...]]  # (row of the tokenized dataset, response indices)
 
 
@@ -45,42 +53,53 @@ class DataSplits(NamedTuple):
     counts: Counter[str]
 
 
-def _is_local(path: str) -> bool:
-    return os.path.exists(path) or path.endswith((".jsonl", ".json", ".parquet"))
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
-def iter_rows(path: str, split: str) -> Iterator[tuple[str, dict]]:
-    """Yield (where, row) with ``where`` naming file and line, or Hub id, split and row."""
-    if _is_local(path):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"dataset file {path} does not exist")
-        if path.endswith(".parquet"):
-            table = datasets.Dataset.from_parquet(path)
-            for i, row in enumerate(table):
-                yield f"{path} row {i}", row
-            return
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path} line {line_no}"
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from e
-                if not isinstance(row, dict):
-                    raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-                yield where, row
-        return
-    for i, row in enumerate(datasets.load_dataset(path, split=split)):
-        yield f"{path} split {split} row {i}", row
+def _manifest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): _sha256(p) for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def _source_key(path: str, split: str) -> str:
-    if _is_local(path) and os.path.isfile(path):
-        with open(path, "rb") as f:
-            return hashlib.sha256(f.read()).hexdigest()
-    return f"hub:{path}:{split}"
+def _write_cache(target: Path, data: datasets.Dataset, counts: Counter[str]) -> None:
+    """Write under a name unique across nodes sharing the filesystem (host, pid, random), then
+    publish in one rename; every rank tokenizes and the first to finish publishes."""
+    unique = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp = target.with_name(f".tmp-{target.name}-{unique}")
+    data.save_to_disk(str(tmp / "data"))
+    (tmp / "counts.json").write_text(json.dumps(counts))
+    files = _manifest(tmp / "data")
+    (tmp / "manifest.json").write_text(json.dumps({"rows": len(data), "files": files}))
+    publish_dir(tmp, target)
+
+
+def _read_cache(target: Path) -> tuple[datasets.Dataset, Counter[str]] | None:
+    """The cached entry, or None when there is none; a damaged one is named, removed, and None."""
+    if not target.exists():
+        return None
+    try:
+        manifest = json.loads((target / "manifest.json").read_text())
+        if _manifest(target / "data") != manifest["files"]:
+            raise ValueError("file checksums differ from manifest.json")
+        data = datasets.load_from_disk(str(target / "data"))
+        if len(data) != manifest["rows"]:
+            raise ValueError(f"{len(data)} rows, manifest.json says {manifest['rows']}")
+        counts = Counter(json.loads((target / "counts.json").read_text()))
+    except Exception as e:  # any unreadable piece means the same thing: rebuild the entry
+        reason = f"{type(e).__name__}: {e}"
+        log.warning("tokenized cache %s is damaged (%s); rebuilding it", target, reason)
+        trash = target.with_name(f".damaged-{target.name}-{secrets.token_hex(4)}")
+        try:  # a rename is atomic: a rank that rebuilt it meanwhile keeps its fresh copy
+            os.rename(target, trash)
+        except OSError:
+            return None
+        shutil.rmtree(trash, ignore_errors=True)
+        return None
+    return data, counts
 
 
 def load_tokenized(
@@ -93,14 +112,18 @@ def load_tokenized(
     bad_rows: str,
     max_examples: int | None = None,
 ) -> tuple[datasets.Dataset, Counter[str]]:
-    """The tokenized groups of one split (Arrow, lazily indexed) and the counts of what happened."""
-    if bad_rows not in ("error", "skip"):
-        raise ValueError(f"dataset.bad_rows must be 'error' or 'skip', got {bad_rows!r}")
+    """The tokenized groups of one split (Arrow, lazily indexed) and the counts of what happened.
+
+    ``bad_rows=error`` raises the first bad row's :class:`DataError`; ``skip`` drops every bad
+    row (unreadable line, malformed row, truncation policy ``skip``) and counts it.
+    """
+    if bad_rows not in BAD_ROWS:
+        raise ConfigError(f"dataset.bad_rows={bad_rows!r}: expected one of {BAD_ROWS}")
     key = hashlib.sha256(
         "\x00".join(
             [
                 CACHE_VERSION,
-                _source_key(path, split),
+                source_key(path, split),
                 schema,
                 repr(parse_opts),
                 bad_rows,
@@ -111,21 +134,28 @@ def load_tokenized(
         ).encode()
     ).hexdigest()[:20]
     target = Path(cache_dir, "tokenized", key) if cache_dir else None
-    if target is not None and (target / "counts.json").is_file():
-        counts = Counter(json.loads((target / "counts.json").read_text()))
-        return datasets.load_from_disk(str(target / "data")), counts
+    cached = _read_cache(target) if target is not None else None
+    if cached is not None:
+        cached[0].info.description = path  # the source named in later errors
+        return cached
     columns: dict[str, list] = {
         k: [] for k in ("prompt_ids", "response_ids", "has_eos", "scores", "id")
     }
     counts: Counter[str] = Counter()
-    for where, row in itertools.islice(iter_rows(path, split), max_examples):
+    for where, row, error in itertools.islice(read_rows(path, split), max_examples):
         try:
-            group = tokenizer(parse_row(schema, row, where, parse_opts), where)
+            if error is not None:
+                raise error
+            example = parse_row(schema, row, where, parse_opts)
+            if len(set(example.responses)) == 1:  # nothing to prefer, whatever the scores say
+                counts["skipped_identical_responses"] += 1
+                continue
+            group = tokenizer(example, where)
         except DataError as e:
             if bad_rows == "error":
                 raise
             counts["skipped_bad_rows"] += 1
-            if counts["skipped_bad_rows"] <= 5:
+            if counts["skipped_bad_rows"] <= LOGGED_SKIPS:
                 log.warning("skipping bad row: %s", e)
             continue
         if group is not None:
@@ -133,15 +163,18 @@ def load_tokenized(
                 columns[k].append(getattr(group, k))
     counts.update(tokenizer.counts)
     tokenizer.counts.clear()
+    if counts["skipped_bad_rows"] > LOGGED_SKIPS:
+        log.warning("%s: %d bad rows skipped in all", path, counts["skipped_bad_rows"])
     if not columns["id"]:
-        raise DataError(f"{path} ({split}): no usable rows ({dict(counts)})")
-    data = datasets.Dataset.from_dict(columns)
+        raise DataError(
+            f"{path} ({split}): no usable rows ({dict(counts) or 'the file is empty'})",
+            fix="check dataset.schema and the file; bad_rows=skip drops bad rows",
+        )
+    data = datasets.Dataset.from_dict(columns, info=datasets.DatasetInfo(description=path))
     if target is not None:
-        tmp = target.with_name(f".tmp-{key}-{os.getpid()}")
-        data.save_to_disk(str(tmp / "data"))
-        (tmp / "counts.json").write_text(json.dumps(counts))
-        publish_dir(tmp, target)  # every rank tokenizes; the first to finish publishes
+        _write_cache(target, data, counts)
         data = datasets.load_from_disk(str(target / "data"))
+        data.info.description = path
     return data, counts
 
 
@@ -154,12 +187,31 @@ def make_views(data: datasets.Dataset, pairs: str | None) -> list[View]:
 
     best_vs_worst: one pair per group; best_vs_each: the best against every lower-scored response;
     all_pairs: every pair with distinct scores. Pairs list the higher-scored response first.
+    A split where no view carries a preference (two different scores) cannot train: it raises
+    :class:`DataError` naming the source (``data.info.description``).
     """
+    if pairs is not None and pairs not in PAIR_MODES:
+        raise ConfigError(f"dataset.pairs={pairs!r}: expected one of {PAIR_MODES}")
     scores = data["scores"]
+    views = _views(scores, pairs)
+    tied = sum(max(s) == min(s) for s in scores)
+    if tied == len(scores):
+        source = data.info.description or "the dataset"
+        raise DataError(
+            f"{source}: no usable {'group' if pairs is None else 'pair'}: all {tied} groups have "
+            f"equal scores{'' if pairs is None else f' (dataset.pairs={pairs})'}",
+            fix="check dataset.score_field / the scores column; a preference needs two "
+            "different scores in a group",
+        )
+    if tied:
+        kept = "no pair" if pairs in ("best_vs_each", "all_pairs") else "kept; losses mark invalid"
+        log.warning("%d of %d groups have all scores equal (%s)", tied, len(scores), kept)
+    return views
+
+
+def _views(scores: list[list[float]], pairs: str | None) -> list[View]:
     if pairs is None:
         return [(i, tuple(range(len(s)))) for i, s in enumerate(scores)]
-    if pairs not in PAIR_MODES:
-        raise ValueError(f"dataset.pairs must be one of {PAIR_MODES}, got {pairs!r}")
     views: list[View] = []
     for i, s in enumerate(scores):
         order = sorted(range(len(s)), key=lambda k: -s[k])  # stable: first index wins ties
@@ -194,8 +246,12 @@ def build_splits(
         )
         counts.update({f"eval_{k}": v for k, v in eval_counts.items()})
     else:
-        if cfg.eval_size >= len(train):
-            raise ValueError(f"dataset.eval_size={cfg.eval_size} >= {len(train)} training groups")
+        if not 0 < cfg.eval_size < len(train):
+            raise ConfigError(
+                f"dataset.eval_size={cfg.eval_size}: must hold out between 1 and "
+                f"{len(train) - 1} of the {len(train)} training groups",
+                fix="set dataset.eval_size, or give dataset.eval_path / eval_split",
+            )
         split = train.train_test_split(test_size=cfg.eval_size, seed=seed)
         train, eval_data = split["train"], split["test"]
     return train, eval_data, counts

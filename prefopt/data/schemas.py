@@ -12,7 +12,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from prefopt.data.example import DataError, Example, Message
+from prefopt.errors import ConfigError
 
+# Scores become float32 tensors in every batch (prefopt/data/collate.py): a score beyond this is
+# finite here but inf in training, so it is refused at load time rather than skipping a step.
+FLOAT32_MAX = 3.4028234663852886e38
 ROLES = ("system", "user", "assistant")
 ASPECTS = ("helpfulness", "honesty", "instruction_following", "truthfulness")
 SCORE_FIELDS = ("overall_score", "fine-grained_score", *ASPECTS, "mean_aspects")
@@ -34,8 +38,8 @@ class ParseOptions:
 
     def __post_init__(self) -> None:
         if self.score_field not in SCORE_FIELDS:
-            raise ValueError(
-                f"ParseOptions.score_field={self.score_field!r}: expected one of {SCORE_FIELDS}"
+            raise ConfigError(
+                f"dataset.score_field={self.score_field!r}: expected one of {SCORE_FIELDS}"
             )
 
 
@@ -68,11 +72,12 @@ def parse_row(schema: str, row: dict[str, Any], where: str, opts: ParseOptions) 
         The validated example, with scores as Python floats.
 
     Raises:
-        KeyError: ``schema`` is not registered.
+        ConfigError: ``schema`` is not registered.
         DataError: The row is malformed.
     """
     if schema not in SCHEMAS:
-        raise KeyError(f"unknown schema {schema!r}; known schemas: {sorted(SCHEMAS)}")
+        known = sorted(SCHEMAS)
+        raise ConfigError(f"dataset.schema: unknown schema {schema!r}; known schemas: {known}")
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
     return SCHEMAS[schema](row, where, opts)
@@ -99,9 +104,18 @@ def _score(value: Any, label: str, where: str) -> float:
     # bool is an int subclass, but a True/False "score" is almost surely a mislabelled field.
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise DataError(f"{where}: key {label}: expected a number, got {type(value).__name__}")
-    if not math.isfinite(value):
+    try:
+        score = float(value)
+    except OverflowError:  # an integer with hundreds of digits
+        digits = len(str(abs(value)))
+        msg = f"{where}: key {label}: a {digits}-digit integer score overflows a float"
+        raise DataError(msg) from None
+    if not math.isfinite(score):
         raise DataError(f"{where}: key {label}: score is {value}")
-    return float(value)
+    if abs(score) > FLOAT32_MAX:
+        msg = f"{where}: key {label}: score {value:g} is inf in float32 (the training dtype)"
+        raise DataError(msg, fix="rescale the scores")
+    return score
 
 
 def _messages(value: Any, key: str, where: str, last_role: str = "user") -> list[Message]:

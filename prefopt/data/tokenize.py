@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from transformers import PreTrainedTokenizerBase
 
 from prefopt.data.example import DataError, Example
+from prefopt.errors import ConfigError
 
 PROMPT_TRUNCATION = ("keep_end", "skip", "error")
 RESPONSE_TRUNCATION = ("cut_end", "skip", "error")
@@ -35,11 +36,20 @@ class TokenizeOptions:
 
     def __post_init__(self) -> None:
         if self.prompt_truncation not in PROMPT_TRUNCATION:
-            raise ValueError(f"dataset.prompt_truncation must be one of {PROMPT_TRUNCATION}")
+            raise ConfigError(
+                f"dataset.prompt_truncation={self.prompt_truncation!r}: expected one of "
+                f"{PROMPT_TRUNCATION}"
+            )
         if self.response_truncation not in RESPONSE_TRUNCATION:
-            raise ValueError(f"dataset.response_truncation must be one of {RESPONSE_TRUNCATION}")
+            raise ConfigError(
+                f"dataset.response_truncation={self.response_truncation!r}: expected one of "
+                f"{RESPONSE_TRUNCATION}"
+            )
         if not 0 < self.max_prompt_length < self.max_length:
-            raise ValueError("dataset.max_prompt_length must be in (0, dataset.max_length)")
+            raise ConfigError(
+                f"dataset.max_prompt_length={self.max_prompt_length} must be in (0, "
+                f"dataset.max_length={self.max_length})"
+            )
 
 
 @dataclass(frozen=True)
@@ -127,6 +137,9 @@ class Tokenizer:
         responses, has_eos = [], []
         for k, text in enumerate(ex.responses):
             ids = self.response_ids(text)
+            if len(ids) == 1:  # only the EOS string: an empty response in disguise, a bad row
+                eos = self.tok.eos_token
+                raise DataError(f"{where}: key 'responses'[{k}]: response is only the EOS {eos!r}")
             if len(ids) > budget:
                 msg = (f"{where}: key 'responses'[{k}]: {len(prompt)} prompt + {len(ids)} "
                        f"response tokens > dataset.max_length={o.max_length}")  # fmt: skip

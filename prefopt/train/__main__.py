@@ -23,18 +23,24 @@ from omegaconf import DictConfig
 
 import prefopt.config  # noqa: F401  (registers the group schemas before composition)
 import prefopt.losses  # noqa: F401  (registers loss schemas before composition)
+from prefopt.checks import validate_config
+from prefopt.errors import PrefoptError, report_user_errors
 
 log = logging.getLogger("prefopt")
 
 
 @hydra.main(config_path="../../conf", config_name="train", version_base="1.3")
+@report_user_errors  # a data/config/checkpoint mistake: one block on stderr, exit 2
 def main(cfg: DictConfig) -> float:
+    hydra_cfg = HydraConfig.get()
+    overrides = list(hydra_cfg.overrides.task)
+    if hydra_cfg.mode != RunMode.MULTIRUN:  # a config mistake fails in seconds: torch not loaded
+        validate_config(cfg)
+
     from prefopt import parallel
     from prefopt.logger import SweepInfo
     from prefopt.train.loop import run
 
-    hydra_cfg = HydraConfig.get()
-    overrides = list(hydra_cfg.overrides.task)
     if int(os.environ.get("RANK", "0")) > 0:  # one log: rank 0 speaks, the others only warn
         logging.getLogger().setLevel(logging.WARNING)
     try:
@@ -49,7 +55,10 @@ def main(cfg: DictConfig) -> float:
         if hydra_cfg.mode != RunMode.MULTIRUN:
             raise
         # In a sweep one failed job must not stop the others: record it for the report.
-        log.exception("job %s failed", hydra_cfg.job.num)
+        if isinstance(e, PrefoptError):  # the user's mistake: its message, not a stack
+            log.error("job %s failed: %s", hydra_cfg.job.num, e)
+        else:
+            log.exception("job %s failed", hydra_cfg.job.num)
         Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
         failure = {"status": "failed", "error": f"{type(e).__name__}: {e}", "overrides": overrides}
         Path(cfg.run_dir, "summary.json").write_text(json.dumps(failure, indent=2))

@@ -38,6 +38,7 @@ from prefopt.build import (
     export,
     git_commit,
     make_autocast,
+    peak_memory_gib,
     prepare_data,
     print_eval,
     validate,
@@ -158,6 +159,15 @@ def train_step(
     return StepResult(metrics, applied, stop, sums.stat_sums() if applied else {})
 
 
+def count_skip(state: TrainState, consecutive: int) -> int:
+    """Record a skipped step; stop the run after ``MAX_CONSECUTIVE_SKIPS`` in a row."""
+    state.skipped_steps += 1
+    log.warning("step %d skipped: no valid group, or a non-finite loss or gradient", state.step)
+    if consecutive + 1 >= MAX_CONSECUTIVE_SKIPS:
+        raise FloatingPointError(f"{consecutive + 1} consecutive steps skipped; stopping")
+    return consecutive + 1
+
+
 def run(
     cfg: DictConfig, overrides: list[str] | None = None, sweep: SweepInfo | None = None
 ) -> dict[str, float]:
@@ -240,12 +250,7 @@ def run(
                 state.loss_state = spec.state.update(state.loss_state, stat_sums, **hparams)
             consecutive_skips = 0
         else:  # never let a NaN reach the weights; the data is consumed all the same
-            state.skipped_steps += 1
-            consecutive_skips += 1
-            log.warning("step %d skipped: no valid group, or a non-finite loss or gradient",
-                        state.step)  # fmt: skip
-            if consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
-                raise FloatingPointError(f"{consecutive_skips} consecutive steps skipped; stopping")
+            consecutive_skips = count_skip(state, consecutive_skips)
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
         state.consumed += G
@@ -279,16 +284,15 @@ def run(
     best_eval = best_of(best_eval, eval_after)
     if t.export_final:
         export(policy, tok, Path(run_dir, "final"))
+    peaks = parallel.all_gather_objects(peak_memory_gib(world.device))  # every rank takes part
     if parallel.is_main():
-        print_eval(
-            "held-out metrics", eval_before or eval_after, eval_after if eval_before else None
-        )
+        print_eval("held-out metrics", eval_before, eval_after)
         summary = {
             "status": "ok", "overrides": overrides or [], "loss": spec.name, "steps": state.step,
             "skipped_steps": state.skipped_steps, "tokens": state.tokens,
             "train_wall_time_s": state.wall_time, "world_size": world.world_size,
             "commit": git_commit(), "data_counts": dict(data.counts), "eval_before": eval_before,
-            "eval_final": eval_after, "eval_best": best_eval,
+            "eval_final": eval_after, "eval_best": best_eval, "peak_memory_gib_per_rank": peaks,
         }  # fmt: skip
         Path(run_dir, "summary.json").write_text(json.dumps(summary, indent=2))
     logger.close()

@@ -1,0 +1,206 @@
+"""Config checks run before any work: unknown keys, value ranges, choices, the loss schema.
+
+Hydra rejects a typo in ``key=value``, but ``+key=value`` adds any key, even to a typed node
+(``+trainer.max_stepz=3``), and the loss node is untyped in ``TrainConfig``. :func:`check_schema`
+walks the composed config and refuses every key its node's dataclass does not declare, suggesting
+the close match. :func:`validate` adds the ranges and choices, each error naming the key and value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from collections.abc import Callable
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from prefopt.errors import ConfigError
+
+
+def _unknown_keys(node: DictConfig, prefix: str) -> list[ConfigError]:
+    errors = []
+    typ = OmegaConf.get_type(node)
+    if dataclasses.is_dataclass(typ):
+        names = [f.name for f in dataclasses.fields(typ)]
+        for key in node:
+            if key not in names:
+                close = difflib.get_close_matches(str(key), names, n=1)
+                fix = f"did you mean {prefix}{close[0]}?" if close else f"known keys: {names}"
+                errors.append(
+                    ConfigError(
+                        f"unknown key {prefix}{key} ({typ.__name__} has no field {key!r})", fix=fix
+                    )
+                )
+    for key, value in node.items_ex(resolve=False):
+        if isinstance(value, DictConfig):
+            errors += _unknown_keys(value, f"{prefix}{key}.")
+    return errors
+
+
+def check_schema(cfg: DictConfig) -> None:
+    """Raise :class:`ConfigError` for the first key that no schema declares (added with ``+``)."""
+    errors = _unknown_keys(cfg, "")
+    if errors:
+        raise errors[0]
+
+
+def check_loss_schema(loss: DictConfig) -> None:
+    """``loss.name`` must be the loss whose schema the node was built from (``loss=<name>``)."""
+    from prefopt.losses import LOSSES
+
+    if loss.name not in LOSSES:
+        raise ConfigError(
+            f"loss.name={loss.name!r} is not a registered loss",
+            fix=f"choose the loss with loss=<name>, one of {sorted(LOSSES)}",
+        )
+    typ = OmegaConf.get_type(loss)
+    if typ is not LOSSES[loss.name].config_cls:
+        owner = next((n for n, s in LOSSES.items() if s.config_cls is typ), typ.__name__)
+        raise ConfigError(
+            f"loss.name={loss.name!r}, but the loss config is {owner!r}'s schema ({typ.__name__})",
+            fix=f"select the loss with loss={loss.name}, not by setting loss.name",
+        )
+
+
+Rule = tuple[str, Callable[[Any], bool], str]  # (key, holds for a good value, what is required)
+
+
+def _fraction(v: float) -> bool:
+    return 0.0 <= v <= 1.0
+
+
+RULES: list[Rule] = [
+    ("trainer.max_steps", lambda v: v >= 0, ">= 0 (0 derives it from trainer.epochs)"),
+    ("trainer.epochs", lambda v: v > 0, "> 0"),
+    ("trainer.global_batch_groups", lambda v: v >= 1, ">= 1"),
+    ("trainer.micro_batch_groups", lambda v: v >= 1, ">= 1"),
+    ("trainer.micro_batch_tokens", lambda v: v >= 0, ">= 0 (0 = micro_batch_groups)"),
+    ("trainer.eval_batch_groups", lambda v: v >= 1, ">= 1"),
+    ("trainer.log_every", lambda v: v >= 1, ">= 1"),
+    ("trainer.eval_every", lambda v: v >= 0, ">= 0 (0 = only before and after training)"),
+    ("trainer.save_every", lambda v: v >= 0, ">= 0 (0 = only at the end)"),
+    ("trainer.keep_last", lambda v: v >= 0, ">= 0 (0 keeps every checkpoint)"),
+    ("trainer.stop_at_step", lambda v: v >= 0, ">= 0 (0 = off)"),
+    ("trainer.warmup_ratio", _fraction, "in [0, 1]"),
+    ("trainer.min_lr_ratio", _fraction, "in [0, 1]"),
+    ("trainer.max_grad_norm", lambda v: v > 0, "> 0 (a large value such as 1e9 disables clipping)"),
+    ("trainer.logps_chunk_size", lambda v: v >= 1, ">= 1"),
+    ("trainer.collective_timeout_s", lambda v: v > 0, "> 0"),
+    ("trainer.num_threads", lambda v: v >= 0, ">= 0 (0 = torch's default)"),
+    ("optimizer.lr", lambda v: v > 0, "> 0"),
+    (
+        "optimizer.betas",
+        lambda v: len(v) == 2 and all(0 <= b < 1 for b in v),
+        "two numbers in [0, 1), e.g. [0.9, 0.95]",
+    ),
+    ("optimizer.weight_decay", lambda v: v >= 0, ">= 0"),
+    ("optimizer.eps", lambda v: v > 0, "> 0"),
+    ("dataset.max_length", lambda v: v >= 2, ">= 2"),
+    ("dataset.max_prompt_length", lambda v: v >= 1, ">= 1"),
+    ("dataset.max_train_examples", lambda v: v >= 1, ">= 1 (or null for all)"),
+    ("dataset.max_eval_examples", lambda v: v >= 1, ">= 1 (or null for all)"),
+]
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "trainer.schedule": ("cosine", "linear", "constant"),
+    "trainer.precision": ("auto", "bf16", "fp32"),
+    "trainer.device": ("auto", "cpu", "cuda"),
+    "trainer.reference": ("model", "precompute"),
+    "dataset.bad_rows": ("error", "skip"),
+    "dataset.pairs": ("best_vs_worst", "best_vs_each", "all_pairs"),
+    "dataset.prompt_truncation": ("keep_end", "skip", "error"),
+    "dataset.response_truncation": ("cut_end", "skip", "error"),
+    "logger.kind": ("none", "wandb"),
+    "logger.mode": ("auto", "online", "offline"),
+    "model.source": ("hub", "gguf", "tiny"),
+}
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def check_ranges(cfg: DictConfig) -> None:
+    """Raise :class:`ConfigError` naming the first key whose value is out of range."""
+    for key, ok, required in RULES:
+        value = OmegaConf.select(cfg, key, throw_on_missing=False)
+        if value is None:
+            continue
+        if isinstance(value, DictConfig | list) or OmegaConf.is_list(value):
+            value = list(value)
+        elif not _number(value) or math.isnan(value):
+            raise ConfigError(f"{key}={value!r}: must be a number {required}")
+        try:
+            good = ok(value)
+        except TypeError:
+            good = False
+        if not good:
+            raise ConfigError(f"{key}={value}: must be {required}")
+    for key, options in CHOICES.items():
+        value = OmegaConf.select(cfg, key, throw_on_missing=False)
+        if value is not None and value not in options:
+            raise ConfigError(f"{key}={value!r}: expected one of {options}")
+    d = cfg.dataset
+    if d.max_prompt_length >= d.max_length:
+        raise ConfigError(
+            f"dataset.max_prompt_length={d.max_prompt_length} must be below "
+            f"dataset.max_length={d.max_length}"
+        )
+    if not (d.eval_path or d.eval_split) and d.eval_size < 1:
+        raise ConfigError(
+            f"dataset.eval_size={d.eval_size}: with no dataset.eval_path or "
+            "eval_split, eval_size groups of train are held out for evaluation",
+            fix="set dataset.eval_size >= 1, or give dataset.eval_path",
+        )
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Missing values, unknown keys, the loss schema, ranges and choices: no heavy imports, so the
+    CLI runs it right after composition, before torch and transformers load."""
+    from prefopt.data.schemas import SCHEMAS
+
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"config values missing: {missing}", fix="set them on the command line")
+    check_schema(cfg)
+    check_loss_schema(cfg.loss)
+    check_ranges(cfg)
+    if cfg.dataset.schema not in SCHEMAS:
+        known = sorted(SCHEMAS)
+        raise ConfigError(f"dataset.schema={cfg.dataset.schema!r}: expected one of {known}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Fail before any work: :func:`validate_config`, then what needs the installed libraries."""
+    from prefopt.models import resolve_attn_implementation
+
+    validate_config(cfg)
+    t = cfg.trainer
+    attn = resolve_attn_implementation(cfg.model.attn_implementation)
+    if t.layout == "shared" and "flash" in attn:  # varlen flash cannot mask response pairs
+        raise ConfigError(
+            f"trainer.layout=shared needs a masked attention, not {attn!r}",
+            fix="set model.attn_implementation=flex_attention (GPU) or sdpa",
+        )
+
+
+def validate_batching(t: DictConfig, world_size: int) -> None:
+    """Every rank must run the same number of micro-batches per step (sharded collectives)."""
+    from prefopt.data.packing import LAYOUTS
+
+    if t.layout not in LAYOUTS:
+        raise ConfigError(f"trainer.layout={t.layout!r}: expected one of {LAYOUTS}")
+    if t.micro_batch_tokens:  # the token-budget plan gives every rank as many micro-batches
+        if t.global_batch_groups % world_size:
+            raise ConfigError(
+                f"trainer.global_batch_groups={t.global_batch_groups} must be a "
+                f"multiple of the {world_size} ranks"
+            )
+        return
+    if t.global_batch_groups % (t.micro_batch_groups * world_size):
+        raise ConfigError(
+            f"trainer.global_batch_groups={t.global_batch_groups} must be a multiple of "
+            f"trainer.micro_batch_groups x ranks = {t.micro_batch_groups} x {world_size}"
+        )
