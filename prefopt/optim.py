@@ -10,18 +10,42 @@ from omegaconf import DictConfig
 
 from prefopt.config import TrainerConfig
 
+STOCHASTIC_ROUNDING = ("prefopt.optim.adamw_bf16_sr",)
+
 
 def build_optimizer(cfg: DictConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     target = cfg._target_
-    if target.startswith("bitsandbytes."):
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError as e:
-            raise ImportError(
-                f"optimizer {target} needs bitsandbytes: pip install 'prefopt[bnb]'"
-            ) from e
+    for package, extra in (("bitsandbytes", "bnb"), ("torchao", "lowmem")):
+        if target.startswith(f"{package}.") or (
+            package == "torchao" and target in STOCHASTIC_ROUNDING
+        ):
+            try:
+                __import__(package)
+            except ImportError as e:
+                raise ImportError(
+                    f"optimizer {target} needs {package}: pip install 'prefopt[{extra}]'"
+                ) from e
+    if any(p.dtype == torch.bfloat16 for p in params) and target not in STOCHASTIC_ROUNDING:
+        from prefopt.errors import ConfigError
+
+        raise ConfigError(
+            f"trainer.master_dtype=bfloat16 with optimizer {target}: a round-to-nearest update "
+            "of bf16 weights drops every step below 1/256 of a weight (at lr 5e-7, almost all)",
+            fix="optimizer=adamw_bf16_sr (stochastic rounding), or trainer.master_dtype=float32",
+        )
     factory = instantiate(cfg)
     return factory(params)
+
+
+def adamw_bf16_sr(
+    params, lr: float, betas: list[float], weight_decay: float, eps: float
+) -> torch.optim.Optimizer:
+    """torchao's AdamW with bf16 stochastic rounding of the weight update (for bf16 master
+    weights, ``trainer.master_dtype=bfloat16``); its moments are kept in the weights' dtype."""
+    from torchao.optim import _AdamW
+
+    return _AdamW(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                  bf16_stochastic_round=True)  # fmt: skip
 
 
 def lr_at(step: int, base_lr: float, t: TrainerConfig, max_steps: int) -> float:

@@ -112,12 +112,15 @@ def check_fits(plan: MemoryPlan, capacity: int, where: str) -> None:
     """Refuse a plan over the device (``where`` names it), saying what would make it fit."""
     if plan.total <= SAFETY * capacity:
         return
-    raise MemoryError(
+    from prefopt.errors import PlanError
+
+    raise PlanError(
         f"the memory plan needs {plan.total / GIB:.1f} GiB per GPU but {where} has "
-        f"{capacity / GIB:.1f} GiB ({SAFETY:.0%} usable):\n{format_plan(plan, capacity)}\n"
-        "to fit: more GPUs (FSDP shards parameters, gradients and optimizer state), "
-        "model.gradient_checkpointing=true, a smaller trainer.micro_batch_tokens, "
-        "trainer.reference=precompute, optimizer=adamw8bit_torchao, or LoRA"
+        f"{capacity / GIB:.1f} GiB ({SAFETY:.0%} usable):\n{format_plan(plan, capacity)}",
+        fix="more GPUs (FSDP shards parameters, gradients and optimizer state), "
+        "model.gradient_checkpointing=true, a smaller trainer.micro_batch_tokens or "
+        "trainer.logps_chunk_size, trainer.reference=precompute, a low-memory optimizer "
+        "(optimizer=adamw8bit_torchao, or optimizer=adamw_bf16_sr trainer.master_dtype=bfloat16)",
     )
 
 

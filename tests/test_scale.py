@@ -130,3 +130,76 @@ def test_zero_init_with_running_zscores_is_refused():
             spec.config_cls(stats_init="zero", zscore_stats="running_and_batch")
         )
         spec.state.init(**spec.hparams(ok))
+
+
+def _one_sharded_step(world, dtype: torch.dtype, make_optimizer):
+    """One step of ``make_optimizer`` on FSDP2-sharded Linear blocks (DTensor parameters):
+    (parameters before, after, gradients) as full tensors, and the optimizer."""
+    from torch import nn
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(256, 256, bias=False) for _ in range(3)]).to(dtype)
+    for layer in model:
+        fully_shard(layer, mesh=world.mesh)
+    fully_shard(model, mesh=world.mesh)
+    params = list(model.parameters())
+    before = [p.detach().full_tensor().float().clone() for p in params]
+    opt = make_optimizer(params)
+    model(torch.randn(8, 256, dtype=dtype)).float().square().mean().backward()
+    grads = [p.grad.full_tensor().float() for p in params]
+    opt.step()
+    after = [p.detach().full_tensor().float() for p in params]
+    return before, after, grads, opt
+
+
+def _moved_and_signed_step(before, after, grads, lr: float) -> tuple[float, float]:
+    """Share of weights that changed; mean step against the gradient's sign, in units of lr
+    (Adam's first step is lr x sign(g) per weight)."""
+    n = sum(b.numel() for b in before)
+    moved = sum(int((a != b).sum()) for a, b in zip(after, before, strict=True)) / n
+    signed = sum(
+        float(((b - a) * g.sign()).sum()) for a, b, g in zip(after, before, grads, strict=True)
+    )
+    return moved, signed / (n * lr)
+
+
+def test_low_memory_optimizers_step_fsdp2_shards_at_small_lr():
+    """torchao's 8-bit AdamW keeps fp32 master weights with 8-bit moments; its bf16 AdamW with
+    stochastic rounding moves bf16 weights by lr on average, where round-to-nearest loses it."""
+    from omegaconf import OmegaConf
+    from torchao.optim import AdamW8bit
+
+    from prefopt.optim import build_optimizer
+
+    world, lr = _world(), 5e-7
+    before, after, grads, opt = _one_sharded_step(
+        world, torch.float32, lambda ps: AdamW8bit(ps, lr=lr, weight_decay=0.0)
+    )
+    moved, signed = _moved_and_signed_step(before, after, grads, lr)
+    assert moved >= 0.99 and signed == pytest.approx(1.0, abs=0.05)
+    state = next(iter(opt.state.values()))["exp_avg"]
+    assert type(state.to_local()).__name__ == "OptimState8bit"  # 8-bit moments, per shard
+    sr_cfg = {"_target_": "prefopt.optim.adamw_bf16_sr", "_partial_": True, "lr": lr}
+    sr = OmegaConf.create({**sr_cfg, "betas": [0.9, 0.95], "weight_decay": 0.0, "eps": 1e-8})
+    before, after, grads, _ = _one_sharded_step(
+        world, torch.bfloat16, lambda ps: build_optimizer(sr, ps)
+    )
+    _, signed = _moved_and_signed_step(before, after, grads, lr)
+    assert signed == pytest.approx(1.0, abs=0.15)  # unbiased: lr per weight on average
+    before, after, grads, _ = _one_sharded_step(
+        world, torch.bfloat16, lambda ps: torch.optim.AdamW(ps, lr=lr, weight_decay=0.0)
+    )
+    moved, signed = _moved_and_signed_step(before, after, grads, lr)
+    assert moved < 0.05 and abs(signed) < 0.15  # round to nearest: the update is lost
+
+
+def test_bf16_master_weights_need_the_stochastic_rounding_optimizer():
+    from omegaconf import OmegaConf
+
+    from prefopt.errors import ConfigError
+    from prefopt.optim import build_optimizer
+
+    cfg = OmegaConf.create({"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-6})
+    with pytest.raises(ConfigError, match="master_dtype=bfloat16"):
+        build_optimizer(cfg, [torch.nn.Parameter(torch.zeros(2, dtype=torch.bfloat16))])
