@@ -18,7 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedTokenizerBase
 
-from prefopt import parallel
+from prefopt import adapters, parallel
 from prefopt.data.loading import DataSplits, build_splits, make_views
 from prefopt.data.packing import LAYOUTS
 from prefopt.data.tokenize import TokenizeOptions, Tokenizer
@@ -50,6 +50,7 @@ def validate(cfg: DictConfig) -> None:
     if missing:
         raise ValueError(f"config values missing: {missing}")
     t = cfg.trainer
+    adapters.check_quantize(cfg.model)  # LoRA / QLoRA: a clear error before loading
     if t.reference not in ("model", "precompute"):
         raise ValueError(f"trainer.reference must be 'model' or 'precompute', got {t.reference!r}")
     attn = resolve_attn_implementation(cfg.model.attn_implementation)
@@ -87,15 +88,21 @@ def build_models(
     t = cfg.trainer
     hf = load_model(cfg.model, cfg.cache_dir, tok, cfg.seed)
     bf16 = autocast_is_bf16(world.device, t.precision)
+    hf = adapters.apply_adapters(hf, cfg.model, bf16)  # LoRA: before compile and sharding
     kl_on = spec.on_policy_kl and cfg.loss.kl_weight > 0  # needs reference logits on new samples
     # KTO's baseline and SPO's KL need reference forwards on rows that no cache holds.
     ref_model = (spec.needs_reference and t.reference == "model") or kl_on or spec.needs_mismatched
-    ref_hf = copy.deepcopy(hf) if ref_model else None
+    lora = adapters.is_adapted(hf)  # LoRA: the reference is the policy with adapters off
+    ref_hf = copy.deepcopy(hf) if ref_model and not lora else None
     if t.compile:  # per block, before sharding
         for m in filter(None, (hf, ref_hf)):
             compile_blocks(m)
     policy = parallel.shard(hf.to(world.device), world, bf16)
     ref = parallel.shard(ref_hf.to(world.device), world, bf16, trainable=False) if ref_hf else None
+    if ref_model and lora:
+        ref = adapters.AdaptersOff(policy)  # LoRA: no second model
+    if lora:
+        log.info("%s", adapters.summary(policy).line())  # LoRA: for the run banner
     if spec.needs_reference and not ref_model:
         cache = cfg.cache_dir if cfg.dataset.cache else None
         kw = dict(batch_groups=t.eval_batch_groups, pad_id=tok.pad_token_id,
@@ -104,7 +111,8 @@ def build_models(
 
         def one(split: datasets.Dataset) -> datasets.Dataset:
             key = reference_key(cfg.model, cfg.seed, t.precision, split)
-            return precompute_reference(policy, split, key, cache, **kw)
+            with adapters.adapters_off(policy):  # LoRA: the base, whatever the adapters' init
+                return precompute_reference(policy, split, key, cache, **kw)
 
         data = data._replace(train=one(data.train), eval=one(data.eval))
     return policy, ref, data
@@ -116,8 +124,15 @@ def autocast_is_bf16(device: torch.device, precision: str) -> bool:
     return precision == "bf16" or (precision == "auto" and device.type == "cuda")
 
 
-def export(policy: StatsModel, tok: PreTrainedTokenizerBase, path: Path) -> None:
-    """Hugging Face format (``from_pretrained``-able) gathered from the shards onto rank 0."""
+def export(
+    policy: StatsModel, tok: PreTrainedTokenizerBase, path: Path, merged: bool = False
+) -> None:
+    """Hugging Face format (``from_pretrained``-able) gathered from the shards onto rank 0.
+    LoRA: the adapter in PEFT format, and with ``merged`` the merged model in ``<path>_merged``."""
+    if adapters.is_adapted(policy):  # LoRA
+        merged_path = path.with_name(f"{path.name}_merged") if merged else None
+        adapters.export(policy, tok, path, merged_path, parallel.is_main())
+        return
     full = parallel.full_state_dict(policy)  # a collective: every rank takes part
     if parallel.is_main():
         policy.model.save_pretrained(path, state_dict=full)

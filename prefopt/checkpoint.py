@@ -22,6 +22,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from prefopt.adapters import checkpoint_options
 from prefopt.parallel import all_gather_objects, barrier, is_main
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -69,7 +70,8 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    # LoRA: adapters and optimizer state only
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=checkpoint_options(model))
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
     state.rng = rng_state()
     if is_main():
@@ -120,11 +122,12 @@ def load_checkpoint(
     if state.world_size != world_size:
         raise ValueError(f"{path} was written by {state.world_size} ranks; resuming needs the "
                          f"same number (got {world_size})")  # fmt: skip
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    opts = checkpoint_options(model)  # LoRA: adapters and optimizer state only
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=opts)
     loaded = {"model": model_sd, "optim": optim_sd}
     dcp.load(loaded, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=loaded["model"],
-                   optim_state_dict=loaded["optim"])  # fmt: skip
+                   optim_state_dict=loaded["optim"], options=opts)  # fmt: skip
     rank = _rank()
     set_rng_state(state.rng if rank == 0 else torch.load(path / f"rng_rank{rank}.pt",
                                                          weights_only=False))  # fmt: skip

@@ -26,6 +26,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from transformers import PreTrainedModel
 
+from prefopt.adapters import quantized_params
 from prefopt.data.collate import Batch
 from prefopt.stats import group_stats, sequence_kl
 from prefopt.types import GroupStats
@@ -100,9 +101,18 @@ def shard(model: PreTrainedModel, world: World, bf16: bool, trainable: bool = Tr
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
         else MixedPrecisionPolicy()  # fmt: skip
     units = decoder_blocks(model)
+    ignored = quantized_params(model) or None  # QLoRA: the 4/8-bit base stays whole per rank
     for block in units:
-        fully_shard(block, mesh=world.mesh, mp_policy=mp, reshard_after_forward=True)
-    fully_shard(wrapper, mesh=world.mesh, mp_policy=mp, reshard_after_forward=trainable)
+        fully_shard(
+            block, mesh=world.mesh, mp_policy=mp, reshard_after_forward=True, ignored_params=ignored
+        )
+    fully_shard(
+        wrapper,
+        mesh=world.mesh,
+        mp_policy=mp,
+        reshard_after_forward=trainable,
+        ignored_params=ignored,
+    )
     for unit in [*units, wrapper]:
         # Sum gradients over ranks instead of averaging: the loop divides by the number of valid
         # groups of the whole step, over all ranks, in one place.

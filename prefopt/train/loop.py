@@ -242,7 +242,8 @@ def run(
     eval_after = run_eval()
     best_eval = best_of(best_eval, eval_after)
     if t.export_final:
-        export(policy, tok, Path(run_dir, "final"))
+        merged = cfg.model.lora is not None and cfg.model.lora.export_merged  # LoRA
+        export(policy, tok, Path(run_dir, "final"), merged)
     if parallel.is_main():
         print_eval(
             "held-out metrics", eval_before or eval_after, eval_after if eval_before else None
