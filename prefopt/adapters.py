@@ -16,7 +16,7 @@ checked on 2 gloo ranks), so the frozen base can be stored in bf16 while the ada
 master weights, with ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`` for compute.
 
 Checkpoints hold the trainable parameters and the optimizer state only
-(``checkpoint_options``); the base is rebuilt from its source on resume. The final export writes
+(``checkpoint_state_dicts``); the base is rebuilt from its source on resume. The final export writes
 the adapter in PEFT format, and with ``model.lora.export_merged`` the merged model in HF format.
 """
 
@@ -31,7 +31,11 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+)
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from prefopt.config import LoraConfig, ModelConfig
@@ -273,13 +277,23 @@ def count_adapter_parameters(hf_config: PretrainedConfig, lora: LoraConfig) -> t
 # ---- checkpoints and export ----
 
 
-def checkpoint_options(model: nn.Module) -> StateDictOptions:
-    """DCP state-dict options: an adapted model saves and loads its trainable parameters only
-    (the frozen base comes from its source). ``strict=False`` lets ``set_state_dict`` accept a
-    dict without the base; ``dcp.load`` still fails on any saved key that is missing."""
-    if is_adapted(model):
-        return StateDictOptions(ignore_frozen_params=True, strict=False)
-    return StateDictOptions()
+def checkpoint_state_dicts(
+    model: nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[dict[str, Any], dict[str, Any], StateDictOptions]:
+    """``get_state_dict(model, optimizer)`` for DCP, and the options to load it back with.
+
+    An adapted model saves and loads its trainable parameters only (the frozen base comes from
+    its source). ``ignore_frozen_params`` still lists a frozen weight tied to another one (the
+    output layer of tied embeddings), so the dict is filtered by name too. ``strict=False`` lets
+    ``set_state_dict`` accept a dict without the base; ``dcp.load`` still fails on a saved key
+    that is missing.
+    """
+    if not is_adapted(model):
+        return (*get_state_dict(model, optimizer), StateDictOptions())
+    opts = StateDictOptions(ignore_frozen_params=True, strict=False)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=opts)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v for k, v in model_sd.items() if k in trainable}, optim_sd, opts
 
 
 def _gather(policy: nn.Module, adapters_only: bool) -> dict[str, Tensor]:

@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import set_state_dict
 
-from prefopt.adapters import checkpoint_options
+from prefopt.adapters import checkpoint_state_dicts
 from prefopt.parallel import all_gather_objects, barrier, is_main
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -70,8 +70,7 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
-    # LoRA: adapters and optimizer state only
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=checkpoint_options(model))
+    model_sd, optim_sd, _ = checkpoint_state_dicts(model, optimizer)  # LoRA: adapters only
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
     state.rng = rng_state()
     if is_main():
@@ -122,8 +121,7 @@ def load_checkpoint(
     if state.world_size != world_size:
         raise ValueError(f"{path} was written by {state.world_size} ranks; resuming needs the "
                          f"same number (got {world_size})")  # fmt: skip
-    opts = checkpoint_options(model)  # LoRA: adapters and optimizer state only
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=opts)
+    model_sd, optim_sd, opts = checkpoint_state_dicts(model, optimizer)  # LoRA: adapters only
     loaded = {"model": model_sd, "optim": optim_sd}
     dcp.load(loaded, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=loaded["model"],
