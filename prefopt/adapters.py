@@ -221,8 +221,13 @@ class AdaptersOff:
         self.model = _OffModel(peft_model(policy))
 
     def __call__(self, batch: Any, chunk_size: int) -> Any:
-        with adapters_off(self.policy):
-            return self.policy(batch, chunk_size)
+        was_training = self.policy.training
+        self.policy.eval()  # a reference runs in eval mode (no dropout, no recompute)
+        try:
+            with adapters_off(self.policy):
+                return self.policy(batch, chunk_size)
+        finally:
+            self.policy.train(was_training)
 
     def parameters(self) -> Iterator[nn.Parameter]:
         return self.policy.parameters()

@@ -58,9 +58,19 @@ def _full(policy) -> dict[str, torch.Tensor]:
     return {n: p.full_tensor().detach().clone() for n, p in policy.named_parameters()}
 
 
-@pytest.mark.parametrize("loss", ["dpo", "refa_dynamic"])
-def test_lora_trains_only_adapters_and_its_reference_is_the_base(tmp_path, tiny_data, loss):
-    cfg = _cfg(tmp_path / "run", tiny_data, *LORA, f"loss={loss}", "optimizer.lr=1e-2")
+@pytest.mark.parametrize(("loss", "checkpointing"), [("dpo", True), ("refa_dynamic", False)])
+def test_lora_trains_only_adapters_and_its_reference_is_the_base(
+    tmp_path, tiny_data, loss, checkpointing
+):
+    cfg = _cfg(
+        tmp_path / "run",
+        tiny_data,
+        *LORA,
+        f"loss={loss}",
+        "optimizer.lr=1e-2",
+        f"model.gradient_checkpointing={checkpointing}",
+        "model.lora.dropout=0.1",
+    )
     world = parallel.init_distributed("cpu")
     spec, loss_fn = build_loss(cfg.loss)
     tok = load_tokenizer(cfg.model, cfg.cache_dir)
@@ -106,6 +116,26 @@ def test_lora_trains_only_adapters_and_its_reference_is_the_base(tmp_path, tiny_
         torch.testing.assert_close(got.eos_logps, want.eos_logps, rtol=1e-5, atol=1e-5)
         assert (adapted.logps - want.logps).abs().max() > 1e-3  # the adapters do change it
     assert all(p.requires_grad for p in params)  # switching adapters off left them trainable
+
+
+def test_bf16_keeps_the_frozen_base_in_bf16_and_fp32_adapters(tmp_path, tiny_data):
+    """One FSDP2 group per block holds both dtypes; bf16 compute, fp32 adapter gradients."""
+    from prefopt.build import make_autocast
+
+    cfg = _cfg(tmp_path / "run", tiny_data, *LORA, "loss=dpo", "trainer.precision=bf16")
+    world = parallel.init_distributed("cpu")
+    spec, loss_fn = build_loss(cfg.loss)
+    tok = load_tokenizer(cfg.model, cfg.cache_dir)
+    data = prepare_data(cfg, tok, spec)
+    autocast = make_autocast(world.device, "bf16")
+    policy, ref, data = build_models(cfg, spec, tok, data, world, autocast)
+    dtypes = {(p.requires_grad, p.dtype) for p in policy.parameters()}
+    assert dtypes == {(True, torch.float32), (False, torch.bfloat16)}
+    mbs = step_micro_batches(cfg.trainer, data, [0, 1, 2, 3], world, tok.pad_token_id, False)
+    result = train_step(policy, ref, mbs, spec, loss_fn, cfg.trainer, autocast)
+    assert 0 < result.grad_norm < float("inf")
+    grads = [p.grad for p in policy.parameters() if p.grad is not None]
+    assert grads and all(g.dtype == torch.float32 for g in grads)
 
 
 def test_spo_kl_and_precomputed_reference_with_lora(tmp_path, tiny_data):
