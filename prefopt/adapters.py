@@ -128,13 +128,9 @@ def apply_adapters(model: PreTrainedModel, cfg: ModelConfig, bf16: bool) -> PreT
         return model
     import peft
 
-    if cfg.quantize != "none":
-        # casts norms and embeddings to fp32 and makes the inputs require grad (checkpointing)
-        model = peft.prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=cfg.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
+    # No prepare_model_for_kbit_training for a quantized base: its fp32 upcast of norms and
+    # embeddings is what the loop below undoes in bf16, and non-reentrant checkpointing
+    # (load_model) does not need inputs that require grad.
     adapted = peft.get_peft_model(model, peft_config(cfg.lora))
     for p in adapted.parameters():
         if p.requires_grad:
@@ -142,6 +138,20 @@ def apply_adapters(model: PreTrainedModel, cfg: ModelConfig, bf16: bool) -> PreT
         elif bf16 and p.is_floating_point() and p.dtype != torch.bfloat16:
             p.data = p.data.to(torch.bfloat16)
     return adapted
+
+
+def reset_adapters(model: nn.Module) -> None:
+    """Initialise every adapter in place with peft's own init (A random, B zero, so the policy
+    starts as the base). For a model built on the meta device: after sharding and ``to_empty``
+    the base weights come from the checkpoint and the adapters from here; works on DTensor
+    shards. Seed torch first for a reproducible A."""
+    from peft.tuners.lora import LoraLayer
+
+    config = peft_model(model).peft_config
+    for m in model.modules():
+        if isinstance(m, LoraLayer):
+            for name in m.lora_A:
+                m.reset_lora_parameters(name, init_lora_weights=config[name].init_lora_weights)
 
 
 def peft_model(module: nn.Module) -> peft.PeftModel | None:

@@ -138,6 +138,25 @@ def test_bf16_keeps_the_frozen_base_in_bf16_and_fp32_adapters(tmp_path, tiny_dat
     assert grads and all(g.dtype == torch.float32 for g in grads)
 
 
+def test_adapters_on_a_meta_model_are_initialised_after_sharding(tiny_data, tmp_path, tok):
+    """The meta-device build path: adapters wrap the meta model, shard, allocate, then init."""
+    cfg = _cfg(tmp_path / "run", tiny_data, *LORA)
+    world = parallel.init_distributed("cpu")
+    with torch.device("meta"):
+        hf = adapters.apply_adapters(load_model(cfg.model, cfg.cache_dir, tok, 0), cfg.model, False)
+    policy = parallel.shard(hf, world, bf16=False)
+    policy.to_empty(device="cpu")
+    torch.manual_seed(0)
+    adapters.reset_adapters(policy)
+    full = _full(policy)
+    a = [v for n, v in full.items() if "lora_A" in n]
+    b = [v for n, v in full.items() if "lora_B" in n]
+    assert len(a) == len(b) == 14
+    assert all(torch.equal(v, torch.zeros_like(v)) for v in b)  # policy = base at step 0
+    bound = 1 / a[0].shape[1] ** 0.5  # kaiming_uniform(a=sqrt(5)): U(-1/sqrt(fan_in), +)
+    assert all(0 < v.abs().max() <= bound for v in a)
+
+
 def test_spo_kl_and_precomputed_reference_with_lora(tmp_path, tiny_data):
     """SPO's KL reads the base through the adapters-off view; trainer.reference=precompute
     caches the base's log-probs. Both train."""
