@@ -6,6 +6,7 @@ reproduces the adapted model, and QLoRA fails clearly without CUDA."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from prefopt.build import build_models, prepare_data, validate
 from prefopt.config import LoraConfig
 from prefopt.data.loading import group_at
 from prefopt.data.packing import collate_layout
-from prefopt.losses import build_loss
+from prefopt.losses import LOSSES, build_loss
 from prefopt.models import load_model, load_tokenizer
 from prefopt.optim import build_optimizer
 from prefopt.stats import group_stats
@@ -191,6 +192,15 @@ def test_spo_kl_and_precomputed_reference_with_lora(tmp_path, tiny_data):
     live = run(_cfg(tmp_path / "live", tiny_data, *LORA, "loss=dpo", "optimizer.lr=1e-2"))
     assert spo["valid_groups"] == 8
     assert pre["loss"] == pytest.approx(live["loss"], rel=1e-5)  # same reference either way
+
+
+@pytest.mark.parametrize(
+    "loss", sorted(n for n, s in LOSSES.items() if s.needs_reference or s.needs_mismatched)
+)
+def test_every_reference_based_loss_trains_with_lora(tmp_path, tiny_data, loss):
+    final = run(_cfg(tmp_path / "run", tiny_data, *LORA, f"loss={loss}", "trainer.max_steps=2"))
+    assert final["valid_groups"] == 8 and math.isfinite(final["loss"])
+    assert all(map(math.isfinite, _train_losses(tmp_path / "run")))
 
 
 def test_adapter_checkpoint_resumes_bit_for_bit(tmp_path, tiny_data):
