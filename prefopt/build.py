@@ -81,7 +81,7 @@ def build_models(
     data: DataSplits,
     world: parallel.World,
     autocast: AbstractContextManager,
-) -> tuple[StatsModel, StatsModel | None, DataSplits]:
+) -> tuple[StatsModel, StatsModel | adapters.AdaptersOff | None, DataSplits]:
     """The sharded policy and, from the same starting weights, the reference: a frozen sharded
     copy (``trainer.reference=model``), or cached log-probs attached to both splits
     (``precompute``: no second model in memory)."""
