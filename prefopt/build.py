@@ -17,12 +17,12 @@ import torch
 from omegaconf import DictConfig
 from transformers import PreTrainedTokenizerBase
 
-from prefopt import parallel
+from prefopt import adapters, parallel
 from prefopt.checks import validate, validate_batching  # noqa: F401  (the loop imports them here)
 from prefopt.data.loading import DataSplits, build_splits, make_views
 from prefopt.data.tokenize import TokenizeOptions, Tokenizer
 from prefopt.losses import LossSpec
-from prefopt.models import empty_model, initial_weights, model_config
+from prefopt.models import empty_model, initial_weights, load_model, model_config
 from prefopt.parallel import StatsModel
 from prefopt.reference import precompute_reference, reference_key
 from prefopt.stats import compile_blocks
@@ -51,7 +51,7 @@ def build_models(
     world: parallel.World,
     precision: parallel.Precision,
     autocast: AbstractContextManager,
-) -> tuple[StatsModel, StatsModel | None, DataSplits]:
+) -> tuple[StatsModel, StatsModel | adapters.AdaptersOff | None, DataSplits]:
     """The sharded policy and, from the same starting weights, the reference: a frozen sharded
     model (``trainer.reference=model``), or cached log-probs attached to both splits
     (``precompute``: no second model in memory).
@@ -67,17 +67,33 @@ def build_models(
     kl_on = spec.on_policy_kl and cfg.loss.kl_weight > 0  # needs reference logits on new samples
     # KTO's baseline and SPO's KL need reference forwards on rows that no cache holds.
     ref_model = (spec.needs_reference and t.reference == "model") or kl_on or spec.needs_mismatched
+    quantized = cfg.model.quantize != "none"
 
     def sharded(trainable: bool) -> StatsModel:  # one more model from the same files
-        model = empty_model(cfg.model, config)
+        if quantized:  # QLoRA: bitsandbytes quantizes while loading; each rank holds the base
+            model = load_model(cfg.model, cfg.cache_dir, tok, cfg.seed)
+        else:
+            model = empty_model(cfg.model, config)
+        if trainable:  # LoRA: adapters before compile and sharding (no-op without model.lora)
+            model = adapters.apply_adapters(model, cfg.model, precision.bf16)
         if t.compile:  # per block, before sharding
             compile_blocks(model)
         wrapper = parallel.shard(model, world, precision, trainable=trainable)
-        parallel.load_weights(wrapper, weights)
+        if not quantized:
+            parallel.load_weights(wrapper, weights)
+        if adapters.is_adapted(wrapper):  # LoRA: initialise the adapters after allocation
+            with torch.random.fork_rng():
+                torch.manual_seed(cfg.seed)
+                adapters.reset_adapters(wrapper)
         return wrapper
 
     policy = sharded(trainable=True)
-    ref = sharded(trainable=False) if ref_model else None
+    lora = adapters.is_adapted(policy)  # LoRA: the reference is the policy with adapters off
+    ref = sharded(trainable=False) if ref_model and not lora else None
+    if ref_model and lora:
+        ref = adapters.AdaptersOff(policy)  # LoRA: no second model
+    if lora:
+        log.info("%s", adapters.summary(policy).line())
     if spec.needs_reference and not ref_model:
         cache = cfg.cache_dir if cfg.dataset.cache else None
         kw = dict(batch_groups=t.eval_batch_groups, pad_id=tok.pad_token_id,
@@ -86,14 +102,22 @@ def build_models(
 
         def one(split: datasets.Dataset) -> datasets.Dataset:
             key = reference_key(cfg.model, cfg.seed, t.precision, split)
-            return precompute_reference(policy, split, key, cache, **kw)
+            with adapters.adapters_off(policy):  # LoRA: the base, whatever the adapters' init
+                return precompute_reference(policy, split, key, cache, **kw)
 
         data = data._replace(train=one(data.train), eval=one(data.eval))
     return policy, ref, data
 
 
-def export(policy: StatsModel, tok: PreTrainedTokenizerBase, path: Path) -> None:
-    """Hugging Face format (``from_pretrained``-able) gathered from the shards onto rank 0."""
+def export(
+    policy: StatsModel, tok: PreTrainedTokenizerBase, path: Path, merged: bool = False
+) -> None:
+    """Hugging Face format (``from_pretrained``-able) gathered from the shards onto rank 0.
+    LoRA: the adapter in PEFT format, and with ``merged`` the merged model in ``<path>_merged``."""
+    if adapters.is_adapted(policy):  # LoRA
+        merged_path = path.with_name(f"{path.name}_merged") if merged else None
+        adapters.export(policy, tok, path, merged_path, parallel.is_main())
+        return
     full = parallel.full_state_dict(policy)  # a collective: every rank takes part
     if parallel.is_main():
         policy.model.save_pretrained(path, state_dict=full)

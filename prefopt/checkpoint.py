@@ -31,8 +31,9 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import set_state_dict
 
+from prefopt.adapters import checkpoint_state_dicts
 from prefopt.errors import CheckpointError
 from prefopt.parallel import all_gather_objects, barrier, is_main
 
@@ -167,7 +168,7 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd, _ = checkpoint_state_dicts(model, optimizer)  # LoRA: adapters only
     rank, error, sums = _rank(), None, {}
     try:
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
@@ -311,7 +312,7 @@ def load_checkpoint(
     if state.world_size != world_size:
         what = f"{path} was written by {state.world_size} ranks; resuming needs as many"
         raise CheckpointError(f"{what} (got {world_size})")
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd, opts = checkpoint_state_dicts(model, optimizer)  # LoRA: adapters only
     loaded = {"model": model_sd, "optim": optim_sd}
     try:
         dcp.load(loaded, checkpoint_id=str(path))
@@ -320,7 +321,7 @@ def load_checkpoint(
         fix = "resume with the config the run was started with (.hydra/config.yaml)"
         raise CheckpointError(what, fix=fix) from e
     set_state_dict(model, optimizer, model_state_dict=loaded["model"],
-                   optim_state_dict=loaded["optim"])  # fmt: skip
+                   optim_state_dict=loaded["optim"], options=opts)  # fmt: skip
     rank = _rank()
     if rank > 0:  # every rank draws its own on-policy samples from its own prompts
         own = torch.load(path / f"rng_rank{rank}.pt", weights_only=False)

@@ -21,6 +21,8 @@ from prefopt.errors import ConfigError
 
 def _unknown_keys(node: DictConfig, prefix: str) -> list[ConfigError]:
     errors = []
+    if node._is_none():  # an optional sub-config left unset (model.lora)
+        return errors
     typ = OmegaConf.get_type(node)
     if dataclasses.is_dataclass(typ):
         names = [f.name for f in dataclasses.fields(typ)]
@@ -174,9 +176,11 @@ def validate_config(cfg: DictConfig) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Fail before any work: :func:`validate_config`, then what needs the installed libraries."""
+    from prefopt.adapters import check_quantize
     from prefopt.models import resolve_attn_implementation
 
     validate_config(cfg)
+    check_quantize(cfg.model)  # LoRA / QLoRA: a clear error before loading
     t = cfg.trainer
     attn = resolve_attn_implementation(cfg.model.attn_implementation)
     if t.layout == "shared" and "flash" in attn:  # varlen flash cannot mask response pairs

@@ -29,6 +29,19 @@ class TinyModelConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters (peft) on a frozen base: ``+model/lora=default`` (``prefopt/adapters.py``)."""
+
+    rank: int = 16  # r: the adapters' inner dimension
+    alpha: float = 32.0  # scaling alpha / rank (alpha / sqrt(rank) with use_rslora)
+    dropout: float = 0.0  # on the adapter's input; 0 keeps training deterministic per seed
+    # peft module names; "all-linear": every attention and MLP projection, not the output layer
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    use_rslora: bool = False  # rank-stabilised scaling (Kalajdzievski 2023, arXiv:2312.03732)
+    export_merged: bool = False  # also write <run_dir>/final_merged: base + adapters, HF format
+
+
+@dataclass
 class ModelConfig:
     name_or_path: str = MISSING  # Hub id or local directory (the tokenizer comes from here too)
     revision: str | None = None
@@ -40,6 +53,8 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    lora: LoraConfig | None = None  # None: full fine-tuning; +model/lora=default for adapters
+    quantize: str = "none"  # none | 4bit (QLoRA, NF4) | 8bit: the frozen base via bitsandbytes
 
 
 @dataclass
@@ -226,6 +241,7 @@ def register_configs() -> None:
         ("prompts", PromptsConfig),
     ]:
         cs.store(group=group, name="_schema", node=node)
+    cs.store(group="model/lora", name="_schema", node=LoraConfig)
 
 
 def asset_path(name: str) -> str:

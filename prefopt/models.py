@@ -26,6 +26,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from prefopt.adapters import quantization_kwargs
 from prefopt.atomic import publish_dir
 from prefopt.config import ModelConfig
 from prefopt.parallel import is_main
@@ -224,6 +225,7 @@ def load_model(
             dtype=dtype,
             attn_implementation=resolve_attn_implementation(cfg.attn_implementation),
             trust_remote_code=cfg.trust_remote_code,
+            **quantization_kwargs(cfg),  # QLoRA: a bitsandbytes-quantized frozen base
         )
     else:
         raise ValueError(f"model.source must be hub, gguf or tiny, got {cfg.source!r}")

@@ -32,6 +32,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from transformers import PreTrainedModel
 
+from prefopt.adapters import base_checkpoint_key, quantized_params
 from prefopt.data.collate import Batch
 from prefopt.stats import group_stats, sequence_kl
 from prefopt.types import GroupStats
@@ -141,11 +142,14 @@ def shard(
     shards are ever allocated, on ``world.device``, and ``load_weights`` fills them. The trainable
     policy is sharded in ``precision.master`` (fp32 master weights whatever the dtype on disk),
     gathered in ``precision.compute`` for the forward and its gradients reduced in fp32; the
-    frozen reference is held in ``precision.reference``.
+    frozen reference is held in ``precision.reference``. Frozen parameters of the policy (a LoRA
+    base) are held in the compute dtype: they need no master copy; a quantized base is left as is.
     """
     dtype = precision.master if trainable else precision.reference
+    skip = quantized_params(model)
     for p in model.parameters():  # parameters only: RoPE buffers keep their fp32 values
-        p.data = p.data.to(dtype)
+        if p not in skip and p.is_floating_point():
+            p.data = p.data.to(dtype if p.requires_grad or not trainable else precision.compute)
     buffers = {n: b.clone() for n, b in model.named_buffers() if not b.is_meta}
     wrapper = StatsModel(model)
     mp = MixedPrecisionPolicy(
@@ -153,13 +157,16 @@ def shard(
         reduce_dtype=torch.float32 if trainable else None,
     )
     units = decoder_blocks(model)
+    ignored = quantized_params(model) or None  # QLoRA: the 4/8-bit base stays whole per rank
     for block in units:
-        fully_shard(block, mesh=world.mesh, mp_policy=mp, reshard_after_forward=True)
+        fully_shard(
+            block, mesh=world.mesh, mp_policy=mp, reshard_after_forward=True, ignored_params=ignored
+        )
     # The trainable root (embeddings, final norm, output layer) keeps FSDP's default: not
     # resharded after forward, since backward needs it at once. The reference never runs a
     # backward, so its root is freed after each forward.
     root_reshard = {} if trainable else {"reshard_after_forward": True}
-    fully_shard(wrapper, mesh=world.mesh, mp_policy=mp, **root_reshard)
+    fully_shard(wrapper, mesh=world.mesh, mp_policy=mp, ignored_params=ignored, **root_reshard)
     for unit in [*units, wrapper]:
         # Sum gradients over ranks instead of averaging: the loop divides by the number of valid
         # groups of the whole step, over all ranks, in one place.
@@ -209,15 +216,25 @@ def load_weights(wrapper: StatsModel, weights: Path | dict[str, Tensor]) -> None
     0 (the random tiny model, a ``.bin`` checkpoint): broadcast shard by shard.
     """
     model = wrapper.model
+    # A LoRA model names the base weights differently and holds adapters the files do not have.
+    file_keys = {k: base_checkpoint_key(k) for k in model.state_dict()}
+    adapted = any(v is None for v in file_keys.values())
     if isinstance(weights, dict):
-        set_model_state_dict(
+        full = {k: weights[f] for k, f in file_keys.items() if f is not None} if is_main() else {}
+        set_model_state_dict(  # it replaces the values of the dict it gets: ``full`` is a copy
             model,
-            dict(weights) if is_main() else {},  # the call replaces values in the dict it gets
-            options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True),
+            full,
+            options=StateDictOptions(
+                full_state_dict=True, broadcast_from_rank0=True, strict=not adapted
+            ),
         )
         return
     skip = tied_names(model)
-    targets = {k: v for k, v in model.state_dict().items() if k not in skip}
+    targets = {
+        file_keys[k]: v
+        for k, v in model.state_dict().items()
+        if k not in skip and file_keys[k] is not None
+    }
     try:
         dcp.load(targets, storage_reader=dcp.HuggingFaceStorageReader(str(weights)))
     except Exception as e:  # DCP wraps per-rank failures; name the directory and the cause

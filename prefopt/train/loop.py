@@ -283,7 +283,8 @@ def run(
     eval_after = run_eval()
     best_eval = best_of(best_eval, eval_after)
     if t.export_final:
-        export(policy, tok, Path(run_dir, "final"))
+        merged = cfg.model.lora is not None and cfg.model.lora.export_merged  # LoRA
+        export(policy, tok, Path(run_dir, "final"), merged)
     peaks = parallel.all_gather_objects(peak_memory_gib(world.device))  # every rank takes part
     if parallel.is_main():
         print_eval("held-out metrics", eval_before, eval_after)
