@@ -152,9 +152,7 @@ def git_commit() -> str:
         return "unknown"
 
 
-def print_eval(
-    title: str, before: dict[str, float] | None, after: dict[str, float] | None
-) -> None:
+def print_eval(title: str, before: dict[str, float] | None, after: dict[str, float] | None) -> None:
     """Held-out metrics side by side (only one column when the run had no "before")."""
     if before is None:
         before, after = after, None

@@ -47,9 +47,7 @@ class Batch(NamedTuple):
         return Batch(*(t.to(device) if isinstance(t, Tensor) else t for t in self))
 
 
-def collate(
-    groups: list[tuple[TokenizedGroup, tuple[int, ...]]], pad_id: int
-) -> Batch:
+def collate(groups: list[tuple[TokenizedGroup, tuple[int, ...]]], pad_id: int) -> Batch:
     """Lay out groups (each with the response indices of its view) as padded rows."""
     rows = [
         (b, k, g.prompt_ids, g.response_ids[r])

@@ -141,9 +141,7 @@ def collate_packed(groups: Groups, share_prompts: bool) -> PackedBatch:
     )
 
 
-def collate_layout(
-    groups: Groups, pad_id: int, layout: str = "padded"
-) -> Batch | PackedBatch:
+def collate_layout(groups: Groups, pad_id: int, layout: str = "padded") -> Batch | PackedBatch:
     """``collate`` (padded) or ``collate_packed`` by layout name; ``group_stats`` accepts both."""
     if layout == "padded":
         return collate(groups, pad_id)
