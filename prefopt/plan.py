@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 GIB = 1024**3
 SAFETY = 0.92  # the share of device memory a plan may fill (allocator fragmentation, kernels)
@@ -59,6 +59,8 @@ class PlanInputs:
     micro_batch_tokens: int  # forward positions per micro-batch
     chunk_tokens: int  # log-prob chunk
     trainable_params: int | None = None  # None: all (full fine-tune); LoRA: the adapters
+    frozen_bytes: float | None = None  # per frozen parameter; None: compute dtype, sharded
+    # (a LoRA base); 0.5 or 1: a 4- or 8-bit QLoRA base, which every rank holds whole
 
 
 @dataclass(frozen=True)
@@ -75,8 +77,12 @@ def plan_memory(shape: Shape, p: PlanInputs) -> MemoryPlan:
     W = p.world_size
     trainable = shape.params if p.trainable_params is None else p.trainable_params
     frozen = shape.params - trainable  # LoRA: the base model, held in compute dtype
+    if p.frozen_bytes is None:
+        frozen_total = frozen * p.compute_bytes // W
+    else:
+        frozen_total = int(frozen * p.frozen_bytes)  # quantized: not sharded
     rows = {
-        "parameters (sharded)": (trainable * p.master_bytes + frozen * p.compute_bytes) // W,
+        "parameters (sharded)": trainable * p.master_bytes // W + frozen_total,
         "gradients (sharded)": trainable * p.master_bytes // W,
         "optimizer state (sharded)": int(trainable * p.optimizer_state_bytes) // W,
     }
@@ -159,23 +165,29 @@ def inputs_from_config(cfg, world_size: int, device_type: str) -> PlanInputs:
     )
 
 
-def shape_from_config(model_cfg, cache_dir: str) -> Shape:
-    """Exact counts from the model built on the meta device: only the model's config.json is
-    read (from the Hub, a local directory, or built in code for ``model=tiny``)."""
+def shape_and_inputs(cfg, world_size: int, device_type: str) -> tuple[Shape, PlanInputs]:
+    """Exact counts from the model built on the meta device (only its config.json is read: from
+    the Hub, a local directory, or built in code for ``model=tiny``) and the plan's inputs; with
+    LoRA, the adapters are the trainable parameters and the reference is the policy itself."""
+    from prefopt.adapters import count_adapter_parameters
     from prefopt.models import empty_model, model_config, tiny_tokenizer
 
-    tok = tiny_tokenizer() if model_cfg.source == "tiny" else None
-    return Shape.of(empty_model(model_cfg, model_config(model_cfg, cache_dir, tok)))
+    tok = tiny_tokenizer() if cfg.model.source == "tiny" else None
+    config = model_config(cfg.model, cfg.cache_dir, tok)
+    shape = Shape.of(empty_model(cfg.model, config))
+    inputs = inputs_from_config(cfg, world_size, device_type)
+    if cfg.model.get("lora") is not None:
+        adapter, _ = count_adapter_parameters(config, cfg.model.lora)
+        frozen = {"4bit": 0.5, "8bit": 1.0}.get(cfg.model.get("quantize", "none"))
+        inputs = replace(inputs, trainable_params=adapter, frozen_bytes=frozen, reference="none")
+    return shape, inputs
 
 
 def plan_for_run(cfg, world) -> MemoryPlan:
     """The composed run's plan on this world; on a GPU, refuse it when it does not fit."""
     import torch
 
-    plan = plan_memory(
-        shape_from_config(cfg.model, cfg.cache_dir),
-        inputs_from_config(cfg, world.world_size, world.device.type),
-    )
+    plan = plan_memory(*shape_and_inputs(cfg, world.world_size, world.device.type))
     if world.device.type == "cuda":
         props = torch.cuda.get_device_properties(world.device)
         check_fits(plan, props.total_memory, f"{props.name} ({world.device})")
@@ -200,11 +212,14 @@ def main(argv: list[str] | None = None) -> None:
     conf = Path(__file__).resolve().parents[1] / "conf"
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         cfg = compose("train", overrides=[*args.overrides, "run_dir=/nonexistent"])
-    shape = shape_from_config(cfg.model, cfg.cache_dir)
-    plan = plan_memory(shape, inputs_from_config(cfg, args.world_size, "cuda"))
+    shape, inputs = shape_and_inputs(cfg, args.world_size, "cuda")
+    plan = plan_memory(shape, inputs)
     capacity = int(args.gpu_memory_gib * GIB)
-    print(f"{cfg.model.name_or_path}: {shape.params / 1e9:.2f} B parameters, "
-          f"{args.world_size} GPU(s) of {args.gpu_memory_gib:g} GiB")  # fmt: skip
+    trainable = "" if inputs.trainable_params is None else f", {inputs.trainable_params:,} trained"
+    print(
+        f"{cfg.model.name_or_path}: {shape.params / 1e9:.2f} B parameters{trainable}, "
+        f"{args.world_size} GPU(s) of {args.gpu_memory_gib:g} GiB"
+    )
     print(format_plan(plan, capacity))
     fits = plan.total <= SAFETY * capacity
     print("fits" if fits else "does NOT fit: see the rows above")

@@ -203,3 +203,68 @@ def test_bf16_master_weights_need_the_stochastic_rounding_optimizer():
     cfg = OmegaConf.create({"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-6})
     with pytest.raises(ConfigError, match="master_dtype=bfloat16"):
         build_optimizer(cfg, [torch.nn.Parameter(torch.zeros(2, dtype=torch.bfloat16))])
+
+
+def _llama3_8b_dir(tmp_path):
+    """Llama-3-8B's architecture (its config.json numbers), no weights: what the plan reads."""
+    from transformers import LlamaConfig
+
+    path = tmp_path / "llama3_8b"
+    LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                tie_word_embeddings=False).save_pretrained(path)  # fmt: skip
+    return path
+
+
+def test_memory_plan_by_hand_for_8b_on_1_and_8_gpus(tmp_path):
+    """Parameters, gradients and AdamW state of 8.03 B fp32 master weights, sharded over 8."""
+    from prefopt.plan import GIB, format_plan, plan_memory, shape_and_inputs
+
+    path = _llama3_8b_dir(tmp_path)
+    args = ("model=llama3_8b_instruct", f"model.name_or_path={path}", "trainer=gpu")
+    cfg = compose_cfg(tmp_path / "c", *args, "loss=dpo")
+    shape, inputs = shape_and_inputs(cfg, 8, "cuda")
+    assert shape.params == 8_030_261_248  # Llama-3-8B's parameter count
+    assert shape.block_params == 218_112_000 and shape.layers == 32
+    assert inputs.reference == "model" and inputs.compute_bytes == 2 and inputs.master_bytes == 4
+    plan = plan_memory(shape, inputs)
+    assert plan.rows["parameters (sharded)"] == shape.params * 4 // 8
+    assert plan.rows["optimizer state (sharded)"] == shape.params * 8 // 8
+    assert plan.rows["reference (sharded)"] == shape.params * 2 // 8
+    assert 30 * GIB < plan.total < 40 * GIB  # fits an 80 GB H100 with room for the allocator
+    assert "total per GPU" in format_plan(plan)
+    one = plan_memory(*shape_and_inputs(cfg, 1, "cuda"))
+    assert one.total > 140 * GIB  # full fine-tune DPO of 8B on one GPU cannot fit
+    lora = compose_cfg(tmp_path / "l", *args, "loss=dpo", "+model/lora=default")
+    shape_l, inputs_l = shape_and_inputs(lora, 1, "cuda")
+    assert inputs_l.trainable_params == 41_943_040 and inputs_l.reference == "none"
+    assert plan_memory(shape_l, inputs_l).total < 32 * GIB  # LoRA: 8B on one 80 GB GPU
+
+
+def test_plan_refuses_what_cannot_fit_and_says_what_to_change(tmp_path):
+    from prefopt.errors import PlanError
+    from prefopt.plan import GIB, check_fits, plan_memory, shape_and_inputs
+
+    path = _llama3_8b_dir(tmp_path)
+    cfg = compose_cfg(tmp_path / "c", "model=llama3_8b_instruct", f"model.name_or_path={path}",
+                      "trainer=gpu", "loss=simpo")  # fmt: skip
+    plan = plan_memory(*shape_and_inputs(cfg, 1, "cuda"))
+    with pytest.raises(
+        PlanError, match="needs 1[0-9][0-9].[0-9] GiB per GPU but H100 has 80.0"
+    ) as e:
+        check_fits(plan, 80 * GIB, "H100")
+    assert "more GPUs" in e.value.fix and "gradient_checkpointing" in e.value.fix
+    check_fits(plan_memory(*shape_and_inputs(cfg, 8, "cuda")), 80 * GIB, "H100")
+
+
+def test_plan_cli_exits_by_fit(tmp_path, capsys):
+    from prefopt.plan import main
+
+    path = _llama3_8b_dir(tmp_path)
+    args = ["model=llama3_8b_instruct", f"model.name_or_path={path}", "trainer=gpu", "loss=simpo"]
+    with pytest.raises(SystemExit) as e:
+        main([*args, "--world-size", "8", "--gpu-memory-gib", "80"])
+    assert e.value.code == 0 and "fits" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main([*args, "--world-size", "1", "--gpu-memory-gib", "80"])
+    assert e.value.code == 1 and "does NOT fit" in capsys.readouterr().out
