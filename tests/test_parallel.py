@@ -5,7 +5,6 @@ dead rank ends the job."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import subprocess
@@ -116,17 +115,65 @@ def test_a_dead_rank_ends_the_job(tmp_path, tiny_data):
     assert time.time() - start < 120
 
 
-def test_spo_kl_regularizer_and_kto_baseline_under_fsdp(tmp_path, tiny_data):
-    """The on-policy KL (generation + reference gathered through backward) and KTO's mismatched
-    baseline run on 2 sharded ranks."""
-    for loss, port, extra in (("spo", 29621, ("loss.kl_num_samples=2", "loss.kl_max_new_tokens=4",
-                                               "loss.kl_every=1")),
-                              ("kto", 29623, ())):  # fmt: skip
-        run_dir = tmp_path / loss
-        _launch(tmp_path, run_dir, tiny_data, 2, "trainer.max_steps=2", *extra, port=port,
-                loss=loss)  # fmt: skip
-        steps = _metrics(run_dir)
-        assert len(steps) == 2 and all(math.isfinite(m["train/loss"]) for m in steps)
-        if loss == "spo":  # step 1: policy = reference, so KL = 0; then the policy has moved
-            assert steps[0]["train/regularizer"] == pytest.approx(0, abs=1e-6)
-            assert steps[1]["train/regularizer"] > 0
+def test_skipped_step_leaves_no_gradient_behind_on_two_ranks(tmp_path):
+    """A NaN in rank 1's second micro-batch: the step is skipped on both ranks, and the next
+    step's gradients equal a fresh model's (``scale_checks.skip_check``)."""
+    script = str(REPO / "tests" / "scale_checks.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           "--master_port=29625", script, "skip", str(tmp_path)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "ok skip" in proc.stdout, (
+        proc.stdout[-2000:] + proc.stderr[-3000:]
+    )
+
+
+def test_signal_to_one_rank_stops_both_after_one_step_and_resumes_exactly(tmp_path, tiny_data):
+    """SIGUSR1 to rank 1 only, mid-run, with SPO (per-rank on-policy samples, the KL generated
+    and gathered through backward on sharded ranks): both ranks stop after the same step and
+    write one checkpoint; the resumed run ends bit-identical to an uninterrupted one."""
+    spo = ("trainer.max_steps=12", "loss.kl_num_samples=2", "loss.kl_max_new_tokens=4",
+           "loss.kl_every=2", "trainer.save_every=0")  # fmt: skip
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    _launch(tmp_path, straight, tiny_data, 2, *spo, port=29627, loss="spo")
+    kl = [m["train/regularizer"] for m in _metrics(straight)]
+    assert kl[0] == pytest.approx(0, abs=1e-6) and max(kl) > 0  # policy = reference at step 1
+    proc = _launch(tmp_path, resumed, tiny_data, 2, *spo, port=29629, loss="spo", wait=False)
+    deadline = time.time() + 240
+    while not (resumed / "metrics.jsonl").exists() or len(_losses(resumed)) < 3:
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.time() < deadline, "training did not start"
+        time.sleep(0.2)
+    workers = [
+        int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    ]
+    os.kill(workers[1], signal.SIGUSR1)  # the second worker is rank 1
+    out = proc.communicate(timeout=240)[0]
+    assert proc.returncode == 0, out[-3000:]
+    stopped = [p.name for p in (resumed / "checkpoints").iterdir()]
+    assert len(stopped) == 1 and int(stopped[0].split("_")[1]) < 12, stopped
+    assert not (resumed / "final").exists()
+    _launch(tmp_path, resumed, tiny_data, 2, *spo, port=29631, loss="spo")
+    assert _losses(straight) == _losses(resumed)
+    assert [m["step"] for m in _metrics(resumed)] == list(range(1, 13))
+    a, b = _final(straight), _final(resumed)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("loss", "extra", "rel"),
+    [("kto", (), 1e-6), ("simpo", ("model.dtype=bfloat16", "trainer.precision=bf16"), 2e-3)],
+)
+def test_two_ranks_first_step_equals_one_process(tmp_path, tiny_data, loss, extra, rel):
+    """KTO's baseline is taken over the whole step, so 2 ranks give 1 process's loss; bf16
+    compute over fp32 master weights agrees to bf16 round-off."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = ("trainer.max_steps=1", *extra)
+    _launch(tmp_path, one, tiny_data, 1, *common, port=0, loss=loss)
+    _launch(tmp_path, two, tiny_data, 2, *common, port=29633, loss=loss)
+    a, b = _metrics(one)[0], _metrics(two)[0]
+    for key in ("train/loss", "train/grad_norm"):
+        assert a[key] == pytest.approx(b[key], rel=rel), key
+    if loss == "kto":
+        assert a["train/kto/z0"] == pytest.approx(b["train/kto/z0"], rel=1e-6)

@@ -66,6 +66,21 @@ def _wait_gone(job: str, timeout: float) -> None:
         time.sleep(1)
 
 
+def _start_requeued(job: str, timeout: float = 120) -> None:
+    """A requeued job waits minutes for a begin time; start it now. Not at once, and again until
+    it runs: slurmd refuses a relaunch that arrives while it still cleans up the killed instance
+    ("Job credential revoked"), and an update during that cleanup is dropped."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        time.sleep(2)
+        state = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True)
+        if "JobState=PENDING" not in state.stdout:
+            if "JobState=RUNNING" in state.stdout or not state.stdout.strip():
+                return
+            continue
+        subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], check=False)
+
+
 def _summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 
@@ -110,11 +125,7 @@ def test_signal_checkpoints_requeues_and_resumes(tmp_path, tiny_data):
                                              capture_output=True, text=True).stdout:  # fmt: skip
         assert time.time() < deadline, "the job was not requeued"
         time.sleep(1)
-    # A requeued job waits for a begin time; start it now rather than in minutes. Not at once:
-    # slurmd refuses a relaunch that arrives while it still cleans up the killed instance ("Job
-    # credential revoked"; seen once in CI when the update came 13 ms after the requeue).
-    time.sleep(2)
-    subprocess.run(["scontrol", "update", f"jobid={task}", "StartTime=now"], check=False)
+    _start_requeued(task)
     _wait_gone(job, 300)
     s = _summary(run)
     assert s["status"] == "ok" and s["steps"] == 300
@@ -123,3 +134,36 @@ def test_signal_checkpoints_requeues_and_resumes(tmp_path, tiny_data):
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()
              if "train/loss" in x]  # fmt: skip
     assert steps == list(range(1, 301))  # nothing lost, nothing repeated
+
+
+def test_train_sbatch_two_ranks_preempted_requeued_resumed(tmp_path, tiny_data):
+    """slurm/train.sbatch as users submit it (srun + torchrun, 2 ranks on the one node):
+    SIGUSR1 before the limit -> SIGTERM to the step -> both ranks checkpoint the same step ->
+    requeue -> resume -> finish, every step logged exactly once."""
+    run = tmp_path / "run"
+    env = {**_env(tmp_path), "PREFOPT_NPROC": "2", "PREFOPT_RUN_DIR": str(run)}
+    cmd = ["sbatch", "--parsable", "-c", "2", f"--output={tmp_path}/%j.out",
+           str(REPO / "slurm" / "train.sbatch"), *_common(tiny_data), "loss=simpo",
+           "trainer.max_steps=60", "trainer.save_every=20", "trainer.device=cpu"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    job = proc.stdout.strip().split(";")[0]
+    deadline = time.time() + 240
+    while not list(run.glob("checkpoints/step_*")):
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.5)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
+    deadline = time.time() + 180
+    while "Restarts=1" not in subprocess.run(["scontrol", "show", "job", job],
+                                             capture_output=True, text=True).stdout:  # fmt: skip
+        assert time.time() < deadline, "the job was not requeued"
+        time.sleep(1)
+    _start_requeued(job)
+    _wait_gone(job, 400)
+    out = (tmp_path / f"{job}.out").read_text()
+    s = _summary(run)
+    assert s["status"] == "ok" and s["steps"] == 60 and s["world_size"] == 2, out[-3000:]
+    assert "SIGUSR1: checkpointing and requeueing" in out and "resumed from" in out
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()
+             if "train/loss" in x]  # fmt: skip
+    assert steps == list(range(1, 61))  # nothing lost, nothing repeated
