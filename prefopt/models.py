@@ -51,10 +51,13 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
-def resolve_attn_implementation(name: str) -> str:
-    if name != "auto":
-        return name
-    return "flash_attention_2" if importlib.util.find_spec("flash_attn") else "sdpa"
+def resolve_attn_implementation(name: str, layout: str = "packed") -> str:
+    """``model.attn_implementation`` for ``trainer.layout``; ``auto``: the fastest exact kernel
+    (``prefopt.attention.choose_kernel``: flash-attn varlen, else the tile-skipping
+    ``prefopt_docs``)."""
+    from prefopt.attention import choose_kernel  # registers prefopt_docs with transformers
+
+    return choose_kernel(name, layout)
 
 
 def _gguf_path(cfg: ModelConfig) -> Path:
