@@ -357,12 +357,12 @@ def device_name(device: str) -> str:
     )
 
 
-def write_results(args, results: list[dict], peak: float) -> Path:
+def write_results(args, results: list[dict], peak: float, commit: str) -> Path:
     import transformers
 
     trl = importlib.import_module("trl").__version__ if importlib.util.find_spec("trl") else "-"
     report = {
-        "commit": git_commit(),
+        "commit": commit,
         "device": device_name(args.device),
         "command": " ".join(["python", *sys.argv]),
         "measured_peak_flops": peak,
@@ -416,6 +416,7 @@ def main() -> None:
     if args.device == "cpu" and args.threads:
         torch.set_num_threads(args.threads)
     runs = [RUNS[name] for name in args.runs.split(",") if name]
+    commit = git_commit()  # the code this process imported (the tree may move while it runs)
     tok = tiny_tokenizer()  # pad/BOS/EOS ids only: the data are token ids already
     n = (args.warmup + args.steps) * args.pairs_per_step
     groups4 = make_groups(n, 4, args, tok)
@@ -436,7 +437,7 @@ def main() -> None:
     world = parallel.init_distributed(args.device)
     for run in (r for r in runs if r.system == "prefopt"):
         results.append(run_prefopt(args, run, groups4 if run.k == 4 else groups2, tok, world, peak))
-    print(f"wrote {write_results(args, results, peak)}.{{json,md}}")
+    print(f"wrote {write_results(args, results, peak, commit)}.{{json,md}}")
     parallel.destroy()
 
 

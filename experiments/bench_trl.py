@@ -15,6 +15,7 @@ import importlib.util
 import tempfile
 import time
 
+import torch
 from bench_throughput import LENGTHS, Run, build_model, fresh, result, sync
 from datasets import Dataset
 from transformers import TrainerCallback
@@ -42,12 +43,47 @@ class _StepEnds(TrainerCallback):
 
 
 def run_trl(args, run: Run, groups, tok, peak: float) -> dict:
-    fresh(args.device)
-    model = build_model(args, "sdpa", tok, run.checkpointing)
-    n_params = sum(p.numel() for p in model.parameters())
     G, m = args.pairs_per_step, args.trl_micro_pairs
     n = (args.warmup + args.steps) * G
     liger = args.device == "cuda" and importlib.util.find_spec("liger_kernel") is not None
+    while True:  # the largest per-device batch that fits: halve on out-of-memory
+        fresh(args.device)
+        model = build_model(args, "sdpa", tok, run.checkpointing)  # the same initial weights
+        n_params = sum(p.numel() for p in model.parameters())
+        timer = _StepEnds(args.device)
+        try:
+            trainer = _train(args, run, model, m, liger, groups[:n], tok, timer)
+            break
+        except torch.OutOfMemoryError:
+            if m == 1:
+                raise
+            m //= 2
+            del model
+    # TRL pads each micro-batch of m pairs to its longest sequence, chosen and rejected alike.
+    positions = 0
+    for start in range(args.warmup * G, n, m):
+        chunk = groups[start : start + m]
+        width = max(len(g.prompt_ids) + max(map(len, g.response_ids[:2])) for g in chunk)
+        positions += 2 * len(chunk) * width
+    name = f"TRL {type(trainer).__name__} {run.loss}" + (" +ckpt" if run.checkpointing else "")
+    note = f"per-device batch {m} pairs, padded, liger {liger}"
+    return result(
+        args,
+        name,
+        "sdpa",
+        run,
+        groups,
+        timer.ends,
+        n_params,
+        positions,
+        peak,
+        micro_batches=G // m,
+        note=note,
+    )
+
+
+def _train(args, run: Run, model, m: int, liger: bool, groups, tok, timer):
+    G = args.pairs_per_step
     common = dict(
         per_device_train_batch_size=m,
         gradient_accumulation_steps=G // m,
@@ -70,34 +106,11 @@ def run_trl(args, run: Run, groups, tok, peak: float) -> dict:
         train_sampling_strategy="sequential",  # step i on the same pairs as prefopt's
         use_liger_kernel=liger,
     )
-    timer = _StepEnds(args.device)
     with tempfile.TemporaryDirectory() as out_dir:
-        if run.loss == "simpo":
-            trainer = _cpo(model, out_dir, common, groups[:n], tok, timer)
-        else:
-            trainer = _dpo(model, out_dir, common, groups[:n], tok, timer)
+        make = _cpo if run.loss == "simpo" else _dpo
+        trainer = make(model, out_dir, common, groups, tok, timer)
         trainer.train()
-    # TRL pads each micro-batch of m pairs to its longest sequence, chosen and rejected alike.
-    positions = 0
-    for start in range(args.warmup * G, n, m):
-        chunk = groups[start : start + m]
-        width = max(len(g.prompt_ids) + max(map(len, g.response_ids[:2])) for g in chunk)
-        positions += 2 * len(chunk) * width
-    name = f"TRL {type(trainer).__name__} {run.loss}" + (" +ckpt" if run.checkpointing else "")
-    note = f"per-device batch {m} pairs, padded, liger {liger}"
-    return result(
-        args,
-        name,
-        "sdpa",
-        run,
-        groups,
-        timer.ends,
-        n_params,
-        positions,
-        peak,
-        micro_batches=G // m,
-        note=note,
-    )
+    return trainer
 
 
 def _cpo(model, out_dir, common, groups, tok, timer):

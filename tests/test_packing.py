@@ -14,6 +14,8 @@ import torch
 from conftest import naive_stats
 from omegaconf import OmegaConf
 from torch.nn.attention.flex_attention import flex_attention
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 from transformers.models.llama import modeling_llama
 
 from prefopt.attention import block_mask, span_attention
@@ -412,3 +414,63 @@ def test_flex_attention_block_mask_matches_padded(tok):
         for layout in LAYOUTS:
             got = group_stats(flex, collate_layout(grps, tok.pad_token_id, layout))
             torch.testing.assert_close(got.logps, want.logps, rtol=1e-5, atol=1e-5)
+
+
+class _Watch(TorchDispatchMode):
+    """Records the largest tensor any op returns and the ops that wait for the device (a
+    scalar read, a data-dependent output size, a boolean-mask index)."""
+
+    SYNCS = (
+        "aten._local_scalar_dense",
+        "aten.nonzero",
+        "aten.masked_select",
+        "aten.repeat_interleave.Tensor",
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest, self.syncs = 0, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        bool_index = name.startswith("aten.index") and any(
+            isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in tree_flatten(args)[0]
+        )
+        if bool_index or name.startswith(self.SYNCS):
+            self.syncs.append(name)
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def _training_row(tok, layout: str):
+    """Eight groups at the CPU benchmark's lengths (prompts ~90, responses ~175): ~4K tokens."""
+    g = torch.Generator().manual_seed(0)
+    grps = []
+    for i in range(8):
+        p, r0, r1 = 60 + 9 * i, 120 + 17 * i, 200 - 11 * i
+        prompt = torch.randint(0, 250, (p,), generator=g).tolist()
+        responses = [torch.randint(0, 250, (n,), generator=g).tolist() for n in (r0, r1)]
+        grps.append((TokenizedGroup(prompt, responses, [False] * 2, [1.0, 0.0]), (0, 1)))
+    return collate_layout(grps, tok.pad_token_id, layout)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_no_dense_mask_or_host_sync_at_training_length(tok, layout):
+    """prefopt_docs at a 4K-token row: no tensor of even L^2 / 16 elements is created in forward
+    or backward, and no op syncs with the host; the dense sdpa path (the control) makes (L, L)."""
+    batch = _training_row(tok, layout)
+    L = batch.input_ids.shape[1]
+    assert L > 3000
+    for attn, dense in (("prefopt_docs", False), ("sdpa", True)):
+        cfg = ModelConfig(name_or_path="tiny", source="tiny", attn_implementation=attn)
+        model = load_model(OmegaConf.structured(cfg), "/nonexistent", tok, seed=0)
+        with _Watch() as watch:
+            stats = group_stats(model, batch, chunk_size=1024)
+            stats.logps.sum().backward()
+        assert (watch.largest >= L * L) == dense, (attn, watch.largest, L * L)
+        if not dense:
+            assert watch.largest < L * L / 16
+            assert watch.syncs == [], sorted(set(watch.syncs))
