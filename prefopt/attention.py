@@ -41,15 +41,16 @@ def flash_attn_installed() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 
 
-def choose_kernel(requested: str, layout: str = "packed") -> str:
-    """The attention implementation for a layout: ``requested`` unless it is ``auto``.
+def choose_kernel(requested: str, layout: str | None = None) -> str:
+    """The attention implementation for ``trainer.layout``: ``requested`` unless it is ``auto``.
 
-    ``auto``: flash-attn varlen where installed and the layout allows it (padded or packed),
-    otherwise ``prefopt_docs`` (tile-skipping for packed rows, SDPA for padded ones).
+    ``auto``: flash-attn varlen where installed and the layout is known to allow it (padded or
+    packed), otherwise ``prefopt_docs`` (tile-skipping for packed rows, SDPA for padded ones),
+    which serves every layout: the choice when the caller does not say which.
     """
     if requested != "auto":
         return requested
-    return FLASH if flash_attn_installed() and layout != "shared" else DOCS
+    return FLASH if flash_attn_installed() and layout in ("padded", "packed") else DOCS
 
 
 def kernel_description(impl: str, layout: str, device: torch.device | str) -> str:

@@ -51,10 +51,10 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
-def resolve_attn_implementation(name: str, layout: str = "packed") -> str:
-    """``model.attn_implementation`` for ``trainer.layout``; ``auto``: the fastest exact kernel
-    (``prefopt.attention.choose_kernel``: flash-attn varlen, else the tile-skipping
-    ``prefopt_docs``)."""
+def resolve_attn_implementation(name: str, layout: str | None = None) -> str:
+    """``model.attn_implementation`` for ``trainer.layout`` (None: any layout); ``auto``: the
+    fastest exact kernel (``prefopt.attention.choose_kernel``: flash-attn varlen for padded or
+    packed rows where installed, else the tile-skipping ``prefopt_docs``)."""
     from prefopt.attention import choose_kernel  # registers prefopt_docs with transformers
 
     return choose_kernel(name, layout)

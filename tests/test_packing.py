@@ -474,3 +474,17 @@ def test_no_dense_mask_or_host_sync_at_training_length(tok, layout):
         if not dense:
             assert watch.largest < L * L / 16
             assert watch.syncs == [], sorted(set(watch.syncs))
+
+
+def test_auto_attention_picks_a_tile_skipping_kernel(monkeypatch):
+    from prefopt import attention
+
+    monkeypatch.setattr(attention, "flash_attn_installed", lambda: False)
+    assert {attention.choose_kernel("auto", lay) for lay in LAYOUTS} == {"prefopt_docs"}
+    monkeypatch.setattr(attention, "flash_attn_installed", lambda: True)
+    got = [attention.choose_kernel("auto", lay) for lay in ["padded", *LAYOUTS, None]]
+    assert got == ["flash_attention_2", "flash_attention_2", "prefopt_docs", "prefopt_docs"]
+    assert attention.choose_kernel("sdpa", "shared") == "sdpa"  # asked for: kept
+    line = attention.kernel_description("prefopt_docs", "shared", "cuda")
+    assert "FlexAttention" in line and "shared" in line
+    assert "per document" in attention.kernel_description("prefopt_docs", "packed", "cpu")
