@@ -83,7 +83,13 @@ def compiled_flex() -> Callable[..., Tensor]:
     """FlexAttention compiled once, for symbolic lengths (a new row length does not recompile).
 
     ``fullgraph=True`` turns what would silently run the unfused (L, L) eager fallback (a graph
-    break, or the recompile limit) into an error: at 16K tokens that fallback runs out of memory.
+    break, or dynamo's ``recompile_limit``, 8 per code object) into an error
+    (``FailOnRecompileLimitHit``): at 16K tokens that fallback runs out of memory. A run needs
+    about four graphs: grad on (policy) and off (reference, eval), each also specialised for
+    single-block rows. transformers' own ``flex_attention`` (5.x ``WrappedFlexAttention``)
+    compiles with automatic dynamic shapes (one static graph first) and re-creates its compiled
+    wrapper whenever ``module.training`` changes, which the alternating policy (train) and
+    reference (eval) forwards do every micro-batch; past the limit it warns and runs eager.
     """
     global _compiled_flex
     if _compiled_flex is None:

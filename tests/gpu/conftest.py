@@ -17,6 +17,17 @@ REPO = Path(__file__).resolve().parents[2]
 _outcomes: list[tuple[str, str, float]] = []
 
 
+@pytest.fixture(autouse=True)
+def fresh_compile():
+    """Each test starts with no compiled graphs: the tests use more dtypes and head shapes than
+    one run does, and dynamo's recompile limit (8) counts across them."""
+    from prefopt import attention
+
+    torch._dynamo.reset()
+    attention._compiled_flex = None
+    yield
+
+
 def pytest_collection_modifyitems(items) -> None:
     skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:

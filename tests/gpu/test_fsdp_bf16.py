@@ -28,7 +28,8 @@ from .test_kernels import _groups
 pytestmark = pytest.mark.gpu
 
 
-def test_bf16_step_moves_fp32_master_weights(tok):
+def _changed_fraction(tok, make_optimizer) -> float:
+    """Fraction of the sharded fp32 weights one bf16 SimPO step at lr 5e-7 changes."""
     world = parallel.init_distributed("cuda")
     tiny = TinyModelConfig(
         hidden_size=256,
@@ -56,9 +57,30 @@ def test_bf16_step_moves_fp32_master_weights(tok):
     with torch.autocast("cuda", dtype=torch.bfloat16):
         out = forward_loss(policy, None, batch, spec, loss_fn, chunk_size=1024)
     out.losses[out.valid].mean().backward()
-    optimizer = torch.optim.AdamW(params, lr=5e-7, weight_decay=0.0)
-    optimizer.step()
+    make_optimizer(params).step()
     changed = sum(int((p.detach() != b).sum()) for p, b in zip(params, before, strict=True))
-    total = sum(p.numel() for p in params)
-    assert changed >= 0.99 * total, f"{changed} of {total} weights moved"
     parallel.destroy()
+    return changed / sum(p.numel() for p in params)
+
+
+def test_bf16_step_moves_fp32_master_weights(tok):
+    moved = _changed_fraction(tok, lambda ps: torch.optim.AdamW(ps, lr=5e-7, weight_decay=0.0))
+    assert moved >= 0.99, f"{moved:.2%} of the weights moved"
+
+
+def test_low_memory_optimizer_steps(tok):
+    """conf/optimizer/adamw8bit.yaml (bitsandbytes' 8-bit AdamW) on the sharded fp32 weights."""
+    pytest.importorskip("bitsandbytes")
+    from hydra.utils import instantiate
+
+    cfg = OmegaConf.create(
+        {
+            "_target_": "bitsandbytes.optim.AdamW8bit",
+            "_partial_": True,
+            "lr": 5e-7,
+            "betas": [0.9, 0.95],
+            "weight_decay": 0.0,
+        }
+    )
+    moved = _changed_fraction(tok, instantiate(cfg))
+    assert moved >= 0.99, f"{moved:.2%} of the weights moved"

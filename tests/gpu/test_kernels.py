@@ -115,7 +115,9 @@ def test_group_stats_has_no_host_sync(tok):
     on a synchronizing call): collated indices replace boolean gathers and tensor repeats."""
     model = _model(tok, "prefopt_docs")
     batch = collate_layout(_groups(8, seed=2), tok.pad_token_id, "shared").to(CUDA)
-    group_stats(model, batch).logps.sum().backward()  # compile outside the check
+    with torch.autocast("cuda", dtype=torch.bfloat16):  # compile outside the check
+        stats = group_stats(model, batch)
+    stats.logps.sum().backward()
     model.zero_grad()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
