@@ -87,9 +87,9 @@ def compiled_flex() -> Callable[..., Tensor]:
     (``FailOnRecompileLimitHit``): at 16K tokens that fallback runs out of memory. A run needs
     about four graphs: grad on (policy) and off (reference, eval), each also specialised for
     single-block rows. transformers' own ``flex_attention`` (5.x ``WrappedFlexAttention``)
-    compiles with automatic dynamic shapes (one static graph first) and re-creates its compiled
-    wrapper whenever ``module.training`` changes, which the alternating policy (train) and
-    reference (eval) forwards do every micro-batch; past the limit it warns and runs eager.
+    compiles with automatic dynamic shapes (a static graph first, then a dynamic one), always
+    passes a ``score_mod``, repeats K/V for head counts that are not powers of two (SmolLM2's 9),
+    and past the limit warns and runs eager.
     """
     global _compiled_flex
     if _compiled_flex is None:
