@@ -22,9 +22,11 @@ Reported per row, over the timed steps (each timed from the end of the previous 
 preparation is included): tokens/s counted both ways, ``tok/s (prompt once)`` (a pair is prompt
 + chosen + rejected) and ``tok/s (prompt per pair)`` (prompt + chosen, prompt + rejected: what
 TRL processes); MFU = (6 + 2 with a reference) x N x prompt-once tokens/s over the peak FLOP/s
-measured in the same run by a matmul probe (bf16 on GPU, fp32 on CPU; N: every parameter, the
-tied embedding once; attention FLOPs not counted); peak GPU memory; forward positions per step
-(padding and repeated prompts included). Results: experiments/results/throughput_<tag>.{json,md}.
+measured by a matmul probe just before the row (bf16 on GPU, fp32 on CPU; on a shared CPU the
+load changes between rows, and MFU against each row's own probe compares rows fairly; N: every
+parameter, the tied embedding once; attention FLOPs not counted); peak GPU memory; forward
+positions per step (padding and repeated prompts included).
+Results: experiments/results/throughput_<tag>.{json,md}.
 """
 
 from __future__ import annotations
@@ -180,16 +182,20 @@ def token_counts(groups: list[TokenizedGroup]) -> tuple[int, int]:
 
 
 def measure_peak_flops(device: str) -> float:
-    """FLOP/s of a large matmul, bf16 on GPU and fp32 on CPU: the MFU denominator."""
-    n, dtype, reps = (8192, torch.bfloat16, 20) if device == "cuda" else (1024, torch.float32, 8)
+    """FLOP/s of a large matmul, bf16 on GPU and fp32 on CPU: the MFU denominator. The best of
+    five short probes, so a moment of contention on a shared machine does not lower it."""
+    n, dtype, reps = (8192, torch.bfloat16, 10) if device == "cuda" else (1024, torch.float32, 4)
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     a @ b  # warm-up
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    sync(device)
-    return 2 * n**3 * reps / (time.perf_counter() - t0)
+    best = 0.0
+    for _ in range(5):
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        sync(device)
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t0))
+    return best
 
 
 def build_model(args: argparse.Namespace, attn: str, tok, checkpointing: bool):
@@ -329,6 +335,7 @@ def result(args, name, attn, run: Run, groups, ends, n_params, positions, peak, 
         tokens_per_s=once / seconds,
         tokens_per_s_prompt_per_pair=per_pair / seconds,
         mfu=flops_per_token * once / seconds / peak,
+        peak_flops=peak,
         peak_mem_gib=mem,
         step_s_median=statistics.median(step_s),
         timed_steps=len(step_s),
@@ -390,17 +397,19 @@ def write_results(args, results: list[dict], peak: float, commit: str) -> Path:
         f"- versions: {report['versions']}",
         f"- shape {args.shape}, lengths "
         f"{args.lengths}, {args.pairs_per_step} groups per step, {args.steps} timed steps "
-        f"after {args.warmup} warm-up; measured peak {peak / scale:.1f} {unit}",
+        f"after {args.warmup} warm-up; peak probed at the start {peak / scale:.1f} {unit} "
+        "and before each row (its MFU's denominator)",
         "",
         "| system | K | attention | tok/s (prompt once) | tok/s (prompt per pair) | MFU | "
-        "peak GPU mem | step (s) | forward positions/step |",
-        "|---" * 9 + "|",
+        "probe peak | peak GPU mem | step (s) | forward positions/step |",
+        "|---" * 10 + "|",
     ]
     for r in results:
         mem = f"{r['peak_mem_gib']:.1f} GiB" if r["peak_mem_gib"] is not None else "n/a"
         lines.append(
             f"| {r['system']} | {r['k']} | {r['attn']} | {r['tokens_per_s']:.0f} | "
-            f"{r['tokens_per_s_prompt_per_pair']:.0f} | {r['mfu']:.1%} | {mem} | "
+            f"{r['tokens_per_s_prompt_per_pair']:.0f} | {r['mfu']:.1%} | "
+            f"{r['peak_flops'] / scale:.1f} {unit} | {mem} | "
             f"{r['step_s_median']:.2f} | {r['forward_positions_per_step']:.0f} |"
         )
     lines += ["", "Kernels: " + "; ".join(sorted({r["kernel"] for r in results if "kernel" in r}))]
@@ -431,12 +440,15 @@ def main() -> None:
         from bench_trl import run_trl
 
         try:
-            results.append(run_trl(args, run, groups2, tok, peak))
+            results.append(run_trl(args, run, groups2, tok, measure_peak_flops(args.device)))
         except Exception as e:  # noqa: BLE001  (a TRL failure must not lose prefopt's numbers)
             print(f"TRL {run.loss} skipped: {type(e).__name__}: {e}", flush=True)
     world = parallel.init_distributed(args.device)
     for run in (r for r in runs if r.system == "prefopt"):
-        results.append(run_prefopt(args, run, groups4 if run.k == 4 else groups2, tok, world, peak))
+        row_groups = groups4 if run.k == 4 else groups2
+        results.append(
+            run_prefopt(args, run, row_groups, tok, world, measure_peak_flops(args.device))
+        )
     print(f"wrote {write_results(args, results, peak, commit)}.{{json,md}}")
     parallel.destroy()
 
