@@ -19,13 +19,14 @@ micro-batches come from the loop's ``step_micro_batches`` and each step is the l
 runs its trainers (``bench_trl.py``) with their best settings that work here.
 
 Reported per row, over the timed steps (each timed from the end of the previous one, so data
-preparation is included): tokens/s counted both ways, ``tok/s (prompt once)`` (a pair is prompt
-+ chosen + rejected) and ``tok/s (prompt per pair)`` (prompt + chosen, prompt + rejected: what
-TRL processes); MFU = (6 + 2 with a reference) x N x prompt-once tokens/s over the peak FLOP/s
-measured by a matmul probe just before the row (bf16 on GPU, fp32 on CPU; on a shared CPU the
-load changes between rows, and MFU against each row's own probe compares rows fairly; N: every
-parameter, the tied embedding once; attention FLOPs not counted); peak GPU memory; forward
-positions per step (padding and repeated prompts included).
+preparation is included; seconds are wall time on GPU, and on CPU this process's CPU time, which
+the other jobs of a shared machine do not inflate, with wall tokens/s beside it): tokens/s
+counted both ways, ``tok/s (prompt once)`` (a pair is prompt + chosen + rejected) and ``tok/s
+(prompt per pair)`` (prompt + chosen, prompt + rejected: what TRL processes); MFU = (6, or 8
+with a reference) x N x prompt-once tokens/s over the peak FLOP/s of a matmul probe run just
+before the row and timed the same way (bf16 on GPU, fp32 on CPU; N: every parameter, the tied
+embedding once; attention FLOPs not counted); peak GPU memory; forward positions per step
+(padding and repeated prompts included).
 Results: experiments/results/throughput_<tag>.{json,md}.
 """
 
@@ -189,13 +190,23 @@ def measure_peak_flops(device: str) -> float:
     a @ b  # warm-up
     best = 0.0
     for _ in range(5):
-        sync(device)
-        t0 = time.perf_counter()
+        t0 = stamp(device)
         for _ in range(reps):
             a @ b
-        sync(device)
-        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t0))
+        best = max(best, 2 * n**3 * reps / elapsed(device, t0, stamp(device)))
     return best
+
+
+def stamp(device: str) -> tuple[float, float]:
+    """(wall clock, this process's CPU time), after the device's queue drains."""
+    sync(device)
+    return time.perf_counter(), time.process_time()
+
+
+def elapsed(device: str, a: tuple[float, float], b: tuple[float, float]) -> float:
+    """Seconds between two stamps for rates: wall time on GPU; on CPU the process's CPU time,
+    which other jobs on a shared machine do not inflate (runs use one torch thread)."""
+    return b[0] - a[0] if device == "cuda" else b[1] - a[1]
 
 
 def build_model(args: argparse.Namespace, attn: str, tok, checkpointing: bool):
@@ -275,9 +286,7 @@ def run_prefopt(args, run: Run, groups, tok, world, peak: float) -> dict:
     train = datasets.Dataset.from_dict(rows | {"id": [str(i) for i in range(len(groups))]})
     views = [(i, tuple(range(run.k))) for i in range(len(groups))]
     data = DataSplits(train, views, train, views, Counter())
-    G, ends, positions = args.pairs_per_step, [], 0
-    sync(args.device)
-    ends.append(time.perf_counter())
+    G, ends, positions = args.pairs_per_step, [stamp(args.device)], 0
     for step in range(args.warmup + args.steps):
         micro = step_micro_batches(
             t,
@@ -291,8 +300,7 @@ def run_prefopt(args, run: Run, groups, tok, world, peak: float) -> dict:
             raise FloatingPointError(f"{run}: step {step} was not finite")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        sync(args.device)
-        ends.append(time.perf_counter())
+        ends.append(stamp(args.device))
         if step >= args.warmup:
             positions += sum(b.forward_tokens for b in micro)
     name = f"prefopt {run.layout} {run.loss}" + (" +ckpt" if run.checkpointing else "")
@@ -321,7 +329,9 @@ def run_prefopt(args, run: Run, groups, tok, world, peak: float) -> dict:
 def result(args, name, attn, run: Run, groups, ends, n_params, positions, peak, **extra) -> dict:
     G = args.pairs_per_step
     timed = groups[args.warmup * G : (args.warmup + args.steps) * G]
-    step_s = [b - a for a, b in zip(ends, ends[1:], strict=False)][args.warmup :]
+    pairs = list(zip(ends, ends[1:], strict=False))[args.warmup :]
+    step_s = [elapsed(args.device, a, b) for a, b in pairs]
+    wall_s = sum(b[0] - a[0] for a, b in pairs)
     once, per_pair = token_counts(timed)
     seconds = sum(step_s)
     flops_per_token = (6 + (2 if run.loss == "dpo" else 0)) * n_params
@@ -334,6 +344,8 @@ def result(args, name, attn, run: Run, groups, ends, n_params, positions, peak, 
         checkpointing=run.checkpointing,
         tokens_per_s=once / seconds,
         tokens_per_s_prompt_per_pair=per_pair / seconds,
+        wall_tokens_per_s=once / wall_s,
+        clock="wall" if args.device == "cuda" else "process CPU time",
         mfu=flops_per_token * once / seconds / peak,
         peak_flops=peak,
         peak_mem_gib=mem,
@@ -399,10 +411,17 @@ def write_results(args, results: list[dict], peak: float, commit: str) -> Path:
         f"{args.lengths}, {args.pairs_per_step} groups per step, {args.steps} timed steps "
         f"after {args.warmup} warm-up; peak probed at the start {peak / scale:.1f} {unit} "
         "and before each row (its MFU's denominator)",
+        "- rates and step times: "
+        + (
+            "wall clock"
+            if args.device == "cuda"
+            else "this process's CPU time (1 torch thread), "
+            "which the other jobs of a shared machine do not inflate; wall tok/s beside it"
+        ),
         "",
         "| system | K | attention | tok/s (prompt once) | tok/s (prompt per pair) | MFU | "
-        "probe peak | peak GPU mem | step (s) | forward positions/step |",
-        "|---" * 10 + "|",
+        "probe peak | peak GPU mem | step (s) | forward positions/step | wall tok/s |",
+        "|---" * 11 + "|",
     ]
     for r in results:
         mem = f"{r['peak_mem_gib']:.1f} GiB" if r["peak_mem_gib"] is not None else "n/a"
@@ -410,7 +429,8 @@ def write_results(args, results: list[dict], peak: float, commit: str) -> Path:
             f"| {r['system']} | {r['k']} | {r['attn']} | {r['tokens_per_s']:.0f} | "
             f"{r['tokens_per_s_prompt_per_pair']:.0f} | {r['mfu']:.1%} | "
             f"{r['peak_flops'] / scale:.1f} {unit} | {mem} | "
-            f"{r['step_s_median']:.2f} | {r['forward_positions_per_step']:.0f} |"
+            f"{r['step_s_median']:.2f} | {r['forward_positions_per_step']:.0f} | "
+            f"{r['wall_tokens_per_s']:.0f} |"
         )
     lines += ["", "Kernels: " + "; ".join(sorted({r["kernel"] for r in results if "kernel" in r}))]
     lines += [f"- {r['system']}: {r['note']}" for r in results if r.get("note")]

@@ -13,10 +13,9 @@ from __future__ import annotations
 import copy
 import importlib.util
 import tempfile
-import time
 
 import torch
-from bench_throughput import LENGTHS, Run, build_model, fresh, result, sync
+from bench_throughput import LENGTHS, Run, build_model, fresh, result, stamp
 from datasets import Dataset
 from transformers import TrainerCallback
 
@@ -34,12 +33,10 @@ class _StepEnds(TrainerCallback):
         self.device, self.ends = device, []
 
     def on_train_begin(self, *a, **kw) -> None:
-        sync(self.device)
-        self.ends.append(time.perf_counter())
+        self.ends.append(stamp(self.device))
 
     def on_step_end(self, *a, **kw) -> None:
-        sync(self.device)
-        self.ends.append(time.perf_counter())
+        self.ends.append(stamp(self.device))
 
 
 def run_trl(args, run: Run, groups, tok, peak: float) -> dict:
