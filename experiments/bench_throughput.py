@@ -463,12 +463,14 @@ def main() -> None:
             results.append(run_trl(args, run, groups2, tok, measure_peak_flops(args.device)))
         except Exception as e:  # noqa: BLE001  (a TRL failure must not lose prefopt's numbers)
             print(f"TRL {run.loss} skipped: {type(e).__name__}: {e}", flush=True)
+        write_results(args, results, peak, commit)  # after every row: a time limit keeps them
     world = parallel.init_distributed(args.device)
     for run in (r for r in runs if r.system == "prefopt"):
         row_groups = groups4 if run.k == 4 else groups2
         results.append(
             run_prefopt(args, run, row_groups, tok, world, measure_peak_flops(args.device))
         )
+        write_results(args, results, peak, commit)
     print(f"wrote {write_results(args, results, peak, commit)}.{{json,md}}")
     parallel.destroy()
 
