@@ -35,11 +35,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import importlib.util
-import json
 import math
-import os
-import platform
 import statistics
 import sys
 import time
@@ -53,7 +49,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_trl, run as a script
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_trl, bench_report
+
+from bench_report import write_results  # noqa: E402
 
 import prefopt.losses  # noqa: F401,E402  (loss schemas, before composing)
 from prefopt import parallel  # noqa: E402
@@ -365,77 +363,8 @@ def result(args, name, attn, run: Run, groups, ends, n_params, positions, peak, 
     return r
 
 
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    # CPU timings move with whatever else runs on the machine: keep its load beside them.
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    return (
-        f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"{torch.get_num_threads()} torch threads, load average {load} at the end"
-    )
-
-
-def write_results(args, results: list[dict], peak: float, commit: str) -> Path:
-    import transformers
-
-    trl = importlib.import_module("trl").__version__ if importlib.util.find_spec("trl") else "-"
-    report = {
-        "commit": commit,
-        "device": device_name(args.device),
-        "command": " ".join(["python", *sys.argv]),
-        "measured_peak_flops": peak,
-        "versions": {
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "trl": trl,
-        },
-        "settings": vars(args),
-        "model": SHAPES[args.shape],
-        "lengths": LENGTHS[args.lengths],
-        "results": results,
-    }
-    out = ROOT / "experiments" / "results" / f"throughput_{args.tag}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    unit = "TFLOP/s" if args.device == "cuda" else "GFLOP/s"
-    scale = 1e12 if args.device == "cuda" else 1e9
-    lines = [
-        f"# Throughput: {args.tag}",
-        "",
-        f"- device: {report['device']}",
-        f"- commit: {report['commit']}",
-        f"- command: `{report['command']}`",
-        f"- versions: {report['versions']}",
-        f"- shape {args.shape}, lengths "
-        f"{args.lengths}, {args.pairs_per_step} groups per step, {args.steps} timed steps "
-        f"after {args.warmup} warm-up; peak probed at the start {peak / scale:.1f} {unit} "
-        "and before each row (its MFU's denominator)",
-        "- rates and step times: "
-        + (
-            "wall clock"
-            if args.device == "cuda"
-            else "this process's CPU time (1 torch thread), "
-            "which the other jobs of a shared machine do not inflate; wall tok/s beside it"
-        ),
-        "",
-        "| system | K | attention | tok/s (prompt once) | tok/s (prompt per pair) | MFU | "
-        "probe peak | peak GPU mem | step (s) | forward positions/step | wall tok/s |",
-        "|---" * 11 + "|",
-    ]
-    for r in results:
-        mem = f"{r['peak_mem_gib']:.1f} GiB" if r["peak_mem_gib"] is not None else "n/a"
-        lines.append(
-            f"| {r['system']} | {r['k']} | {r['attn']} | {r['tokens_per_s']:.0f} | "
-            f"{r['tokens_per_s_prompt_per_pair']:.0f} | {r['mfu']:.1%} | "
-            f"{r['peak_flops'] / scale:.1f} {unit} | {mem} | "
-            f"{r['step_s_median']:.2f} | {r['forward_positions_per_step']:.0f} | "
-            f"{r['wall_tokens_per_s']:.0f} |"
-        )
-    lines += ["", "Kernels: " + "; ".join(sorted({r["kernel"] for r in results if "kernel" in r}))]
-    lines += [f"- {r['system']}: {r['note']}" for r in results if r.get("note")]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    return out
+def table_of(args: argparse.Namespace) -> tuple[dict, tuple]:
+    return SHAPES[args.shape], LENGTHS[args.lengths]
 
 
 def main() -> None:
@@ -463,15 +392,17 @@ def main() -> None:
             results.append(run_trl(args, run, groups2, tok, measure_peak_flops(args.device)))
         except Exception as e:  # noqa: BLE001  (a TRL failure must not lose prefopt's numbers)
             print(f"TRL {run.loss} skipped: {type(e).__name__}: {e}", flush=True)
-        write_results(args, results, peak, commit)  # after every row: a time limit keeps them
+        write_results(
+            args, results, peak, commit, *table_of(args)
+        )  # after every row: a time limit keeps them
     world = parallel.init_distributed(args.device)
     for run in (r for r in runs if r.system == "prefopt"):
         row_groups = groups4 if run.k == 4 else groups2
         results.append(
             run_prefopt(args, run, row_groups, tok, world, measure_peak_flops(args.device))
         )
-        write_results(args, results, peak, commit)
-    print(f"wrote {write_results(args, results, peak, commit)}.{{json,md}}")
+        write_results(args, results, peak, commit, *table_of(args))
+    print(f"wrote {write_results(args, results, peak, commit, *table_of(args))}.{{json,md}}")
     parallel.destroy()
 
 
