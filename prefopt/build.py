@@ -62,7 +62,7 @@ def build_models(
     """
     t = cfg.trainer
     with parallel.main_first():  # rank 0 converts or downloads once; the others reuse it
-        config = model_config(cfg.model, cfg.cache_dir, tok)
+        config = model_config(cfg.model, cfg.cache_dir, tok, t.layout)
         weights = initial_weights(cfg.model, cfg.cache_dir, tok, cfg.seed)
     kl_on = spec.on_policy_kl and cfg.loss.kl_weight > 0  # needs reference logits on new samples
     # KTO's baseline and SPO's KL need reference forwards on rows that no cache holds.

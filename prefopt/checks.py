@@ -182,11 +182,11 @@ def validate(cfg: DictConfig) -> None:
     validate_config(cfg)
     check_quantize(cfg.model)  # LoRA / QLoRA: a clear error before loading
     t = cfg.trainer
-    attn = resolve_attn_implementation(cfg.model.attn_implementation)
+    attn = resolve_attn_implementation(cfg.model.attn_implementation, t.layout)
     if t.layout == "shared" and "flash" in attn:  # varlen flash cannot mask response pairs
         raise ConfigError(
             f"trainer.layout=shared needs a masked attention, not {attn!r}",
-            fix="set model.attn_implementation=flex_attention (GPU) or sdpa",
+            fix="set model.attn_implementation=auto (prefopt_docs: tile-skipping document masks)",
         )
 
 

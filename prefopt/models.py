@@ -56,10 +56,13 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
-def resolve_attn_implementation(name: str) -> str:
-    if name != "auto":
-        return name
-    return "flash_attention_2" if importlib.util.find_spec("flash_attn") else "sdpa"
+def resolve_attn_implementation(name: str, layout: str | None = None) -> str:
+    """``model.attn_implementation`` for ``trainer.layout`` (None: any layout); ``auto``: the
+    fastest exact kernel (``prefopt.attention.choose_kernel``: flash-attn varlen for padded or
+    packed rows where installed, else the tile-skipping ``prefopt_docs``)."""
+    from prefopt.attention import choose_kernel  # registers prefopt_docs with transformers
+
+    return choose_kernel(name, layout)
 
 
 def _gguf_path(cfg: ModelConfig) -> Path:
@@ -134,11 +137,15 @@ def enable_activation_checkpointing(model: PreTrainedModel) -> None:
 
 
 def model_config(
-    cfg: ModelConfig, cache_dir: str, tokenizer: PreTrainedTokenizerBase | None
+    cfg: ModelConfig,
+    cache_dir: str,
+    tokenizer: PreTrainedTokenizerBase | None,
+    layout: str | None = None,
 ) -> PretrainedConfig:
     """The architecture a config names, without any weights (a GGUF file is converted once).
-    ``tokenizer`` sizes the vocabulary of ``model=tiny``; other models read their config.json."""
-    attn = resolve_attn_implementation(cfg.attn_implementation)
+    ``tokenizer`` sizes the vocabulary of ``model=tiny``; other models read their config.json.
+    ``layout`` (``trainer.layout``) lets ``attn_implementation=auto`` pick its fastest kernel."""
+    attn = resolve_attn_implementation(cfg.attn_implementation, layout)
     if cfg.source == "tiny":
         t = cfg.tiny
         config = LlamaConfig(

@@ -19,8 +19,9 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
+from prefopt.attention import DOCS, attention_inputs
 from prefopt.data.collate import Batch
-from prefopt.data.packing import PackedBatch, document_mask, document_mask_mod
+from prefopt.data.packing import PackedBatch, document_mask
 from prefopt.types import GroupStats
 
 
@@ -60,29 +61,28 @@ def _to_groups(batch: Batch | PackedBatch, row_values: Tensor, fill: float) -> T
 
 def packed_attention_inputs(model: PreTrainedModel, batch: PackedBatch) -> dict[str, Any]:
     """Decoder keyword arguments that keep documents (and shared-prompt responses) apart, for
-    the model's attention implementation.
+    the model's attention implementation (``prefopt.attention``).
 
-    flash-attn: varlen boundaries (``cu_seqlens``); it cannot express shared prompts. FlexAttention:
-    a block mask. SDPA: a (1, 1, L, L) boolean mask. eager and others: the additive float mask.
-    A 4D mask reaches the attention as is (transformers' ``create_causal_mask`` returns it).
+    flash-attn: varlen boundaries (``cu_seqlens``); it cannot express shared prompts.
+    ``prefopt_docs`` and ``flex_attention``: the batch's BlockMask (cached per micro-batch), and
+    on CPU the document spans. ``sdpa``/``eager``: the dense reference mask, (1, 1, L, L).
     """
     impl = model.config._attn_implementation
     kwargs: dict[str, Any] = {"input_ids": batch.input_ids, "position_ids": batch.position_ids}
     if "flash" in impl:
         if batch.shared:
-            raise ValueError(f"layout 'shared' needs a masked attention, but {impl!r} only "
-                             "separates documents: use flex_attention or sdpa")  # fmt: skip
+            raise ValueError(
+                f"layout 'shared' needs a masked attention, but {impl!r} only separates "
+                "documents: use prefopt_docs or flex_attention"
+            )
         length = batch.max_seqlen  # given, so flash-attn does not sync to infer it
         return kwargs | {"attention_mask": None, "cu_seq_lens_q": batch.cu_seqlens,
                          "cu_seq_lens_k": batch.cu_seqlens, "max_length_q": length,
                          "max_length_k": length}  # fmt: skip
+    if impl in (DOCS, "flex_attention"):
+        return kwargs | attention_inputs(impl, batch)
     L = batch.input_ids.shape[1]
-    if impl == "flex_attention":
-        from torch.nn.attention.flex_attention import create_block_mask
-
-        mask = create_block_mask(document_mask_mod(batch), None, None, L, L,
-                                 device=batch.input_ids.device)  # fmt: skip
-    elif impl == "sdpa":
+    if impl == "sdpa":
         mask = document_mask(batch)[None, None]
     else:
         dtype = model.dtype
@@ -93,25 +93,33 @@ def packed_attention_inputs(model: PreTrainedModel, batch: PackedBatch) -> dict[
 
 def _response_hidden(model: PreTrainedModel, batch: Batch | PackedBatch) -> tuple[Tensor, ...]:
     """(M, H) hidden states that predict the M response tokens, the (M,) tokens, in row order,
-    and the (N,) tokens per row."""
+    the (N,) tokens per row, and the (M,) row of each token."""
     if isinstance(batch, PackedBatch):
         inputs = packed_attention_inputs(model, batch)
         hidden = model.get_decoder()(**inputs, use_cache=False).last_hidden_state[0]  # (L, H)
         # A shared prompt's last position appears K times: it predicts every first token.
-        return hidden[batch.target_index], batch.targets, batch.row_lengths
+        # Index gathers with collated indices: no host sync (a boolean mask needs one).
+        rows = batch.row_index
+        if rows is None:  # a PackedBatch built by hand
+            rows = torch.arange(len(batch.row_lengths), device=hidden.device)
+            rows = rows.repeat_interleave(batch.row_lengths)
+        return hidden[batch.target_index], batch.targets, batch.row_lengths, rows
     hidden = model.get_decoder()(
         input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
     ).last_hidden_state  # (N, T, H)
     # Position t predicts token t + 1: keep the positions whose next token is a response token.
+    # (The padded layout is the reference path: its boolean gathers sync with the host.)
     target_mask = batch.response_mask[:, 1:]  # (N, T-1)
-    return hidden[:, :-1][target_mask], batch.input_ids[:, 1:][target_mask], target_mask.sum(1)
+    rows = torch.arange(len(target_mask), device=hidden.device)[:, None].expand_as(target_mask)
+    targets = batch.input_ids[:, 1:][target_mask]
+    return hidden[:, :-1][target_mask], targets, target_mask.sum(1), rows[target_mask]
 
 
 def group_stats(
     model: PreTrainedModel, batch: Batch | PackedBatch, chunk_size: int = 1024
 ) -> GroupStats:
     """One forward over all B*K responses of the batch, in any layout; statistics in fp32."""
-    hidden, targets, lengths = _response_hidden(model, batch)
+    hidden, targets, lengths, rows = _response_hidden(model, batch)
     logps = token_logps(
         hidden,
         targets,
@@ -119,7 +127,6 @@ def group_stats(
         chunk_size,
         getattr(model.config, "final_logit_softcapping", None),
     )  # (M,)
-    rows = torch.arange(len(lengths), device=lengths.device).repeat_interleave(lengths)
     row_logps = logps.new_zeros(len(lengths)).index_add(0, rows, logps)
     row_last = logps[lengths.cumsum(0) - 1]  # targets are in row order, so each row's final token
     return GroupStats(
@@ -168,12 +175,11 @@ def sequence_kl(
     (EOS included) contributes KL(pi(.|prefix) || ref(.|prefix)). Chunked like ``group_stats``;
     the reference's logits are recomputed per chunk, so no (tokens x vocab) tensor is kept.
     """
-    h, _, lengths = _response_hidden(policy, batch)
+    h, _, lengths, rows = _response_hidden(policy, batch)
     with torch.no_grad():
         rh = _response_hidden(ref, batch)[0]
     head, ref_head = policy.get_output_embeddings(), ref.get_output_embeddings()
     kl = _chunked(_chunk_kl, (h, rh), (head, ref_head), chunk_size)  # (M,)
-    rows = torch.arange(len(lengths), device=kl.device).repeat_interleave(lengths)
     return kl.new_zeros(len(lengths)).index_add(0, rows, kl)
 
 

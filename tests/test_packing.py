@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import os
 from types import SimpleNamespace
 
 import datasets
@@ -14,8 +13,12 @@ import pytest
 import torch
 from conftest import naive_stats
 from omegaconf import OmegaConf
+from torch.nn.attention.flex_attention import flex_attention
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 from transformers.models.llama import modeling_llama
 
+from prefopt.attention import block_mask, span_attention
 from prefopt.config import ModelConfig
 from prefopt.data.collate import collate
 from prefopt.data.packing import (
@@ -23,6 +26,7 @@ from prefopt.data.packing import (
     ViewSize,
     budget_batches,
     collate_layout,
+    doc_blocks,
     document_mask,
     document_mask_mod,
     plan_micro_batches,
@@ -34,7 +38,7 @@ from prefopt.models import load_model, tiny_tokenizer
 from prefopt.stats import group_stats, packed_attention_inputs, sequence_kl
 
 LAYOUTS = ["packed", "shared"]
-ATTN = ["eager", "sdpa"]
+ATTN = ["eager", "sdpa", "prefopt_docs"]  # dense reference masks, and the CPU span kernel
 TOL = dict(rtol=1e-12, atol=1e-12)
 
 
@@ -281,13 +285,117 @@ def test_budget_batches_split_a_step_across_ranks(tok):
     assert sorted(seen) == sorted(expected)  # every view of the step once, over both ranks
 
 
-@pytest.mark.skipif(
-    not os.environ.get("PREFOPT_TEST_FLEX"),
-    reason="compiles FlexAttention on CPU (~1 min); set PREFOPT_TEST_FLEX=1",
-)
+def _blocks_of(dense: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(nb, nb) blocks of a dense (L, L) mask holding any / only allowed pairs (real rows)."""
+    L = dense.shape[0]
+    nb = -(-L // block)
+    padded = torch.zeros(nb * block, nb * block, dtype=torch.int8)
+    padded[:L, :L] = dense
+    tiles = padded.view(nb, block, nb, block).transpose(1, 2)  # (nb, nb, block, block)
+    real = torch.zeros(nb * block, nb * block, dtype=torch.bool)
+    real[:L, :L] = True
+    real = real.view(nb, block, nb, block).transpose(1, 2)
+    return tiles.amax((2, 3)) > 0, ((tiles > 0) | ~real).all(-1).all(-1)
+
+
+def _selected(counts: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    nb = counts.shape[-1]
+    sel = torch.zeros(nb, nb, dtype=torch.bool)
+    for i in range(nb):
+        sel[i, indices[0, 0, i, : counts[0, 0, i]].long()] = True
+    return sel
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("block", [2, 4, 8])
+def test_doc_blocks_are_exact_at_block_granularity(tok, layout, block):
+    """Skipped key blocks hold no allowed pair, full blocks only allowed pairs, against the dense
+    mask; at block 4 the counts are the hand-countable ones of this row."""
+    batch = collate_layout(groups(tok), tok.pad_token_id, layout)
+    b = doc_blocks(batch.doc_ids, batch.branch_ids, block)
+    partial, full = _selected(*b[:2]), _selected(*b[2:])
+    any_allowed, all_allowed = _blocks_of(document_mask(batch), block)
+    assert not (partial & full).any()
+    assert torch.equal(any_allowed & ~(partial | full), torch.zeros_like(any_allowed))  # exact
+    assert not (full & ~all_allowed).any()  # a full block needs no mask
+    # and tight here: every computed block holds an allowed pair
+    assert torch.equal(partial | full, any_allowed)
+    if block == 4:  # 69 (packed) / 47 (shared) tokens: 18 / 12 blocks, 171 / 78 causal pairs
+        computed, nb = int((partial | full).sum()), len(partial)
+        assert (nb, computed) == {"packed": (18, 47), "shared": (12, 35)}[layout]
+        assert computed < nb * (nb + 1) / 2 / 2  # under half the causal tiles run
+
+
+def test_doc_blocks_skip_a_sibling_response(tok):
+    """Shared prompt, two long responses: response 2's blocks skip response 1's whole blocks."""
+    g = TokenizedGroup(
+        [1, 2, 3, 4], [list(range(10, 22)), list(range(30, 42))], [False] * 2, [1.0, 0.0]
+    )
+    batch = collate_layout([(g, (0, 1))], tok.pad_token_id, "shared")  # 4 + 12 + 12 tokens
+    b = doc_blocks(batch.doc_ids, batch.branch_ids, 4)
+    partial, full = _selected(*b[:2]), _selected(*b[2:])
+    # blocks: 0 prompt, 1-3 response 1, 4-6 response 2
+    assert (partial | full)[4:, 1:4].sum() == 0
+    assert full[5, 4] and full[6, 4] and full[2, 1] and full[4:, 0].all()
+    assert partial.diagonal().all() and not full.diagonal().any()
+
+
+def test_block_mask_is_built_once_per_micro_batch(tok):
+    batch = collate_layout(groups(tok), tok.pad_token_id, "shared")
+    assert block_mask(batch) is block_mask(batch)  # policy and reference forwards share it
+    other = collate_layout(groups(tok), tok.pad_token_id, "shared")
+    assert block_mask(other) is not block_mask(batch)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_span_attention_equals_dense_mask(tok, layout):
+    batch = collate_layout(groups(tok), tok.pad_token_id, layout)
+    L = batch.doc_ids.numel()
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, L, 8, generator=g, dtype=torch.float64) for h in (4, 2, 2))
+    got = span_attention(q, k, v, batch.spans, 0.3)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q,
+        k.repeat_interleave(2, 1),
+        v.repeat_interleave(2, 1),
+        attn_mask=document_mask(batch),
+        scale=0.3,
+    )
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert sum(qe - qs for qs, qe, *_ in batch.spans) == L
+
+
+def test_flex_block_mask_equals_dense_mask(tok):
+    """The FlexAttention kernel (the CUDA path) over the collated BlockMask, on CPU: forward only,
+    fp32 (CPU flex has no backward), a shared row of 5 blocks with partial, full and skipped ones.
+    Compiled statically here: inductor's CPU flex template fails to build for symbolic lengths
+    (torch 2.13); the dynamic CUDA compile is tests/gpu's."""
+    g = torch.Generator().manual_seed(0)
+    long = TokenizedGroup(
+        torch.randint(0, 250, (300,), generator=g).tolist(),
+        [list(range(150)), list(range(140))],
+        [False] * 2,
+        [1.0, 0.0],
+    )
+    batch = collate_layout([(long, (0, 1)), *groups(tok)], tok.pad_token_id, "shared")
+    L = batch.doc_ids.numel()  # 637: 5 blocks
+    assert int(batch.blocks.full_kv_num_blocks.sum()) > 0
+    q, k, v = (torch.randn(1, h, L, 16, generator=g) for h in (4, 2, 2))
+    flex = torch.compile(flex_attention, dynamic=False, fullgraph=True)
+    got = flex(q, k, v, block_mask=block_mask(batch), scale=0.25, enable_gqa=True)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q,
+        k.repeat_interleave(2, 1),
+        v.repeat_interleave(2, 1),
+        attn_mask=document_mask(batch),
+        scale=0.25,
+    )
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_flex_attention_block_mask_matches_padded(tok):
-    """FlexAttention (the GPU path for shared prompts) on CPU: forward only, fp32 (CPU flex has
-    no backward and no fp64)."""
+    """transformers' FlexAttention implementation reads the same BlockMask: statistics of a
+    tiny model on CPU (forward, fp32) equal the padded layout's."""
     cfg = ModelConfig(name_or_path="tiny", source="tiny", attn_implementation="flex_attention")
     flex = load_model(OmegaConf.structured(cfg), "/nonexistent", tok, seed=0)
     sdpa = dataclasses.replace(cfg, attn_implementation="sdpa")
@@ -298,3 +406,77 @@ def test_flex_attention_block_mask_matches_padded(tok):
         for layout in LAYOUTS:
             got = group_stats(flex, collate_layout(grps, tok.pad_token_id, layout))
             torch.testing.assert_close(got.logps, want.logps, rtol=1e-5, atol=1e-5)
+
+
+class _Watch(TorchDispatchMode):
+    """Records the largest tensor any op returns and the ops that wait for the device (a
+    scalar read, a data-dependent output size, a boolean-mask index)."""
+
+    SYNCS = (
+        "aten._local_scalar_dense",
+        "aten.nonzero",
+        "aten.masked_select",
+        "aten.repeat_interleave.Tensor",
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest, self.syncs = 0, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        bool_index = name.startswith("aten.index") and any(
+            isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in tree_flatten(args)[0]
+        )
+        if bool_index or name.startswith(self.SYNCS):
+            self.syncs.append(name)
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def _training_row(tok, layout: str):
+    """Eight groups at the CPU benchmark's lengths (prompts ~90, responses ~175): ~4K tokens."""
+    g = torch.Generator().manual_seed(0)
+    grps = []
+    for i in range(8):
+        p, r0, r1 = 60 + 9 * i, 120 + 17 * i, 200 - 11 * i
+        prompt = torch.randint(0, 250, (p,), generator=g).tolist()
+        responses = [torch.randint(0, 250, (n,), generator=g).tolist() for n in (r0, r1)]
+        grps.append((TokenizedGroup(prompt, responses, [False] * 2, [1.0, 0.0]), (0, 1)))
+    return collate_layout(grps, tok.pad_token_id, layout)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_no_dense_mask_or_host_sync_at_training_length(tok, layout):
+    """prefopt_docs at a 4K-token row: no tensor of even L^2 / 16 elements is created in forward
+    or backward, and no op syncs with the host; the dense sdpa path (the control) makes (L, L)."""
+    batch = _training_row(tok, layout)
+    L = batch.input_ids.shape[1]
+    assert L > 3000
+    for attn, dense in (("prefopt_docs", False), ("sdpa", True)):
+        cfg = ModelConfig(name_or_path="tiny", source="tiny", attn_implementation=attn)
+        model = load_model(OmegaConf.structured(cfg), "/nonexistent", tok, seed=0)
+        with _Watch() as watch:
+            stats = group_stats(model, batch, chunk_size=1024)
+            stats.logps.sum().backward()
+        assert (watch.largest >= L * L) == dense, (attn, watch.largest, L * L)
+        if not dense:
+            assert watch.largest < L * L / 16
+            assert watch.syncs == [], sorted(set(watch.syncs))
+
+
+def test_auto_attention_picks_a_tile_skipping_kernel(monkeypatch):
+    from prefopt import attention
+
+    monkeypatch.setattr(attention, "flash_attn_installed", lambda: False)
+    assert {attention.choose_kernel("auto", lay) for lay in LAYOUTS} == {"prefopt_docs"}
+    monkeypatch.setattr(attention, "flash_attn_installed", lambda: True)
+    got = [attention.choose_kernel("auto", lay) for lay in ["padded", *LAYOUTS, None]]
+    assert got == ["flash_attention_2", "flash_attention_2", "prefopt_docs", "prefopt_docs"]
+    assert attention.choose_kernel("sdpa", "shared") == "sdpa"  # asked for: kept
+    line = attention.kernel_description("prefopt_docs", "shared", "cuda")
+    assert "FlexAttention" in line and "shared" in line
+    assert "per document" in attention.kernel_description("prefopt_docs", "packed", "cpu")

@@ -14,8 +14,10 @@ The packed layouts describe attention with two integer vectors over the row: ``d
 document a token belongs to) and ``branch_ids`` (0 for tokens every later token of the document
 may see: the prompt, or the whole sequence in ``packed``; k + 1 for response k of a shared
 prompt). Query i may attend to key j iff j <= i, doc[i] == doc[j] and branch[j] in (0, branch[i]).
-``document_mask`` (dense, for SDPA/eager) and ``document_mask_mod`` (FlexAttention) both
-express that rule; flash-attn varlen uses ``cu_seqlens`` and supports the ``packed`` layout only.
+Collation also writes that rule in the forms the kernels read, none of them (L, L): ``spans``
+(per-document attention, ``prefopt.attention`` on CPU), ``blocks`` (the FlexAttention block
+sparsity, built at 128-token granularity by ``doc_blocks``) and ``cu_seqlens`` (flash-attn
+varlen, ``packed`` only). ``document_mask`` (dense) is the reference the tests compare them with.
 
 Micro-batches are filled to a token budget by ``plan_micro_batches``: a pure function of the
 step's ordered views, so a resumed run (which replays the same views per step) plans the same
@@ -38,6 +40,28 @@ from prefopt.data.tokenize import TokenizedGroup
 LAYOUTS = ("padded", "packed", "shared")
 Groups = list[tuple[TokenizedGroup, tuple[int, ...]]]
 FLEX_BLOCK = 128  # FlexAttention's block size: compiled kernels read mask inputs up to a multiple
+
+
+class DocBlocks(NamedTuple):
+    """FlexAttention's block sparsity of a packed row (``BlockMask.from_kv_blocks`` inputs).
+
+    For each 128-token query block: the key blocks that need the mask (``kv_*``: partly visible)
+    and the ones every query of the block sees whole (``full_kv_*``); other blocks are skipped.
+    """
+
+    kv_num_blocks: Tensor  # (1, 1, nb) int32
+    kv_indices: Tensor  # (1, 1, nb, nb) int32, the partial blocks first, ascending
+    full_kv_num_blocks: Tensor  # (1, 1, nb) int32
+    full_kv_indices: Tensor  # (1, 1, nb, nb) int32
+
+    def to(self, device: torch.device | str) -> DocBlocks:
+        return DocBlocks(*(t.to(device) for t in self))
+
+
+# (query start, query end, context start, context end): the queries see the whole context and
+# themselves causally. A packed document is one span without context; a shared prompt too, and
+# each of its responses a span whose context is the prompt.
+Span = tuple[int, int, int, int]
 
 
 class PackedBatch(NamedTuple):
@@ -65,6 +89,9 @@ class PackedBatch(NamedTuple):
     max_seqlen: int = 0  # longest document (flash-attn varlen)
     shared: bool = False  # prompts shared: responses of one document must not see each other
     sequence_tokens: int = 0  # prompt + response per row, as the padded layout counts them
+    row_index: Tensor | None = None  # (M,) row of each target: sums per row without a host sync
+    blocks: DocBlocks | None = None  # FlexAttention block sparsity (``doc_blocks``)
+    spans: tuple[Span, ...] = ()  # per-document attention spans, in row order, covering it
 
     @property
     def num_groups(self) -> int:
@@ -82,7 +109,7 @@ class PackedBatch(NamedTuple):
         return self.input_ids.shape[1]
 
     def to(self, device: torch.device | str) -> PackedBatch:
-        return PackedBatch(*(t.to(device) if isinstance(t, Tensor | PackedBatch) else t
+        return PackedBatch(*(t.to(device) if isinstance(t, Tensor | PackedBatch | DocBlocks) else t
                              for t in self))  # fmt: skip
 
 
@@ -99,6 +126,7 @@ def collate_packed(groups: Groups, share_prompts: bool) -> PackedBatch:
     doc_lengths: list[int] = []
     target_index: list[int] = []
     rows: list[tuple[int, int, int]] = []  # (group, slot, response length)
+    spans: list[Span] = []
     for b, (g, idx) in enumerate(groups):
         P = len(g.prompt_ids)
         for k, r in enumerate(idx):
@@ -109,8 +137,15 @@ def collate_packed(groups: Groups, share_prompts: bool) -> PackedBatch:
                 doc += [len(doc_lengths)] * P
                 branch += [0] * P
                 doc_lengths.append(P)
+                doc_start = len(ids) - P
+                if share_prompts:
+                    spans.append((doc_start, len(ids), doc_start, doc_start))
             response = g.response_ids[r]
             R, start = len(response), len(ids)
+            if share_prompts:  # the response sees its prompt whole, itself causally
+                spans.append((start, start + R, doc_start, doc_start + P))
+            else:  # prompt and response: one causal document
+                spans.append((doc_start, start + R, doc_start, doc_start))
             ids += response
             pos += range(P, P + R)  # as if the response followed its prompt alone
             doc += [len(doc_lengths) - 1] * R
@@ -119,11 +154,12 @@ def collate_packed(groups: Groups, share_prompts: bool) -> PackedBatch:
             target_index += [prompt_end, *range(start, start + R - 1)]
             rows.append((b, k, R))
     scores, mask, has_eos = group_fields(groups)
+    doc_ids, branch_ids = torch.tensor(doc), torch.tensor(branch)
     return PackedBatch(
         input_ids=torch.tensor([ids]),
         position_ids=torch.tensor([pos]),
-        doc_ids=torch.tensor(doc),
-        branch_ids=torch.tensor(branch),
+        doc_ids=doc_ids,
+        branch_ids=branch_ids,
         cu_seqlens=torch.tensor([0, *doc_lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32),
         target_index=torch.tensor(target_index),
         targets=torch.tensor([t for g, idx in groups for r in idx for t in g.response_ids[r]]),
@@ -138,6 +174,9 @@ def collate_packed(groups: Groups, share_prompts: bool) -> PackedBatch:
         max_seqlen=max(doc_lengths),
         shared=share_prompts,
         sequence_tokens=sum(len(groups[b][0].prompt_ids) + R for b, _, R in rows),
+        row_index=torch.tensor([n for n, (*_, R) in enumerate(rows) for _ in range(R)]),
+        blocks=doc_blocks(doc_ids, branch_ids),
+        spans=tuple(spans),
     )
 
 
@@ -156,8 +195,8 @@ def collate_layout(groups: Groups, pad_id: int, layout: str = "padded") -> Batch
 def document_mask(batch: PackedBatch) -> Tensor:
     """(L, L) bool, True where query i may attend to key j (module docstring's rule).
 
-    Built in place, one (L, L) buffer at a time (16K tokens: 256 MB); FlexAttention's block mask
-    or flash-attn varlen avoid it on GPU.
+    Built in place, one (L, L) buffer at a time (16K tokens: 256 MB): the reference for tests and
+    the ``sdpa``/``eager`` implementations; training kernels read ``spans`` or ``blocks``.
     """
     doc, branch = batch.doc_ids, batch.branch_ids
     allowed = doc[:, None] == doc[None, :]
@@ -182,6 +221,41 @@ def document_mask_mod(batch: PackedBatch) -> Callable[[Tensor, Tensor, Tensor, T
         return (doc[q] == doc[kv]) & (kv <= q) & visible
 
     return mask_mod
+
+
+def doc_blocks(doc: Tensor, branch: Tensor, block: int = FLEX_BLOCK) -> DocBlocks:
+    """The block sparsity of the module docstring's rule, from per-block summaries: O(L + nb^2)
+    work and memory for nb = ceil(L / block) blocks, never (L, L).
+
+    Positions are ordered by (document, branch) in both layouts, so a block holds a contiguous
+    range of those keys, summarised by its first and last. Key block j is needed by query block
+    i iff j <= i, its last document is not before i's first, and it is not wholly inside a
+    response whose key i does not hold (a sibling response of a shared prompt). It is full (no
+    mask evaluated) iff j < i, both blocks lie in one document, and j is all prompt or both lie
+    in one response. Both are exact: a needed block that is not full goes through ``mask_mod``.
+    """
+    L = doc.numel()
+    starts = torch.arange(0, L, block)
+    ends = (starts + block).clamp(max=L) - 1  # last real position of each block
+    key = doc * (int(branch.max()) + 1) + branch  # non-decreasing along the row
+    kf, kl = key[starts], key[ends]  # (nb,) first and last key of each block
+    df, dl = doc[starts], doc[ends]
+    in_response = torch.nn.functional.pad(branch != 0, (0, -L % block)).view(-1, block)
+    prompt_only = ~in_response.any(-1)  # (nb,) every position of the block has branch 0
+    one_response = (kf == kl) & ~prompt_only  # the block lies inside one response
+    i, j = torch.arange(len(starts))[:, None], torch.arange(len(starts))[None, :]
+    needed = (j <= i) & (dl[None, :] >= df[:, None])
+    needed &= ~(one_response[None, :] & (kf[None, :] < kf[:, None]))  # a sibling response
+    same_doc = (df == dl)[:, None] & (df == dl)[None, :] & (df[:, None] == df[None, :])
+    same_response = (kf == kl)[:, None] & (kf == kl)[None, :] & (kf[:, None] == kf[None, :])
+    full = (j < i) & same_doc & (prompt_only[None, :] | same_response)
+    partial = needed & ~full
+
+    def indices(sel: Tensor) -> tuple[Tensor, Tensor]:  # counts, then selected blocks first
+        order = torch.argsort((~sel).to(torch.int8), dim=-1, stable=True)
+        return sel.sum(-1).to(torch.int32)[None, None], order.to(torch.int32)[None, None]
+
+    return DocBlocks(*indices(partial), *indices(full))
 
 
 # ---- token-budget micro-batches ----

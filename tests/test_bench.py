@@ -1,0 +1,34 @@
+# pytest tests/test_bench.py -q
+"""The throughput benchmark measures the recipe the entrypoint runs (trainer=gpu)."""
+
+from __future__ import annotations
+
+import sys
+from types import SimpleNamespace
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "experiments"))
+import bench_throughput as bench  # noqa: E402
+
+from prefopt.models import resolve_attn_implementation  # noqa: E402
+
+
+def test_benchmark_composes_the_gpu_recipe():
+    args = SimpleNamespace(
+        shape="1b", device="cuda", token_budget=None, pairs_per_step=64, override=[]
+    )
+    cfg = bench.compose_recipe(args, bench.RUNS["shared-dpo"])
+    t = cfg.trainer
+    # conf/trainer/gpu.yaml's values, not the benchmark's own
+    assert (t.micro_batch_tokens, t.logps_chunk_size, t.precision) == (16384, 4096, "auto")
+    assert (t.layout, t.global_batch_groups, cfg.loss.name) == ("shared", 64, "dpo")
+    assert cfg.model.name_or_path == "meta-llama/Llama-3.2-1B-Instruct"
+    assert resolve_attn_implementation(cfg.model.attn_implementation, t.layout) == "prefopt_docs"
+
+
+def test_tokens_are_counted_both_ways(tok):
+    groups = bench.make_groups(3, 2, SimpleNamespace(lengths="tiny", shape="tiny", seed=0), tok)
+    once, per_pair = bench.token_counts(groups)
+    prompts = sum(len(g.prompt_ids) for g in groups)
+    assert per_pair - once == prompts  # K = 2: the prompt once more per group
