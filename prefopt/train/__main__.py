@@ -59,9 +59,14 @@ def main(cfg: DictConfig) -> float:
             log.error("job %s failed: %s", hydra_cfg.job.num, e)
         else:
             log.exception("job %s failed", hydra_cfg.job.num)
-        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-        failure = {"status": "failed", "error": f"{type(e).__name__}: {e}", "overrides": overrides}
-        Path(cfg.run_dir, "summary.json").write_text(json.dumps(failure, indent=2))
+        if int(os.environ.get("RANK", "0")) == 0:  # one summary per job, not one per rank
+            Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+            failure = {
+                "status": "failed",
+                "error": f"{type(e).__name__}: {e}",
+                "overrides": overrides,
+            }
+            Path(cfg.run_dir, "summary.json").write_text(json.dumps(failure, indent=2))
         return math.nan
     finally:
         parallel.destroy()
