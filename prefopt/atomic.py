@@ -1,7 +1,9 @@
-"""Publishing a directory written under a temporary name, safely against concurrent writers."""
+"""Publishing a directory written under a temporary name, safely against concurrent writers, and
+the file checksums that tell a complete copy from a damaged one."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -17,3 +19,12 @@ def publish_dir(tmp: Path, target: Path) -> None:
         if not target.exists():
             raise
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, read in 4 MiB chunks."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()

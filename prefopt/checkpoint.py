@@ -17,7 +17,6 @@ data slices and RNG).
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -34,6 +33,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import set_state_dict
 
 from prefopt.adapters import checkpoint_state_dicts
+from prefopt.atomic import file_sha256
 from prefopt.errors import CheckpointError
 from prefopt.parallel import all_gather_objects, barrier, is_main
 
@@ -74,17 +74,9 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _sums(root: Path, names: list[str], rank: int) -> FileSums:
     return {
-        n: {"bytes": (root / n).stat().st_size, "sha256": _sha256(root / n), "rank": rank}
+        n: {"bytes": (root / n).stat().st_size, "sha256": file_sha256(root / n), "rank": rank}
         for n in names
     }
 
@@ -258,7 +250,7 @@ def verify_checkpoint(path: Path) -> str | None:
                 reason = f"{name} is missing"
             elif f.stat().st_size != want["bytes"]:
                 reason = f"{name} has {f.stat().st_size} bytes, {want['bytes']} were written"
-            elif _sha256(f) != want["sha256"]:
+            elif file_sha256(f) != want["sha256"]:
                 reason = f"{name} is damaged (SHA-256 differs from {MANIFEST})"
             if reason:
                 break

@@ -49,7 +49,7 @@ class ModelConfig:
     gguf_package: str | None = None  # Python package shipping the GGUF file (source=gguf)
     gguf_file: str | None = None  # file name inside that package, or an absolute path
     dtype: str = "float32"  # dtype of the weights on disk; training keeps fp32 master weights
-    attn_implementation: str = "auto"  # auto: fastest exact kernel for the layout (prefopt.attention)
+    attn_implementation: str = "auto"  # auto: the fastest exact kernel for the layout
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)

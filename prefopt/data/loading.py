@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 import datasets
 
-from prefopt.atomic import publish_dir
+from prefopt.atomic import file_sha256, publish_dir
 from prefopt.data.example import DataError
 from prefopt.data.schemas import ParseOptions, parse_row
 from prefopt.data.sources import iter_rows, read_rows, source_key
@@ -53,16 +53,10 @@ class DataSplits(NamedTuple):
     counts: Counter[str]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _manifest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): _sha256(p) for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): file_sha256(p) for p in sorted(root.rglob("*")) if p.is_file()
+    }
 
 
 def _write_cache(target: Path, data: datasets.Dataset, counts: Counter[str]) -> None:
