@@ -81,6 +81,22 @@ def _start_requeued(job: str, timeout: float = 120) -> None:
         subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], check=False)
 
 
+def _signal_after_a_checkpoint(job: str, run: Path) -> None:
+    """Once the run has a checkpoint: SLURM's pre-timeout signal to the batch script, then wait
+    for the requeue and start the requeued job."""
+    deadline = time.time() + 240
+    while not list(run.glob("checkpoints/step_*")):
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.5)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
+    deadline = time.time() + 180
+    show = ["scontrol", "show", "job", job]
+    while "Restarts=1" not in subprocess.run(show, capture_output=True, text=True).stdout:
+        assert time.time() < deadline, "the job was not requeued"
+        time.sleep(1)
+    _start_requeued(job)
+
+
 def _summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 
@@ -115,17 +131,7 @@ def test_signal_checkpoints_requeues_and_resumes(tmp_path, tiny_data):
                   "trainer.save_every=20")  # fmt: skip
     task = f"{job}_0"
     run = tmp_path / "runs" / job / "0"
-    deadline = time.time() + 180
-    while not list(run.glob("checkpoints/step_*")):
-        assert time.time() < deadline, "no checkpoint appeared"
-        time.sleep(0.5)
-    subprocess.run(["scancel", "--signal=USR1", "--batch", task], check=True)
-    deadline = time.time() + 120
-    while "Restarts=1" not in subprocess.run(["scontrol", "show", "job", task],
-                                             capture_output=True, text=True).stdout:  # fmt: skip
-        assert time.time() < deadline, "the job was not requeued"
-        time.sleep(1)
-    _start_requeued(task)
+    _signal_after_a_checkpoint(task, run)
     _wait_gone(job, 300)
     s = _summary(run)
     assert s["status"] == "ok" and s["steps"] == 300
@@ -148,17 +154,7 @@ def test_train_sbatch_two_ranks_preempted_requeued_resumed(tmp_path, tiny_data):
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     job = proc.stdout.strip().split(";")[0]
-    deadline = time.time() + 240
-    while not list(run.glob("checkpoints/step_*")):
-        assert time.time() < deadline, "no checkpoint appeared"
-        time.sleep(0.5)
-    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
-    deadline = time.time() + 180
-    while "Restarts=1" not in subprocess.run(["scontrol", "show", "job", job],
-                                             capture_output=True, text=True).stdout:  # fmt: skip
-        assert time.time() < deadline, "the job was not requeued"
-        time.sleep(1)
-    _start_requeued(job)
+    _signal_after_a_checkpoint(job, run)
     _wait_gone(job, 400)
     out = (tmp_path / f"{job}.out").read_text()
     s = _summary(run)
