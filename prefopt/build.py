@@ -22,6 +22,7 @@ from prefopt import parallel
 from prefopt.data.loading import DataSplits, build_splits, make_views
 from prefopt.data.packing import LAYOUTS
 from prefopt.data.tokenize import TokenizeOptions, Tokenizer
+from prefopt.freeze import freeze_below_top_blocks
 from prefopt.losses import LossSpec
 from prefopt.models import load_model, resolve_attn_implementation
 from prefopt.parallel import StatsModel
@@ -86,6 +87,7 @@ def build_models(
     (``precompute``: no second model in memory)."""
     t = cfg.trainer
     hf = load_model(cfg.model, cfg.cache_dir, tok, cfg.seed)
+    freeze_below_top_blocks(hf, t.train_top_blocks)  # CPU demo: train the top blocks only
     bf16 = autocast_is_bf16(world.device, t.precision)
     kl_on = spec.on_policy_kl and cfg.loss.kl_weight > 0  # needs reference logits on new samples
     # KTO's baseline and SPO's KL need reference forwards on rows that no cache holds.

@@ -24,7 +24,7 @@ from transformers import (
 )
 
 from prefopt.atomic import publish_dir
-from prefopt.config import ModelConfig
+from prefopt.config import ModelConfig, TinyModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -98,15 +98,33 @@ def _cached_gguf_dir(cfg: ModelConfig, cache_dir: str) -> Path:
     return target
 
 
-def _local_or_hub(cfg: ModelConfig, cache_dir: str) -> str:
+def local_or_hub(cfg: ModelConfig, cache_dir: str) -> str:
+    """Where the model's files are: its Hub id or directory, or the GGUF file's converted copy."""
     return str(_cached_gguf_dir(cfg, cache_dir)) if cfg.source == "gguf" else cfg.name_or_path
+
+
+def tiny_llama_config(t: TinyModelConfig, tokenizer: PreTrainedTokenizerBase) -> LlamaConfig:
+    """The architecture of ``model.source=tiny`` (weights are drawn by ``load_model``)."""
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=t.hidden_size,
+        num_hidden_layers=t.num_layers,
+        num_attention_heads=t.num_heads,
+        num_key_value_heads=t.num_kv_heads,
+        intermediate_size=t.intermediate_size,
+        max_position_embeddings=t.max_position_embeddings,
+        tie_word_embeddings=t.tie_word_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
 
 
 def load_tokenizer(cfg: ModelConfig, cache_dir: str) -> PreTrainedTokenizerBase:
     if cfg.source == "tiny":
         return tiny_tokenizer()
     tok = AutoTokenizer.from_pretrained(
-        _local_or_hub(cfg, cache_dir),
+        local_or_hub(cfg, cache_dir),
         revision=cfg.revision,
         trust_remote_code=cfg.trust_remote_code,
     )
@@ -126,27 +144,14 @@ def load_model(
     dtype = DTYPES[cfg.dtype]
     attn = resolve_attn_implementation(cfg.attn_implementation)
     if cfg.source == "tiny":
-        t = cfg.tiny
-        config = LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=t.hidden_size,
-            num_hidden_layers=t.num_layers,
-            num_attention_heads=t.num_heads,
-            num_key_value_heads=t.num_kv_heads,
-            intermediate_size=t.intermediate_size,
-            max_position_embeddings=t.max_position_embeddings,
-            tie_word_embeddings=t.tie_word_embeddings,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+        config = tiny_llama_config(cfg.tiny, tokenizer)
         config._attn_implementation = attn
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     elif cfg.source in ("hub", "gguf"):
         model = AutoModelForCausalLM.from_pretrained(
-            _local_or_hub(cfg, cache_dir),
+            local_or_hub(cfg, cache_dir),
             revision=cfg.revision,
             dtype=dtype,
             attn_implementation=attn,

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 import prefopt.losses  # noqa: F401  (registers loss schemas before composition)
 from prefopt import parallel
+from prefopt.banner import announce, run_facts, show_first_batch
 from prefopt.build import (
     Preemption,
     best_of,
@@ -133,7 +134,7 @@ def train_step(
     return StepResult(metrics, grad_norm, sums.stat_sums())
 
 
-def run(
+def run(  # noqa: C901  (the banner's dry-run exit; the loop's rewrite will split run)
     cfg: DictConfig, overrides: list[str] | None = None, sweep: SweepInfo | None = None
 ) -> dict[str, float]:
     """Train as ``cfg`` says; return the final held-out metrics ({} when stopped early)."""
@@ -154,6 +155,15 @@ def run(
     data = prepare_data(cfg, tok, spec)
     G = t.global_batch_groups
     max_steps = t.max_steps or math.ceil(t.epochs * len(data.train_views) / G)
+    # ---- banner (rank 0, summary.json); the dry run stops here, before any weight is read ----
+    facts = run_facts(cfg, tok, data, spec, world, max_steps, plan=None)
+    announce(facts, run_dir, "dry_run" if t.dry_run else "running")
+    if t.dry_run:
+        first_views = views_at(len(data.train_views), cfg.seed, 0, G)
+        show_first_batch(
+            step_micro_batches(t, data, first_views, world, tok.pad_token_id, spec.needs_mismatched)
+        )
+        return {}
     policy, ref, data = build_models(cfg, spec, tok, data, world, autocast)
     optimizer = build_optimizer(cfg.optimizer, [p for p in policy.parameters() if p.requires_grad])
     hparams = spec.hparams(cfg.loss)
