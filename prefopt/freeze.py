@@ -21,11 +21,14 @@ def freeze_below_top_blocks(model: PreTrainedModel, top_blocks: int) -> int:
     if top_blocks > 0:
         layers = getattr(model.get_decoder(), "layers", None)
         if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-            raise ValueError(f"trainer.train_top_blocks: {type(model).__name__} has no "
-                             "decoder.layers to freeze")  # fmt: skip
+            raise ValueError(
+                f"trainer.train_top_blocks: {type(model).__name__} has no decoder.layers to freeze"
+            )
         if top_blocks > len(layers):
-            raise ValueError(f"trainer.train_top_blocks={top_blocks} but the model has only "
-                             f"{len(layers)} decoder blocks")  # fmt: skip
+            raise ValueError(
+                f"trainer.train_top_blocks={top_blocks} but the model has only "
+                f"{len(layers)} decoder blocks"
+            )
         model.requires_grad_(False)
         for block in layers[len(layers) - top_blocks :]:
             block.requires_grad_(True)
