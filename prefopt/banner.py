@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -285,3 +286,18 @@ def show_first_batch(micro_batches: list) -> None:
         print(f"dry run: first step = {len(micro_batches)} micro-batch(es) on rank 0; the first:")
         print(batch_shapes(micro_batches[0]), flush=True)
         print("dry run: no weights loaded; drop trainer.dry_run to train.", flush=True)
+
+
+def verdict(before: dict[str, float], after: dict[str, float]) -> str:
+    """One line on whether held-out preference accuracy moved, for the end of a run."""
+    a0, a1 = before.get("rewards/accuracy", math.nan), after.get("rewards/accuracy", math.nan)
+    if not (math.isfinite(a0) and math.isfinite(a1)):
+        return "verdict: no held-out accuracy to compare"
+    delta = 100 * (a1 - a0)
+    if delta >= 5:
+        word = "learned: the model now prefers the better-scored response on more held-out prompts"
+    elif delta <= -5:
+        word = "got worse: check the learning rate and the data"
+    else:
+        word = "no clear change (under 5 points): train longer or raise the learning rate"
+    return f"verdict: held-out reward accuracy {a0:.1%} -> {a1:.1%} ({delta:+.1f} points), {word}"

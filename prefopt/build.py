@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedTokenizerBase
 
 from prefopt import parallel
+from prefopt.banner import verdict
 from prefopt.data.loading import DataSplits, build_splits, make_views
 from prefopt.data.packing import LAYOUTS
 from prefopt.data.tokenize import TokenizeOptions, Tokenizer
@@ -168,6 +169,8 @@ def print_eval(title: str, before: dict[str, float], after: dict[str, float] | N
     for k in keys:
         row = f"{k:<22}{before.get(k, math.nan):>12.4f}"
         lines.append(row + (f"{after.get(k, math.nan):>12.4f}" if after else ""))
+    if after:
+        lines.append(verdict(before, after))
     print("\n".join(lines), flush=True)
 
 

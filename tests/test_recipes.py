@@ -291,3 +291,12 @@ def test_dry_run_exits_before_any_weight_is_read(tmp_path, tiny_data, monkeypatc
     assert (facts["train_groups"], facts["eval_groups"], facts["k"]) == (24, 8, 4)
     assert facts["steps"] == 3 and facts["logger"].startswith("off")
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_verdict_reads_the_accuracy_change():
+    from prefopt.banner import verdict
+
+    up = verdict({"rewards/accuracy": 0.5893}, {"rewards/accuracy": 0.7143})
+    assert "58.9% -> 71.4% (+12.5 points), learned" in up
+    assert "no clear change" in verdict({"rewards/accuracy": 0.5893}, {"rewards/accuracy": 0.6})
+    assert "got worse" in verdict({"rewards/accuracy": 0.7}, {"rewards/accuracy": 0.5})
