@@ -300,3 +300,19 @@ def test_verdict_reads_the_accuracy_change():
     assert "58.9% -> 71.4% (+12.5 points), learned" in up
     assert "no clear change" in verdict({"rewards/accuracy": 0.5893}, {"rewards/accuracy": 0.6})
     assert "got worse" in verdict({"rewards/accuracy": 0.7}, {"rewards/accuracy": 0.5})
+
+
+def test_train_top_blocks_freezes_everything_below():
+    from transformers import AutoModelForCausalLM
+
+    from prefopt.config import TinyModelConfig
+    from prefopt.freeze import freeze_below_top_blocks
+    from prefopt.models import tiny_llama_config, tiny_tokenizer
+
+    model = AutoModelForCausalLM.from_config(tiny_llama_config(TinyModelConfig(), tiny_tokenizer()))
+    assert freeze_below_top_blocks(model, 1) == 36_992 + 64  # block 1 and the final norm (64)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all(n.startswith("model.layers.1.") or n == "model.norm.weight" for n in trainable)
+    assert not model.get_input_embeddings().weight.requires_grad  # tied to the output layer
+    with pytest.raises(ValueError, match="only 2 decoder blocks"):
+        freeze_below_top_blocks(model, 3)
