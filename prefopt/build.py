@@ -18,9 +18,11 @@ from omegaconf import DictConfig
 from transformers import PreTrainedTokenizerBase
 
 from prefopt import adapters, parallel
+from prefopt.banner import verdict
 from prefopt.checks import validate, validate_batching  # noqa: F401  (the loop imports them here)
 from prefopt.data.loading import DataSplits, build_splits, make_views
 from prefopt.data.tokenize import TokenizeOptions, Tokenizer
+from prefopt.freeze import freeze_below_top_blocks
 from prefopt.losses import LossSpec
 from prefopt.models import empty_model, initial_weights, load_model, model_config
 from prefopt.parallel import StatsModel
@@ -74,7 +76,9 @@ def build_models(
             model = load_model(cfg.model, cfg.cache_dir, tok, cfg.seed)
         else:
             model = empty_model(cfg.model, config)
-        if trainable:  # LoRA: adapters before compile and sharding (no-op without model.lora)
+        if trainable:
+            freeze_below_top_blocks(model, t.train_top_blocks)  # CPU demo: the top blocks only
+            # LoRA: adapters before compile and sharding (no-op without model.lora)
             model = adapters.apply_adapters(model, cfg.model, precision.bf16)
         if t.compile:  # per block, before sharding
             compile_blocks(model)
@@ -170,6 +174,8 @@ def print_eval(title: str, before: dict[str, float] | None, after: dict[str, flo
     for k in keys:
         row = f"{k:<22}{before.get(k, math.nan):>12.4f}"
         lines.append(row + (f"{after.get(k, math.nan):>12.4f}" if after else ""))
+    if after:
+        lines.append(verdict(before, after))
     print("\n".join(lines), flush=True)
 
 

@@ -123,6 +123,8 @@ class TrainerConfig:
     collective_timeout_s: float = 600.0  # a rank that stops answering fails the job after this
     num_threads: int = 0  # torch CPU threads; 0 = torch's default
     progress: bool = True  # console progress bar
+    train_top_blocks: int = 0  # > 0: freeze all but the top N decoder blocks (CPU demo); 0 = all
+    dry_run: bool = False  # compose, load tokenizer and data, print the banner and exit
 
 
 @dataclass
@@ -136,6 +138,15 @@ class LoggerConfig:
 
 
 @dataclass
+class RecipeInfo:
+    """Set by conf/recipe/<model>.yaml: which recipe composed the run, and its learning rate
+    (``optimizer.lr`` interpolates it; the banner warns when an override is 10x off)."""
+
+    name: str = "none"
+    lr: float | None = None
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = MISSING
     dataset: DatasetConfig = MISSING
@@ -143,6 +154,7 @@ class TrainConfig:
     optimizer: OptimizerConfig = MISSING
     trainer: TrainerConfig = MISSING
     logger: LoggerConfig = MISSING
+    recipe: RecipeInfo = field(default_factory=RecipeInfo)
     exp_name: str = "default"
     seed: int = 0
     run_dir: str = MISSING  # set by conf/train.yaml from hydra's output dir

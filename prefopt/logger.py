@@ -69,10 +69,7 @@ class WandbLogger:
                  sweep: SweepInfo | None = None) -> None:  # fmt: skip
         import wandb
 
-        mode = cfg.mode
-        if mode == "auto":
-            has_key = os.environ.get("WANDB_API_KEY") or Path.home().joinpath(".netrc").is_file()
-            mode = os.environ.get("WANDB_MODE") or ("online" if has_key else "offline")
+        mode = wandb_mode(cfg.mode)
         self.run = wandb.init(
             project=cfg.project,
             entity=cfg.entity,
@@ -91,6 +88,14 @@ class WandbLogger:
 
     def close(self) -> None:
         self.run.finish()
+
+
+def wandb_mode(mode: str) -> str:
+    """``auto``: WANDB_MODE if set, else online with an API key (or ~/.netrc), else offline."""
+    if mode != "auto":
+        return mode
+    has_key = os.environ.get("WANDB_API_KEY") or Path.home().joinpath(".netrc").is_file()
+    return os.environ.get("WANDB_MODE") or ("online" if has_key else "offline")
 
 
 class MultiLogger:

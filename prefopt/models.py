@@ -28,7 +28,7 @@ from transformers import (
 
 from prefopt.adapters import quantization_kwargs
 from prefopt.atomic import publish_dir
-from prefopt.config import ModelConfig
+from prefopt.config import ModelConfig, TinyModelConfig
 from prefopt.parallel import is_main
 
 log = logging.getLogger(__name__)
@@ -106,15 +106,33 @@ def _cached_gguf_dir(cfg: ModelConfig, cache_dir: str) -> Path:
     return target
 
 
-def _local_or_hub(cfg: ModelConfig, cache_dir: str) -> str:
+def local_or_hub(cfg: ModelConfig, cache_dir: str) -> str:
+    """Where the model's files are: its Hub id or directory, or the GGUF file's converted copy."""
     return str(_cached_gguf_dir(cfg, cache_dir)) if cfg.source == "gguf" else cfg.name_or_path
+
+
+def tiny_llama_config(t: TinyModelConfig, tokenizer: PreTrainedTokenizerBase) -> LlamaConfig:
+    """The architecture of ``model.source=tiny`` (weights are drawn by ``load_model``)."""
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=t.hidden_size,
+        num_hidden_layers=t.num_layers,
+        num_attention_heads=t.num_heads,
+        num_key_value_heads=t.num_kv_heads,
+        intermediate_size=t.intermediate_size,
+        max_position_embeddings=t.max_position_embeddings,
+        tie_word_embeddings=t.tie_word_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
 
 
 def load_tokenizer(cfg: ModelConfig, cache_dir: str) -> PreTrainedTokenizerBase:
     if cfg.source == "tiny":
         return tiny_tokenizer()
     tok = AutoTokenizer.from_pretrained(
-        _local_or_hub(cfg, cache_dir),
+        local_or_hub(cfg, cache_dir),
         revision=cfg.revision,
         trust_remote_code=cfg.trust_remote_code,
     )
@@ -147,23 +165,10 @@ def model_config(
     ``layout`` (``trainer.layout``) lets ``attn_implementation=auto`` pick its fastest kernel."""
     attn = resolve_attn_implementation(cfg.attn_implementation, layout)
     if cfg.source == "tiny":
-        t = cfg.tiny
-        config = LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=t.hidden_size,
-            num_hidden_layers=t.num_layers,
-            num_attention_heads=t.num_heads,
-            num_key_value_heads=t.num_kv_heads,
-            intermediate_size=t.intermediate_size,
-            max_position_embeddings=t.max_position_embeddings,
-            tie_word_embeddings=t.tie_word_embeddings,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+        config = tiny_llama_config(cfg.tiny, tokenizer)
     elif cfg.source in ("hub", "gguf"):
         config = AutoConfig.from_pretrained(
-            _local_or_hub(cfg, cache_dir),
+            local_or_hub(cfg, cache_dir),
             revision=cfg.revision,
             trust_remote_code=cfg.trust_remote_code,
         )
@@ -199,7 +204,7 @@ def initial_weights(
         if not is_main():
             return {}
         return load_model(cfg, cache_dir, tokenizer, seed).state_dict()
-    path = _local_or_hub(cfg, cache_dir)
+    path = local_or_hub(cfg, cache_dir)
     if not os.path.isdir(path):
         from huggingface_hub import snapshot_download
 
@@ -227,7 +232,7 @@ def load_model(
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     elif cfg.source in ("hub", "gguf"):
         model = AutoModelForCausalLM.from_pretrained(
-            _local_or_hub(cfg, cache_dir),
+            local_or_hub(cfg, cache_dir),
             revision=cfg.revision,
             dtype=dtype,
             attn_implementation=resolve_attn_implementation(cfg.attn_implementation),

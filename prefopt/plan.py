@@ -67,6 +67,8 @@ class PlanInputs:
 class MemoryPlan:
     rows: dict[str, int]  # bytes per GPU by item
     host_bytes: int  # weight bytes each rank reads into host memory while loading (bf16 files)
+    params: int = 0  # all parameters
+    trainable: int = 0  # the ones the optimizer steps (LoRA: the adapters)
 
     @property
     def total(self) -> int:
@@ -102,11 +104,12 @@ def plan_memory(shape: Shape, p: PlanInputs) -> MemoryPlan:
         rows["activations"] = shape.layers * per_block
     rows["log-prob chunk (fp32 logits)"] = 3 * p.chunk_tokens * shape.vocab * 4
     # Loading: each rank reads only its slices of the (bf16) weight files.
-    return MemoryPlan(rows, shape.params * 2 // W)
+    return MemoryPlan(rows, shape.params * 2 // W, shape.params, trainable)
 
 
 def format_plan(plan: MemoryPlan, capacity: int | None = None) -> str:
-    lines = [f"  {name:<40}{n / GIB:8.2f} GiB" for name, n in plan.rows.items()]
+    lines = [f"  trained parameters: {plan.trainable:,} (model: {plan.params:,})"]
+    lines += [f"  {name:<40}{n / GIB:8.2f} GiB" for name, n in plan.rows.items()]
     lines.append(f"  {'total per GPU':<40}{plan.total / GIB:8.2f} GiB")
     if capacity:
         lines.append(f"  {'device memory':<40}{capacity / GIB:8.2f} GiB")

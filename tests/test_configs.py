@@ -79,6 +79,7 @@ def test_registry_error_lists_losses():
         get_spec("nope")
 
 
-def test_cpu_demo_experiment_sets_lr_and_can_be_dropped():
-    assert _compose().optimizer.lr == 1e-5
-    assert _compose("~experiment").optimizer.lr == 1e-6
+def test_the_default_model_brings_the_cpu_demo_and_explicit_values_win():
+    # the recipe of model=smollm2_135m (conf/recipe/); tests/test_recipes.py covers the others
+    assert _compose().optimizer.lr == 1e-4
+    assert _compose("optimizer.lr=1e-6").optimizer.lr == 1e-6

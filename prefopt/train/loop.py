@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 import prefopt.losses  # noqa: F401  (registers loss schemas before composition)
 from prefopt import parallel
+from prefopt.banner import announce, run_facts, show_first_batch
 from prefopt.build import (
     Preemption,
     best_of,
@@ -168,7 +169,7 @@ def count_skip(state: TrainState, consecutive: int) -> int:
     return consecutive + 1
 
 
-def run(
+def run(  # noqa: C901  (one function from build to summary, read top to bottom)
     cfg: DictConfig, overrides: list[str] | None = None, sweep: SweepInfo | None = None
 ) -> dict[str, float]:
     """Train as ``cfg`` says; return the final held-out metrics ({} when stopped early)."""
@@ -192,8 +193,14 @@ def run(
     G = t.global_batch_groups
     max_steps = t.max_steps or math.ceil(t.epochs * len(data.train_views) / G)
     memory = plan_for_run(cfg, world)  # before any weight is allocated; refuses what cannot fit
-    if parallel.is_main():
-        log.info("memory plan (per GPU, %d rank(s)):\n%s", world.world_size, format_plan(memory))
+    plan_text = f"memory plan per GPU ({world.world_size} rank(s)):\n{format_plan(memory)}"
+    # ---- banner (rank 0, summary.json); the dry run stops here, before any weight is read ----
+    facts = run_facts(cfg, tok, data, spec, world, max_steps, plan=plan_text)
+    announce(facts, run_dir, "dry_run" if t.dry_run else "running")
+    if t.dry_run:
+        first_views = views_at(len(data.train_views), cfg.seed, 0, G)
+        show_first_batch(step_micro_batches(t, data, first_views, world, tok.pad_token_id))
+        return {}
     policy, ref, data = build_models(cfg, spec, tok, data, world, precision, autocast)
     optimizer = build_optimizer(cfg.optimizer, [p for p in policy.parameters() if p.requires_grad])
     hparams = spec.hparams(cfg.loss)
@@ -294,6 +301,7 @@ def run(
             "train_wall_time_s": state.wall_time, "world_size": world.world_size,
             "commit": git_commit(), "data_counts": dict(data.counts), "eval_before": eval_before,
             "eval_final": eval_after, "eval_best": best_eval, "peak_memory_gib_per_rank": peaks,
+            "banner": facts.as_dict(),
         }  # fmt: skip
         Path(run_dir, "summary.json").write_text(json.dumps(summary, indent=2))
     logger.close()
