@@ -38,10 +38,17 @@ def main(argv: list[str] | None = None) -> None:
     summaries = {}
     for name, split, n in (("train", "train", args.n_train), ("eval", "heldout", args.n_eval)):
         work = args.work_dir / name
-        overrides = [f"model={args.model}", f"prompts.split={split}", f"prompts.n={n}",
-                     f"prompts.seed={args.seed}", f"prompts.name=constraints-{split}",
-                     f"seed={args.seed}", f"device={args.device}", f"out_dir={work}",
-                     f"out_file={work / 'dataset.jsonl'}"]  # fmt: skip
+        overrides = [
+            f"model={args.model}",
+            f"prompts.split={split}",
+            f"prompts.n={n}",
+            f"prompts.seed={args.seed}",
+            f"prompts.name=constraints-{split}",
+            f"seed={args.seed}",
+            f"device={args.device}",
+            f"out_dir={work}",
+            f"out_file={work / 'dataset.jsonl'}",
+        ]
         with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
             cfg = compose("datagen", overrides=overrides)
         summaries[name] = datagen.run(cfg)

@@ -26,8 +26,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 LOSSES = ["dpo", "simpo", "refa_dynamic", "swepo", "alpha_dpo", "lmpo", "spo"]
 # Enough steps to see each loss move a 135M model: ~2 epochs of the default train split.
-GPU_TRAIN_ARGS = ["trainer.max_steps=40", "trainer.global_batch_groups=16",
-                  "trainer.micro_batch_groups=16", "trainer.eval_batch_groups=32"]  # fmt: skip
+GPU_TRAIN_ARGS = [
+    "trainer.max_steps=40",
+    "trainer.global_batch_groups=16",
+    "trainer.micro_batch_groups=16",
+    "trainer.eval_batch_groups=32",
+]
 
 
 def sh(cmd: list[str], log: Path) -> float:
@@ -44,8 +48,15 @@ def sh(cmd: list[str], log: Path) -> float:
 def evaluate(name: str, model_args: list[str], work: Path, device: str) -> dict:
     out = work / name / "eval"
     if not (out / "evaluation.json").exists():
-        cmd = [sys.executable, "-m", "prefopt.evaluate", *model_args, f"device={device}",
-               f"trainer.device={device}", f"hydra.run.dir={out}"]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "prefopt.evaluate",
+            *model_args,
+            f"device={device}",
+            f"trainer.device={device}",
+            f"hydra.run.dir={out}",
+        ]
         out.mkdir(parents=True, exist_ok=True)
         sh(cmd, work / name / "eval.log")
     return json.loads((out / "evaluation.json").read_text())
@@ -56,8 +67,15 @@ def train(loss: str, args: list[str], work: Path, device: str) -> tuple[Path, di
     run = work / loss / "train"
     timing = run / "wall_time.json"
     if not timing.exists():
-        cmd = [sys.executable, "-m", "prefopt.train", f"loss={loss}", f"trainer.device={device}",
-               *args, f"hydra.run.dir={run}"]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "prefopt.train",
+            f"loss={loss}",
+            f"trainer.device={device}",
+            *args,
+            f"hydra.run.dir={run}",
+        ]
         (work / loss).mkdir(parents=True, exist_ok=True)
         wall = sh(cmd, work / loss / "train.log")
         loop = json.loads((run / "summary.json").read_text()).get("train_wall_time_s")
@@ -67,24 +85,35 @@ def train(loss: str, args: list[str], work: Path, device: str) -> tuple[Path, di
 
 def row(name: str, ev: dict, timing: dict | None) -> dict:
     c, p = ev["constraints"], ev["preference"]
-    return {"model": name, "satisfaction": c["satisfaction"], "verifier_score": c["score"],
-            "reward_accuracy": p["rewards/accuracy"], "reward_margin": p["rewards/margin"],
-            "mean_tokens": c["lengths"]["tokens/mean"], "ended_with_eos": c.get("ended_with_eos"),
-            "train_loop_s": timing and timing["loop_s"],
-            "train_wall_s": timing and timing["wall_s"]}  # fmt: skip
+    return {
+        "model": name,
+        "satisfaction": c["satisfaction"],
+        "verifier_score": c["score"],
+        "reward_accuracy": p["rewards/accuracy"],
+        "reward_margin": p["rewards/margin"],
+        "mean_tokens": c["lengths"]["tokens/mean"],
+        "ended_with_eos": c.get("ended_with_eos"),
+        "train_loop_s": timing and timing["loop_s"],
+        "train_wall_s": timing and timing["wall_s"],
+    }
 
 
 def markdown(rows: list[dict], header: str) -> str:
-    lines = [header, "",
-             "| model | held-out satisfaction | verifier score (0-10) | reward accuracy | "
-             "reward margin | mean response tokens | ended with EOS | train loop / command (s) |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        header,
+        "",
+        "| model | held-out satisfaction | verifier score (0-10) | reward accuracy | "
+        "reward margin | mean response tokens | ended with EOS | train loop / command (s) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         t = "" if r["train_wall_s"] is None else f"{r['train_loop_s']:.0f} / "
         t += "" if r["train_wall_s"] is None else f"{r['train_wall_s']:.0f}"
-        lines.append(f"| {r['model']} | {r['satisfaction']:.3f} | {r['verifier_score']:.2f} | "
-                     f"{r['reward_accuracy']:.3f} | {r['reward_margin']:+.3f} | "
-                     f"{r['mean_tokens']:.1f} | {r['ended_with_eos']:.2f} | {t} |")  # fmt: skip
+        lines.append(
+            f"| {r['model']} | {r['satisfaction']:.3f} | {r['verifier_score']:.2f} | "
+            f"{r['reward_accuracy']:.3f} | {r['reward_margin']:+.3f} | "
+            f"{r['mean_tokens']:.1f} | {r['ended_with_eos']:.2f} | {t} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -104,24 +133,38 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = ap.parse_args(argv)
     train_args = GPU_TRAIN_ARGS if args.train_args is None else args.train_args
     train_args = [f"model={args.model}", *train_args]
-    rows = [row(f"{args.model} (start)", evaluate("start", [f"model={args.model}"], args.work_dir,
-                                                     args.device), None)]  # fmt: skip
+    rows = [
+        row(
+            f"{args.model} (start)",
+            evaluate("start", [f"model={args.model}"], args.work_dir, args.device),
+            None,
+        )
+    ]
     for loss in args.losses:
         run, timing = train(loss, train_args, args.work_dir, args.device)
-        ev = evaluate(loss, ["model=checkpoint", f"model.name_or_path={run / 'final'}"],
-                      args.work_dir, args.device)  # fmt: skip
+        ev = evaluate(
+            loss,
+            ["model=checkpoint", f"model.name_or_path={run / 'final'}"],
+            args.work_dir,
+            args.device,
+        )
         rows.append(row(loss, ev, timing))
         print(rows[-1], flush=True)
     command = " ".join(["python experiments/results_table.py", *(argv or sys.argv[1:])])
-    header = (f"Offline results table (`{command}`; train args: `{' '.join(train_args)}`). "
-              "Held-out: 64 constraint tasks answered greedily (max 64 new tokens) and the default "
-              "dataset's held-out groups; reward accuracy = SimPO's length-normalised log-prob "
-              "reward, best vs worst response.")  # fmt: skip
+    header = (
+        f"Offline results table (`{command}`; train args: `{' '.join(train_args)}`). "
+        "Held-out: 64 constraint tasks answered greedily (max 64 new tokens) and the default "
+        "dataset's held-out groups; reward accuracy = SimPO's length-normalised log-prob "
+        "reward, best vs worst response."
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".md").write_text(markdown(rows, header))
-    args.out.with_suffix(".json").write_text(json.dumps(
-        {"command": command, "device": args.device, "train_args": train_args, "rows": rows},
-        indent=2))  # fmt: skip
+    args.out.with_suffix(".json").write_text(
+        json.dumps(
+            {"command": command, "device": args.device, "train_args": train_args, "rows": rows},
+            indent=2,
+        )
+    )
     print(markdown(rows, header))
     return rows
 

@@ -100,9 +100,14 @@ def build_models(
         log.info("%s", adapters.summary(policy).line())
     if spec.needs_reference and not ref_model:
         cache = cfg.cache_dir if cfg.dataset.cache else None
-        kw = dict(batch_groups=t.eval_batch_groups, pad_id=tok.pad_token_id,
-                  chunk_size=t.logps_chunk_size, autocast=autocast, rank=world.rank,
-                  world_size=world.world_size)  # fmt: skip
+        kw = dict(
+            batch_groups=t.eval_batch_groups,
+            pad_id=tok.pad_token_id,
+            chunk_size=t.logps_chunk_size,
+            autocast=autocast,
+            rank=world.rank,
+            world_size=world.world_size,
+        )
 
         def one(split: datasets.Dataset) -> datasets.Dataset:
             key = reference_key(cfg.model, cfg.seed, t.precision, split)
@@ -192,13 +197,19 @@ def peak_memory_gib(device: torch.device) -> dict[str, float]:
 def prepare_data(cfg: DictConfig, tok: PreTrainedTokenizerBase, spec: LossSpec) -> DataSplits:
     """Tokenized train/eval groups and their views (score-ordered pairs for pairwise losses)."""
     d = cfg.dataset
-    opts = TokenizeOptions(d.max_length, d.max_prompt_length, d.prompt_truncation,
-                           d.response_truncation, d.system_prompt)  # fmt: skip
+    opts = TokenizeOptions(
+        d.max_length,
+        d.max_prompt_length,
+        d.prompt_truncation,
+        d.response_truncation,
+        d.system_prompt,
+    )
     cache = str(Path(cfg.cache_dir)) if d.cache else None
     train, eval_data, counts = build_splits(d, Tokenizer(tok, opts), cache, cfg.seed)
     log.info("data: %d train / %d eval groups; %s", len(train), len(eval_data), dict(counts))
     if spec.k not in (None, 2):
         raise ValueError(f"loss {spec.name!r} wants K={spec.k}; only K=2 or any K is supported")
     pairs = d.pairs if spec.k == 2 else None
-    return DataSplits(train, make_views(train, pairs), eval_data, make_views(eval_data, pairs),
-                      counts)  # fmt: skip
+    return DataSplits(
+        train, make_views(train, pairs), eval_data, make_views(eval_data, pairs), counts
+    )

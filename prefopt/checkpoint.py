@@ -149,9 +149,12 @@ def _all_ok(error: CheckpointError | None) -> None:
 
 
 def save_checkpoint(
-    run_dir: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: TrainState,
+    run_dir: str,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: TrainState,
     keep_last: int,
-) -> Path:  # fmt: skip
+) -> Path:
     root = Path(run_dir, "checkpoints")
     final = root / f"step_{state.step:06d}"
     tmp = root / f".tmp-step_{state.step:06d}"
@@ -312,8 +315,13 @@ def load_checkpoint(
         what = f"{path}: the model and optimizer state do not load: {type(e).__name__}: {e}"
         fix = "resume with the config the run was started with (.hydra/config.yaml)"
         raise CheckpointError(what, fix=fix) from e
-    set_state_dict(model, optimizer, model_state_dict=loaded["model"],
-                   optim_state_dict=loaded["optim"], options=opts)  # fmt: skip
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=loaded["model"],
+        optim_state_dict=loaded["optim"],
+        options=opts,
+    )
     rank = _rank()
     if rank > 0:  # every rank draws its own on-policy samples from its own prompts
         own = torch.load(path / f"rng_rank{rank}.pt", weights_only=False)

@@ -48,8 +48,10 @@ from prefopt.generate import (
 def verifier_scorer(prompts: list[Prompt], records: list[Record]) -> None:
     for p, rec in zip(prompts, records, strict=True):
         if "family" not in p.meta:
-            raise ValueError(f"prompt {p.id!r} is not a constraint task; scorer.kind=verifier "
-                             "needs prompts=constraints (or scorer.kind=reward_model)")  # fmt: skip
+            raise ValueError(
+                f"prompt {p.id!r} is not a constraint task; scorer.kind=verifier "
+                "needs prompts=constraints (or scorer.kind=reward_model)"
+            )
         verdicts = [constraints.verify(p.meta, text) for text in rec["outputs"]]
         rec["scores"] = [v.score for v in verdicts]
         rec["passed"] = [v.passed for v in verdicts]
@@ -64,8 +66,14 @@ def reward_model_scorer(cfg: DictConfig, device: str):
 
     def scorer(prompts: list[Prompt], records: list[Record]) -> None:
         flat = [(rec["prompt"], text) for rec in records for text in rec["outputs"]]
-        scores = score(rm, rm_tok, [p for p, _ in flat], [t for _, t in flat],
-                       batch_size=cfg.batch_size, max_length=cfg.max_length)  # fmt: skip
+        scores = score(
+            rm,
+            rm_tok,
+            [p for p, _ in flat],
+            [t for _, t in flat],
+            batch_size=cfg.batch_size,
+            max_length=cfg.max_length,
+        )
         k = len(records[0]["outputs"])
         for i, rec in enumerate(records):
             rec["scores"] = scores[i * k : (i + 1) * k]
@@ -85,8 +93,12 @@ def dataset_rows(records: list[Record], drop_ties: bool) -> tuple[list[dict[str,
         if drop_ties and len({s for _, s in pairs}) == 1:
             counts["dropped_all_equal"] += 1
             continue
-        row = {"id": rec["id"], "prompt": rec["prompt"], "responses": [t for t, _ in pairs],
-               "scores": [float(s) for _, s in pairs]}  # fmt: skip
+        row = {
+            "id": rec["id"],
+            "prompt": rec["prompt"],
+            "responses": [t for t, _ in pairs],
+            "scores": [float(s) for _, s in pairs],
+        }
         rows.append(row | {k: rec["meta"][k] for k in ("family", "params") if k in rec["meta"]})
         counts["kept"] += 1
     return rows, counts
@@ -95,8 +107,9 @@ def dataset_rows(records: list[Record], drop_ties: bool) -> tuple[list[dict[str,
 def write_jsonl_atomic(rows: list[dict[str, Any]], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
-                   encoding="utf-8")  # fmt: skip
+    tmp.write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"
+    )
     os.replace(tmp, path)
 
 
@@ -121,15 +134,22 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     rows, counts = dataset_rows(records, cfg.drop_ties)
     write_jsonl_atomic(rows, Path(cfg.out_file))
     scores = torch.tensor([s for r in records for s in r["scores"]], dtype=torch.float64)
-    summary = {"out_file": str(cfg.out_file), **counts, "generation": stats,
-               "mean_score": round(float(scores.mean()), 4)}  # fmt: skip
+    summary = {
+        "out_file": str(cfg.out_file),
+        **counts,
+        "generation": stats,
+        "mean_score": round(float(scores.mean()), 4),
+    }
     if records and "passed" in records[0]:
         summary["sample_pass_rate"] = round(
             sum(sum(r["passed"]) for r in records) / sum(len(r["passed"]) for r in records), 4
         )
     (out / "datagen_summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"{counts['kept']} groups -> {cfg.out_file}; dropped: "
-          f"{ {k: v for k, v in counts.items() if k != 'kept'} }", flush=True)  # fmt: skip
+    print(
+        f"{counts['kept']} groups -> {cfg.out_file}; dropped: "
+        f"{ {k: v for k, v in counts.items() if k != 'kept'} }",
+        flush=True,
+    )
     return summary
 
 

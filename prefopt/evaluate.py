@@ -81,23 +81,40 @@ def read_outputs(path: str) -> list[dict[str, Any]]:
     rows = []
     for where, row in read_records(path):
         if "outputs" in row:  # prefopt's generations.jsonl
-            rows.append({"id": row["id"], "instruction": last_user(row),
-                         "output": row["outputs"][0], "tokens": row["output_tokens"][0],
-                         "ended": row["ended"][0], "meta": row.get("meta", {})})  # fmt: skip
+            rows.append(
+                {
+                    "id": row["id"],
+                    "instruction": last_user(row),
+                    "output": row["outputs"][0],
+                    "tokens": row["output_tokens"][0],
+                    "ended": row["ended"][0],
+                    "meta": row.get("meta", {}),
+                }
+            )
         elif {"instruction", "output"} <= set(row):
-            rows.append({"id": where, "instruction": row["instruction"], "output": row["output"],
-                         "meta": {}})  # fmt: skip
+            rows.append(
+                {
+                    "id": where,
+                    "instruction": row["instruction"],
+                    "output": row["output"],
+                    "meta": {},
+                }
+            )
         else:
-            raise ValueError(f"{where}: expected a generations.jsonl record or an AlpacaEval "
-                             "row with 'instruction' and 'output'")  # fmt: skip
+            raise ValueError(
+                f"{where}: expected a generations.jsonl record or an AlpacaEval "
+                "row with 'instruction' and 'output'"
+            )
     return rows
 
 
 def constraint_report(rows: list[dict[str, Any]]) -> dict[str, Any]:
     tasks = [r["meta"] for r in rows]
     if not all("family" in t for t in tasks):
-        raise ValueError("constraints: these outputs are not answers to constraint tasks "
-                         "(their records carry no 'family'); use prompts=constraints")  # fmt: skip
+        raise ValueError(
+            "constraints: these outputs are not answers to constraint tasks "
+            "(their records carry no 'family'); use prompts=constraints"
+        )
     report = constraints.satisfaction(tasks, [r["output"] for r in rows])
     tokens = [r["tokens"] for r in rows] if all("tokens" in r for r in rows) else None
     report["lengths"] = length_stats([r["output"] for r in rows], tokens)
@@ -130,19 +147,32 @@ def preference(cfg: DictConfig, hf_model, tok) -> dict[str, float]:
     ref = None
     if spec.needs_reference or spec.needs_mismatched:
         if not cfg.ref_model:
-            raise ValueError(f"loss {spec.name!r} needs a reference model: set ref_model=<the "
-                             "starting model's directory or Hub id>, or use a reference-free "
-                             "loss (loss=simpo)")  # fmt: skip
+            raise ValueError(
+                f"loss {spec.name!r} needs a reference model: set ref_model=<the "
+                "starting model's directory or Hub id>, or use a reference-free "
+                "loss (loss=simpo)"
+            )
         ref_cfg = OmegaConf.merge(cfg.model, {"name_or_path": cfg.ref_model, "source": "hub"})
         ref_hf = load_model(ref_cfg, cfg.cache_dir, tok, cfg.seed)
         ref = parallel.shard(ref_hf, world, precision, trainable=False)
     state = spec.state.init(**spec.hparams(cfg.loss)) if spec.state else None
     t = cfg.trainer
-    metrics = evaluate(policy, ref, data.eval, data.eval_views, spec, loss_fn,
-                       batch_groups=t.eval_batch_groups, pad_id=tok.pad_token_id,
-                       chunk_size=t.logps_chunk_size, autocast=autocast, loss_state=state,
-                       rank=world.rank, world_size=world.world_size,
-                       layout=t.layout)  # fmt: skip
+    metrics = evaluate(
+        policy,
+        ref,
+        data.eval,
+        data.eval_views,
+        spec,
+        loss_fn,
+        batch_groups=t.eval_batch_groups,
+        pad_id=tok.pad_token_id,
+        chunk_size=t.logps_chunk_size,
+        autocast=autocast,
+        loss_state=state,
+        rank=world.rank,
+        world_size=world.world_size,
+        layout=t.layout,
+    )
     return {"loss_name": spec.name, **metrics}
 
 
@@ -151,14 +181,18 @@ def judge(cfg: DictConfig) -> dict[str, Any]:
 
     j = cfg.judge
     if not (j.outputs and j.baseline):
-        raise ValueError("tasks=[judge] needs judge.outputs and judge.baseline "
-                         "(AlpacaEval-format model_outputs.json files)")  # fmt: skip
+        raise ValueError(
+            "tasks=[judge] needs judge.outputs and judge.baseline "
+            "(AlpacaEval-format model_outputs.json files)"
+        )
     ours, base = read_outputs(j.outputs), read_outputs(j.baseline)
     by_instruction = {r["instruction"]: r for r in base}
     missing = [r["instruction"] for r in ours if r["instruction"] not in by_instruction]
     if missing:
-        raise ValueError(f"judge.baseline has no answer for {len(missing)} of judge.outputs' "
-                         f"instructions, e.g. {missing[0][:80]!r}")  # fmt: skip
+        raise ValueError(
+            f"judge.baseline has no answer for {len(missing)} of judge.outputs' "
+            f"instructions, e.g. {missing[0][:80]!r}"
+        )
     base = [by_instruction[r["instruction"]] for r in ours]
     rm, rm_tok = load_reward_model(
         j.reward_model, device=inference_device(cfg.device), dtype=j.dtype
@@ -168,11 +202,17 @@ def judge(cfg: DictConfig) -> dict[str, Any]:
     s_ours = score(rm, rm_tok, prompts, [r["output"] for r in ours], **kw)
     s_base = score(rm, rm_tok, prompts, [r["output"] for r in base], **kw)
     # Characters, as AlpacaEval's length control uses: independent of any tokenizer.
-    result = win_rates(s_ours, s_base, [len(r["output"]) for r in ours],
-                       [len(r["output"]) for r in base])  # fmt: skip
-    return {"reward_model": j.reward_model, "outputs": j.outputs, "baseline": j.baseline,
-            **result, "mean_reward": statistics.fmean(s_ours),
-            "baseline_mean_reward": statistics.fmean(s_base)}  # fmt: skip
+    result = win_rates(
+        s_ours, s_base, [len(r["output"]) for r in ours], [len(r["output"]) for r in base]
+    )
+    return {
+        "reward_model": j.reward_model,
+        "outputs": j.outputs,
+        "baseline": j.baseline,
+        **result,
+        "mean_reward": statistics.fmean(s_ours),
+        "baseline_mean_reward": statistics.fmean(s_base),
+    }
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -187,8 +227,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         results["constraints"] = constraint_report(read_outputs(path))
     if "lengths" in cfg.tasks:
         if not cfg.outputs:
-            raise ValueError("tasks=[lengths] needs outputs=<generations.jsonl or "
-                             "model_outputs.json>")  # fmt: skip
+            raise ValueError(
+                "tasks=[lengths] needs outputs=<generations.jsonl or model_outputs.json>"
+            )
         rows = read_outputs(cfg.outputs)
         tokens = [r["tokens"] for r in rows] if all("tokens" in r for r in rows) else None
         results["lengths"] = length_stats([r["output"] for r in rows], tokens)

@@ -69,9 +69,17 @@ def step_inputs(
     KTO's ``kl_estimate`` over the mismatched pairs of ``order`` (all ranks together)."""
     if not spec.needs_mismatched:
         return {}
-    est = kl_estimate(policy, ref, data, views, order, batch_groups=opts.batch_groups,
-                      pad_id=opts.pad_id, chunk_size=opts.chunk_size,
-                      autocast=opts.autocast)  # fmt: skip
+    est = kl_estimate(
+        policy,
+        ref,
+        data,
+        views,
+        order,
+        batch_groups=opts.batch_groups,
+        pad_id=opts.pad_id,
+        chunk_size=opts.chunk_size,
+        autocast=opts.autocast,
+    )
     return {"kl_estimate": est}
 
 
@@ -115,12 +123,21 @@ def evaluate(
     policy.eval()
     sums = MetricSums()
     device = next(policy.parameters()).device
-    extra = step_inputs(policy, ref, data, views, list(range(len(views))), spec,
-                        StepInputOptions(batch_groups, pad_id, chunk_size, autocast))  # fmt: skip
+    extra = step_inputs(
+        policy,
+        ref,
+        data,
+        views,
+        list(range(len(views))),
+        spec,
+        StepInputOptions(batch_groups, pad_id, chunk_size, autocast),
+    )
     order, own = rank_slice(len(views), rank, world_size)
-    for start, batch in zip(range(0, len(order), batch_groups),
-                            batches(data, views, order, batch_groups, pad_id, device,
-                                    layout), strict=True):  # fmt: skip
+    for start, batch in zip(
+        range(0, len(order), batch_groups),
+        batches(data, views, order, batch_groups, pad_id, device, layout),
+        strict=True,
+    ):
         with autocast:
             out = forward_loss(policy, ref, batch, spec, loss_fn, chunk_size, loss_state, extra)
         keep = torch.arange(start, start + batch.num_groups, device=out.valid.device) < own

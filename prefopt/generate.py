@@ -90,14 +90,20 @@ def prompt_from_row(row: Any, index: int, where: str) -> Prompt:
     elif "turns" in row:
         turns = row["turns"]
         if not isinstance(turns, list) or len(turns) != 1 or not isinstance(turns[0], dict):
-            raise DataError(f"{where}: key 'turns': expected one turn ({{'content': ...}}); "
-                            "multi-turn prompt sets are not supported")  # fmt: skip
+            raise DataError(
+                f"{where}: key 'turns': expected one turn ({{'content': ...}}); "
+                "multi-turn prompt sets are not supported"
+            )
         content, key = turns[0].get("content"), "turns[0].content"
     elif "prompt" in row:
         content, key = row["prompt"], "prompt"
         if isinstance(content, list):
-            ok = all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                     and isinstance(m.get("content"), str) for m in content)  # fmt: skip
+            ok = all(
+                isinstance(m, dict)
+                and isinstance(m.get("role"), str)
+                and isinstance(m.get("content"), str)
+                for m in content
+            )
             if not (content and ok and content[-1]["role"] == "user"):
                 raise DataError(f"{where}: key 'prompt': chat messages must end with a user turn")
             if not content[-1]["content"].strip():
@@ -114,13 +120,20 @@ def load_prompts(cfg: DictConfig) -> list[Prompt]:
     """The prompt set ``prompts`` names (``limit`` keeps the first N); ids must be unique."""
     if cfg.source == "constraints":
         tasks = constraints.make_tasks(cfg.split, cfg.n, cfg.seed)
-        prompts = [Prompt(t.id, [{"role": "user", "content": t.prompt}],
-                          {"family": t.family, "params": t.params}) for t in tasks]  # fmt: skip
+        prompts = [
+            Prompt(
+                t.id,
+                [{"role": "user", "content": t.prompt}],
+                {"family": t.family, "params": t.params},
+            )
+            for t in tasks
+        ]
     elif cfg.source == "file":
         if not cfg.path:
             raise ValueError("prompts.path is required when prompts.source=file")
-        prompts = [prompt_from_row(row, i, where)
-                   for i, (where, row) in enumerate(read_records(cfg.path))]  # fmt: skip
+        prompts = [
+            prompt_from_row(row, i, where) for i, (where, row) in enumerate(read_records(cfg.path))
+        ]
     else:
         raise ValueError(f"prompts.source must be 'file' or 'constraints', got {cfg.source!r}")
     prompts = prompts[: cfg.limit] if cfg.limit else prompts
@@ -172,9 +185,11 @@ def check_settings(path: Path, settings: dict[str, Any]) -> None:
     if path.exists():
         old = json.loads(path.read_text())
         if old.get("key") != settings["key"]:
-            raise ValueError(f"{path.parent} holds outputs made with other settings "
-                             f"({old.get('key')} vs {settings['key']}); use a new output "
-                             "directory")  # fmt: skip
+            raise ValueError(
+                f"{path.parent} holds outputs made with other settings "
+                f"({old.get('key')} vs {settings['key']}); use a new output "
+                "directory"
+            )
     else:
         path.write_text(json.dumps(settings, indent=2))
 
@@ -184,9 +199,11 @@ def encode_prompts(
     tok: PreTrainedTokenizerBase, prompts: list[Prompt], gen: DictConfig
 ) -> tuple[list[list[int]], int]:
     """Chat-templated prompt ids (one BOS, as in training); over-long prompts keep their end."""
-    opts = TokenizeOptions(max_length=gen.max_prompt_length + 1,
-                           max_prompt_length=gen.max_prompt_length,
-                           system_prompt=gen.system_prompt)  # fmt: skip
+    opts = TokenizeOptions(
+        max_length=gen.max_prompt_length + 1,
+        max_prompt_length=gen.max_prompt_length,
+        system_prompt=gen.system_prompt,
+    )
     tokenizer = Tokenizer(tok, opts)
     ids, cut = [], 0
     for p in prompts:
@@ -214,15 +231,26 @@ def generate_all(
     resumed run draws the same samples for the batches it still has to do. ``score`` may add
     fields (scores) to a batch's records before they are written."""
     ids, truncated = encode_prompts(tok, prompts, gen)
-    config = decoding_config(max_new_tokens=gen.max_new_tokens, do_sample=gen.do_sample,
-                             temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k,
-                             num_samples=gen.num_samples, eos_ids=eos_ids(tok, model),
-                             pad_id=tok.pad_token_id)  # fmt: skip
+    config = decoding_config(
+        max_new_tokens=gen.max_new_tokens,
+        do_sample=gen.do_sample,
+        temperature=gen.temperature,
+        top_p=gen.top_p,
+        top_k=gen.top_k,
+        num_samples=gen.num_samples,
+        eos_ids=eos_ids(tok, model),
+        pad_id=tok.pad_token_id,
+    )
     eos = set(config.eos_token_id)
     order = sorted(range(len(prompts)), key=lambda i: len(ids[i]))
     todo = [i for i in order if prompts[i].id not in results.records]
-    bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc="generate",
-               dynamic_ncols=True, disable=not progress)  # fmt: skip
+    bar = tqdm(
+        total=len(prompts),
+        initial=len(prompts) - len(todo),
+        desc="generate",
+        dynamic_ncols=True,
+        disable=not progress,
+    )
     new_tokens, t0 = 0, time.perf_counter()
     for b in range(0, len(order), gen.batch_size):
         chunk = order[b : b + gen.batch_size]
@@ -236,12 +264,17 @@ def generate_all(
         records = []
         for i in batch:
             p, rows = prompts[i], outs[i]
-            records.append({
-                "id": p.id, "prompt": p.messages, "meta": p.meta, "prompt_tokens": len(ids[i]),
-                "outputs": [tok.decode(r, skip_special_tokens=True).strip() for r in rows],
-                "output_tokens": [len(r) for r in rows],
-                "ended": [bool(r) and r[-1] in eos for r in rows],
-            })  # fmt: skip
+            records.append(
+                {
+                    "id": p.id,
+                    "prompt": p.messages,
+                    "meta": p.meta,
+                    "prompt_tokens": len(ids[i]),
+                    "outputs": [tok.decode(r, skip_special_tokens=True).strip() for r in rows],
+                    "output_tokens": [len(r) for r in rows],
+                    "ended": [bool(r) and r[-1] in eos for r in rows],
+                }
+            )
             new_tokens += sum(len(r) for r in rows)
         if score is not None:
             score([prompts[i] for i in batch], records)
@@ -249,9 +282,14 @@ def generate_all(
         bar.update(len(batch))
     bar.close()
     dt = time.perf_counter() - t0
-    return {"prompts": len(prompts), "generated_now": len(todo), "truncated_prompts": truncated,
-            "new_tokens": new_tokens, "seconds": round(dt, 2),
-            "tokens_per_s": round(new_tokens / dt, 1) if dt > 0 else None}  # fmt: skip
+    return {
+        "prompts": len(prompts),
+        "generated_now": len(todo),
+        "truncated_prompts": truncated,
+        "new_tokens": new_tokens,
+        "seconds": round(dt, 2),
+        "tokens_per_s": round(new_tokens / dt, 1) if dt > 0 else None,
+    }
 
 
 # ------------------------------------------------------------------ output formats
@@ -265,21 +303,35 @@ def last_user(record: Record) -> str:
 
 def alpaca_eval_outputs(records: list[Record], model_id: str, dataset: str) -> list[Record]:
     """AlpacaEval's model_outputs.json: one object per instruction, in the prompt set's order."""
-    return [{"instruction": last_user(r), "output": r["outputs"][0], "generator": model_id,
-             "dataset": r["meta"].get("dataset", dataset)} for r in records]  # fmt: skip
+    return [
+        {
+            "instruction": last_user(r),
+            "output": r["outputs"][0],
+            "generator": model_id,
+            "dataset": r["meta"].get("dataset", dataset),
+        }
+        for r in records
+    ]
 
 
 def arena_hard_answers(records: list[Record], model_id: str) -> list[Record]:
     """Arena-Hard-Auto v0.1 model_answer rows (answer ids are stable across reruns)."""
     now = time.time()
-    return [{
-        "question_id": r["id"],
-        "answer_id": uuid.uuid5(uuid.NAMESPACE_URL, f"{model_id}/{r['id']}").hex,
-        "model_id": model_id,
-        "choices": [{"index": 0, "turns": [{"content": r["outputs"][0],
-                                            "token_len": r["output_tokens"][0]}]}],
-        "tstamp": now,
-    } for r in records]  # fmt: skip
+    return [
+        {
+            "question_id": r["id"],
+            "answer_id": uuid.uuid5(uuid.NAMESPACE_URL, f"{model_id}/{r['id']}").hex,
+            "model_id": model_id,
+            "choices": [
+                {
+                    "index": 0,
+                    "turns": [{"content": r["outputs"][0], "token_len": r["output_tokens"][0]}],
+                }
+            ],
+            "tstamp": now,
+        }
+        for r in records
+    ]
 
 
 def model_id_of(cfg: DictConfig) -> str:
@@ -310,9 +362,16 @@ def settings_of(cfg: DictConfig, model_id: str) -> dict[str, Any]:
     model = OmegaConf.to_container(cfg.model)
     model.pop("gradient_checkpointing", None)
     key = json.dumps([model, cfg.dtype, gen, prompts, cfg.seed], sort_keys=True)
-    return {"model_id": model_id, "model": OmegaConf.to_container(cfg.model), "dtype": cfg.dtype,
-            "generation": gen, "prompts": prompts, "seed": cfg.seed, "commit": git_commit(),
-            "key": key}  # fmt: skip
+    return {
+        "model_id": model_id,
+        "model": OmegaConf.to_container(cfg.model),
+        "dtype": cfg.dtype,
+        "generation": gen,
+        "prompts": prompts,
+        "seed": cfg.seed,
+        "commit": git_commit(),
+        "key": key,
+    }
 
 
 def run(cfg: DictConfig) -> Path:
@@ -334,8 +393,11 @@ def run(cfg: DictConfig) -> Path:
     )
     arena = out / "arena_hard" / f"{model_id}.jsonl"
     arena.parent.mkdir(exist_ok=True)
-    arena.write_text("".join(json.dumps(a, ensure_ascii=False) + "\n"
-                             for a in arena_hard_answers(records, model_id)))  # fmt: skip
+    arena.write_text(
+        "".join(
+            json.dumps(a, ensure_ascii=False) + "\n" for a in arena_hard_answers(records, model_id)
+        )
+    )
     settings["run"] = stats
     (out / "generation_settings.json").write_text(json.dumps(settings, indent=2))
     log.info("%d prompts -> %s (%s)", len(prompts), out, stats)

@@ -65,8 +65,9 @@ class JsonlLogger:
 class WandbLogger:
     """W&B run in the run dir; offline mode when no API key is configured (sync later)."""
 
-    def __init__(self, cfg: DictConfig, run_dir: str, config: dict[str, Any],
-                 sweep: SweepInfo | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, cfg: DictConfig, run_dir: str, config: dict[str, Any], sweep: SweepInfo | None = None
+    ) -> None:
         import wandb
 
         mode = wandb_mode(cfg.mode)

@@ -27,8 +27,15 @@ def sample_responses(
     pad_id: int,
 ) -> list[Sample]:
     """One sample per prompt; a response ends at its first EOS (kept) or at max_new_tokens."""
-    config = decoding_config(max_new_tokens=max_new_tokens, do_sample=True, temperature=1.0,
-                             top_p=1.0, top_k=0, eos_ids=[eos_id], pad_id=pad_id)  # fmt: skip
+    config = decoding_config(
+        max_new_tokens=max_new_tokens,
+        do_sample=True,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        eos_ids=[eos_id],
+        pad_id=pad_id,
+    )
     out = generate_ids(policy, prompts, config)
     return [(p, rows[0] or [eos_id]) for p, rows in zip(prompts, out, strict=True)]
 
@@ -53,8 +60,9 @@ class OnPolicyKL:
     ``kl_every`` steps from prompts of the current step (Algorithm 1). The samples live in the
     TrainState, so they are checkpointed and a resumed run uses the same ones."""
 
-    def __init__(self, loss_cfg, ref: StatsModel, *, pad_id: int, eos_id: int,
-                 chunk_size: int) -> None:  # fmt: skip
+    def __init__(
+        self, loss_cfg, ref: StatsModel, *, pad_id: int, eos_id: int, chunk_size: int
+    ) -> None:
         self.weight, self.every = loss_cfg.kl_weight, loss_cfg.kl_every
         self.num_samples, self.max_new_tokens = loss_cfg.kl_num_samples, loss_cfg.kl_max_new_tokens
         self.ref, self.pad_id, self.eos_id, self.chunk_size = ref, pad_id, eos_id, chunk_size
@@ -64,8 +72,9 @@ class OnPolicyKL:
         """The regularizer when the loss asks for one (``on_policy_kl`` and kl_weight > 0)."""
         if not (spec.on_policy_kl and loss_cfg.kl_weight > 0):
             return None
-        return cls(loss_cfg, ref, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id,
-                   chunk_size=chunk_size)  # fmt: skip
+        return cls(
+            loss_cfg, ref, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, chunk_size=chunk_size
+        )
 
     def prepare(self, policy: StatsModel, state, prompts: list[list[int]]):
         """Refresh ``state.kl_samples`` if due; return the step's regularizer (a closure)."""

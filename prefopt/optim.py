@@ -44,8 +44,14 @@ def adamw_bf16_sr(
     weights, ``trainer.master_dtype=bfloat16``); its moments are kept in the weights' dtype."""
     from torchao.optim import _AdamW
 
-    return _AdamW(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                  bf16_stochastic_round=True)  # fmt: skip
+    return _AdamW(
+        params,
+        lr=lr,
+        betas=tuple(betas),
+        eps=eps,
+        weight_decay=weight_decay,
+        bf16_stochastic_round=True,
+    )
 
 
 def lr_at(step: int, base_lr: float, t: TrainerConfig, max_steps: int) -> float:

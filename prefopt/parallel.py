@@ -66,8 +66,13 @@ def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> World:
         if "RANK" in os.environ:
             dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
         else:
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
-                                    timeout=timedelta(seconds=timeout_s))  # fmt: skip
+            dist.init_process_group(
+                backend,
+                store=dist.HashStore(),
+                rank=0,
+                world_size=1,
+                timeout=timedelta(seconds=timeout_s),
+            )
     mesh = init_device_mesh(dev.type, (dist.get_world_size(),))
     return World(dist.get_rank(), dist.get_world_size(), local_rank, dev, mesh)
 
@@ -302,8 +307,11 @@ def is_main() -> bool:
 def all_reduce_sum(t: Tensor) -> Tensor:
     """In-place sum over ranks (on the collective's device for NCCL, then back)."""
     if dist.is_initialized() and dist.get_world_size() > 1:
-        device = torch.device("cuda", torch.cuda.current_device()) \
-            if dist.get_backend() == "nccl" else t.device  # fmt: skip
+        device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if dist.get_backend() == "nccl"
+            else t.device
+        )
         moved = t.to(device)
         dist.all_reduce(moved, op=dist.ReduceOp.SUM)
         t.copy_(moved.to(t.device))

@@ -44,8 +44,15 @@ class Shape:
         params = sum(p.numel() for p in model.parameters())
         block = sum(p.numel() for p in blocks[0].parameters())
         cfg = model.config
-        return Shape(params, block, params - block * len(blocks), len(blocks), cfg.hidden_size,
-                     cfg.intermediate_size, cfg.vocab_size)  # fmt: skip
+        return Shape(
+            params,
+            block,
+            params - block * len(blocks),
+            len(blocks),
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            cfg.vocab_size,
+        )
 
 
 @dataclass(frozen=True)

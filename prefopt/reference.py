@@ -67,16 +67,20 @@ def precompute_reference(
     order, own = rank_slice(len(views), rank, world_size)
     device = next(model.parameters()).device
     mine: dict[int, tuple[list[float], list[float]]] = {}
-    for start, batch in zip(range(0, len(order), batch_groups),
-                            batches(data, views, order, batch_groups, pad_id, device),
-                            strict=True):  # fmt: skip
+    for start, batch in zip(
+        range(0, len(order), batch_groups),
+        batches(data, views, order, batch_groups, pad_id, device),
+        strict=True,
+    ):
         with autocast:
             stats = model(batch, chunk_size)
         for b in range(batch.num_groups):
             if start + b < own:  # the rest is padding that evens out the ranks' slices
                 k = int(batch.mask[b].sum())  # views list every response in order
-                mine[order[start + b]] = (stats.logps[b, :k].float().tolist(),
-                                          stats.eos_logps[b, :k].float().tolist())  # fmt: skip
+                mine[order[start + b]] = (
+                    stats.logps[b, :k].float().tolist(),
+                    stats.eos_logps[b, :k].float().tolist(),
+                )
     model.train(was_training)
     reshard(model)
     merged = {row: v for part in all_gather_objects(mine) for row, v in part.items()}

@@ -26,9 +26,15 @@ from typing import Any
 import yaml
 
 # (report.csv column, report.md header or "" for CSV only, summary.json section, key)
-COLUMNS = [(f"eval/{k}_{w}", f"{h} {w}", f"eval_{w}", k)
-           for k, h in [("loss", "eval loss"), ("rewards/accuracy", "accuracy"),
-                        ("rewards/margin", "margin")] for w in ("final", "best")]  # fmt: skip
+COLUMNS = [
+    (f"eval/{k}_{w}", f"{h} {w}", f"eval_{w}", k)
+    for k, h in [
+        ("loss", "eval loss"),
+        ("rewards/accuracy", "accuracy"),
+        ("rewards/margin", "margin"),
+    ]
+    for w in ("final", "best")
+]
 COLUMNS += [
     (f"eval/lengths/{k}_final", "", "eval_final", f"lengths/{k}") for k in ("chosen", "rejected")
 ]
@@ -69,8 +75,11 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 def load_job(job_dir: Path, sweep_dir: Path) -> Job:
     """Read one job dir; never raises on a missing or unreadable summary."""
-    job = Job(str(job_dir.relative_to(sweep_dir)), job_dir,
-              parse_overrides(job_dir / ".hydra" / "overrides.yaml"))  # fmt: skip
+    job = Job(
+        str(job_dir.relative_to(sweep_dir)),
+        job_dir,
+        parse_overrides(job_dir / ".hydra" / "overrides.yaml"),
+    )
     job.curves = read_jsonl(job_dir / "metrics.jsonl")
     path = job_dir / "summary.json"
     if path.is_file():
@@ -125,9 +134,13 @@ def job_row(job: Job, params: list[str], metric: str) -> dict[str, Any]:
         in_summary = to_float((s.get(section) or {}).get(key))
         row[col] = metric_value(job, f"eval/{key}") if section == "eval_final" else in_summary
     row[f"{metric}_final"] = metric_value(job, metric)
-    row.update(steps=s.get("steps", ""), tokens=s.get("tokens", ""),
-               train_wall_time_s=to_float(s.get("train_wall_time_s")), error=job.error,
-               path=str(job.path))  # fmt: skip
+    row.update(
+        steps=s.get("steps", ""),
+        tokens=s.get("tokens", ""),
+        train_wall_time_s=to_float(s.get("train_wall_time_s")),
+        error=job.error,
+        path=str(job.path),
+    )
     return row
 
 
@@ -137,15 +150,29 @@ def _fmt(value: Any) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
-def write_markdown(jobs: list[Job], rows: list[dict[str, Any]], params: list[str], metric: str,
-                   sweep_dir: Path, plots: list[str], out: Path) -> None:  # fmt: skip
+def write_markdown(
+    jobs: list[Job],
+    rows: list[dict[str, Any]],
+    params: list[str],
+    metric: str,
+    sweep_dir: Path,
+    plots: list[str],
+    out: Path,
+) -> None:
     """report.md: counts, best job, the table, errors, and the plots."""
     counts = {s: sum(j.status == s for j in jobs) for s in dict.fromkeys(j.status for j in jobs)}
-    lines = [f"# Sweep report: `{sweep_dir}`", "",
-             f"{len(jobs)} jobs: " + ", ".join(f"{n} {s}" for s, n in counts.items()) + ".",
-             f"Swept: {', '.join(f'`{p}`' for p in params) or 'nothing'}.", ""]  # fmt: skip
-    scored = [(r[f"{metric}_final"], r) for r in rows
-              if r["status"] == "ok" and not math.isnan(r[f"{metric}_final"])]  # fmt: skip
+    lines = [
+        f"# Sweep report: `{sweep_dir}`",
+        "",
+        f"{len(jobs)} jobs: " + ", ".join(f"{n} {s}" for s, n in counts.items()) + ".",
+        f"Swept: {', '.join(f'`{p}`' for p in params) or 'nothing'}.",
+        "",
+    ]
+    scored = [
+        (r[f"{metric}_final"], r)
+        for r in rows
+        if r["status"] == "ok" and not math.isnan(r[f"{metric}_final"])
+    ]
     if scored:
         value, best = (min if "loss" in metric else max)(scored, key=lambda t: t[0])
         setting = ", ".join(f"{p}={best[p]}" for p in params)
@@ -155,8 +182,11 @@ def write_markdown(jobs: list[Job], rows: list[dict[str, Any]], params: list[str
     table |= {"tokens": "tokens", "train_wall_time_s": "wall s"}
     lines += ["| " + " | ".join(h or c for c, h in table.items()) + " |", "|---" * len(table) + "|"]
     lines += ["| " + " | ".join(_fmt(r[c]) for c in table) + " |" for r in rows]
-    errors = [f"- job {j.name} ({j.status}): {_fmt(j.error or 'no summary.json')}"
-              for j in jobs if j.status != "ok"]  # fmt: skip
+    errors = [
+        f"- job {j.name} ({j.status}): {_fmt(j.error or 'no summary.json')}"
+        for j in jobs
+        if j.status != "ok"
+    ]
     lines += ["", "## Failed or missing jobs", "", *errors] if errors else []
     lines += ["", "## Plots", "", *(f"![{p}]({p})" for p in plots)] if plots else []
     (out / "report.md").write_text("\n".join(lines) + "\n")
@@ -241,8 +271,9 @@ def plot_sweep(jobs: list[Job], params: list[str], metric: str, out: Path) -> li
     return names + ([_plot_curves(jobs, params, out)] if has_curves else [])
 
 
-def report(sweep_dir: Path, out: Path | None = None,
-           metric: str = "eval/rewards/accuracy") -> list[dict[str, Any]]:  # fmt: skip
+def report(
+    sweep_dir: Path, out: Path | None = None, metric: str = "eval/rewards/accuracy"
+) -> list[dict[str, Any]]:
     """Write every report file for ``sweep_dir`` into ``out``; return the table rows."""
     jobs = find_jobs(sweep_dir)
     if not jobs:
@@ -262,8 +293,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("sweep_dir", type=Path, help="a Hydra multirun dir (holds job dirs)")
     parser.add_argument("--out", type=Path, default=None, help="output dir (default: sweep_dir)")
-    parser.add_argument("--metric", default="eval/rewards/accuracy",
-                        help="metric to plot against the swept parameters")  # fmt: skip
+    parser.add_argument(
+        "--metric",
+        default="eval/rewards/accuracy",
+        help="metric to plot against the swept parameters",
+    )
     args = parser.parse_args(argv)
     report(args.sweep_dir, args.out, args.metric)
     print((args.out or args.sweep_dir).joinpath("report.md").read_text())

@@ -10,17 +10,30 @@ import torch
 from transformers import GenerationConfig, PreTrainedModel
 
 
-def decoding_config(*, max_new_tokens: int, do_sample: bool, temperature: float = 1.0,
-                    top_p: float = 1.0, top_k: int = 0, num_samples: int = 1,
-                    eos_ids: list[int], pad_id: int) -> GenerationConfig:  # fmt: skip
+def decoding_config(
+    *,
+    max_new_tokens: int,
+    do_sample: bool,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    num_samples: int = 1,
+    eos_ids: list[int],
+    pad_id: int,
+) -> GenerationConfig:
     """A complete GenerationConfig, so the model's own generation_config.json (a Hub model may
     ship temperature 0.2, top_p 0.9, ...) never changes what the recorded settings say."""
     if num_samples > 1 and not do_sample:
         raise ValueError("generation.num_samples > 1 needs generation.do_sample=true")
     sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k or None) if do_sample else {}
-    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample,
-                            num_return_sequences=num_samples, eos_token_id=eos_ids,
-                            pad_token_id=pad_id, **sampling)  # fmt: skip
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        num_return_sequences=num_samples,
+        eos_token_id=eos_ids,
+        pad_token_id=pad_id,
+        **sampling,
+    )
 
 
 @torch.no_grad()

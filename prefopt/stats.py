@@ -76,9 +76,13 @@ def packed_attention_inputs(model: PreTrainedModel, batch: PackedBatch) -> dict[
                 "documents: use prefopt_docs or flex_attention"
             )
         length = batch.max_seqlen  # given, so flash-attn does not sync to infer it
-        return kwargs | {"attention_mask": None, "cu_seq_lens_q": batch.cu_seqlens,
-                         "cu_seq_lens_k": batch.cu_seqlens, "max_length_q": length,
-                         "max_length_k": length}  # fmt: skip
+        return kwargs | {
+            "attention_mask": None,
+            "cu_seq_lens_q": batch.cu_seqlens,
+            "cu_seq_lens_k": batch.cu_seqlens,
+            "max_length_q": length,
+            "max_length_k": length,
+        }
     if impl in (DOCS, "flex_attention"):
         return kwargs | attention_inputs(impl, batch)
     L = batch.input_ids.shape[1]

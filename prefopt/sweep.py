@@ -71,8 +71,13 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"job index {index} is not in [0, {len(jobs)})")
         print(shlex.join(jobs[index]))
     else:
-        cmd = ["sbatch", f"--array=0-{len(jobs) - 1}", *shlex.split(args.sbatch),
-               str(ARRAY_SCRIPT), *args.overrides]  # fmt: skip
+        cmd = [
+            "sbatch",
+            f"--array=0-{len(jobs) - 1}",
+            *shlex.split(args.sbatch),
+            str(ARRAY_SCRIPT),
+            *args.overrides,
+        ]
         print(shlex.join(cmd))
         if not args.dry_run:
             return subprocess.run(cmd, check=False).returncode

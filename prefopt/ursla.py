@@ -148,14 +148,23 @@ def aggregate(
             lps = [sum(x[:L]) / L for x, n in zip(nlls, n_tokens, strict=True) if n >= L]
             where = f"no response has >= {L} tokens"
         else:
-            lps = [sum(x) / n for x, n in zip(nlls, n_tokens, strict=True)
-                   if n and in_bucket(n, L, window)]  # fmt: skip
+            lps = [
+                sum(x) / n
+                for x, n in zip(nlls, n_tokens, strict=True)
+                if n and in_bucket(n, L, window)
+            ]
             where = f"no response has {max(L - window, 1)} to {L + window - 1} tokens"
         value = math.fsum(lps) / len(lps) if lps else None
         var = math.fsum((v - value) ** 2 for v in lps) / (len(lps) - 1) if len(lps) > 1 else 0.0
-        columns.append({"length": L, "value": value, "count": len(lps),
-                        "stderr": math.sqrt(var / len(lps)) if lps else None,
-                        "note": "" if lps else where})  # fmt: skip
+        columns.append(
+            {
+                "length": L,
+                "value": value,
+                "count": len(lps),
+                "stderr": math.sqrt(var / len(lps)) if lps else None,
+                "note": "" if lps else where,
+            }
+        )
     return columns
 
 
@@ -202,8 +211,9 @@ def measure(
         todo = [i for i, n in enumerate(n_tokens) if n]
         cut = max(lengths)
     else:
-        todo = [i for i, n in enumerate(n_tokens) if n and any(in_bucket(n, L, window)
-                                                                for L in lengths)]  # fmt: skip
+        todo = [
+            i for i, n in enumerate(n_tokens) if n and any(in_bucket(n, L, window) for L in lengths)
+        ]
         cut = max(n_tokens, default=0)
     scored = token_nlls(model, [(seqs[i][0], seqs[i][1][:cut]) for i in todo], batch_size)
     nlls: list[list[float]] = [[] for _ in seqs]
@@ -221,15 +231,16 @@ def measure(
             "min": min(n_tokens, default=0),
             "max": max(n_tokens, default=0),
             "mean": sum(n_tokens) / max(len(n_tokens), 1),
-        },  # fmt: skip
+        },
     }
 
 
 def format_table(result: dict[str, Any], dataset: str, model: str) -> str:
     """Table 2's layout: one row, LP̄ at each L, with the responses behind each value."""
     heads = [f"LP(y)_{L}" for L in result["lengths"]]
-    cells = [f"{c['value']:.3f} (n={c['count']})" if c["count"] else "- (n=0)"
-             for c in result["columns"]]  # fmt: skip
+    cells = [
+        f"{c['value']:.3f} (n={c['count']})" if c["count"] else "- (n=0)" for c in result["columns"]
+    ]
     widths = [max(len(h), len(c)) for h, c in zip(heads, cells, strict=True)]
     lead = [("Dataset", dataset), ("Model", model)]
     lw = [max(len(a), len(b)) for a, b in lead]
@@ -311,18 +322,37 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     tok = load_tokenizer(cfg.model, cfg.cache_dir)
     model = load_model(cfg.model, cfg.cache_dir, tok, cfg.seed).to(device).eval()
     log.info("scoring %d responses from %s on %s", len(texts), source, device)
-    result = measure(model, tok, prompts, texts, cfg.lengths, cfg.reading, window=cfg.window,
-                     include_eos=cfg.include_eos, batch_size=cfg.batch_size,
-                     system_prompt=cfg.dataset.system_prompt)  # fmt: skip
+    result = measure(
+        model,
+        tok,
+        prompts,
+        texts,
+        cfg.lengths,
+        cfg.reading,
+        window=cfg.window,
+        include_eos=cfg.include_eos,
+        batch_size=cfg.batch_size,
+        system_prompt=cfg.dataset.system_prompt,
+    )
     result |= {
         "model": cfg.model.name_or_path,
         "source": source,
         "generators": sorted(set(generators)),
         "paper": {"lengths": list(PAPER_LENGTHS), "values": list(PAPER_VALUES)},
-        "settings": {k: getattr(cfg, k) for k in ("window", "include_eos", "split", "responses",
-                     "max_examples", "batch_size", "seed")}
+        "settings": {
+            k: getattr(cfg, k)
+            for k in (
+                "window",
+                "include_eos",
+                "split",
+                "responses",
+                "max_examples",
+                "batch_size",
+                "seed",
+            )
+        }
         | {"dtype": cfg.model.dtype, "device": device},
-    }  # fmt: skip
+    }
     name = "alpaca_eval" if cfg.outputs else Path(cfg.dataset.path).stem
     print(format_table(result, name, cfg.model.name_or_path))
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)

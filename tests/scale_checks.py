@@ -31,11 +31,20 @@ def compose_cfg(tmp: Path, *overrides: str):
     train = write_jsonl(tmp / "train.jsonl", arithmetic_rows(16, seed=0))
     eval_ = write_jsonl(tmp / "eval.jsonl", arithmetic_rows(4, seed=1))
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose("train", overrides=[
-            "model=tiny", "trainer=debug", "~experiment", f"dataset.path={train}",
-            f"dataset.eval_path={eval_}", f"hydra.run.dir={tmp / 'run'}",
-            f"run_dir={tmp / 'run'}", f"cache_dir={tmp / 'cache'}", *overrides,
-        ])  # fmt: skip
+        return compose(
+            "train",
+            overrides=[
+                "model=tiny",
+                "trainer=debug",
+                "~experiment",
+                f"dataset.path={train}",
+                f"dataset.eval_path={eval_}",
+                f"hydra.run.dir={tmp / 'run'}",
+                f"run_dir={tmp / 'run'}",
+                f"cache_dir={tmp / 'cache'}",
+                *overrides,
+            ],
+        )
 
 
 def sharded_policy(cfg, world, precision, trainable: bool = True):
@@ -56,8 +65,13 @@ def full_grads(model) -> list[torch.Tensor]:
 def skip_check(tmp: Path) -> None:
     """Step 1 has a NaN loss in the second micro-batch (on the last rank only); it is skipped.
     Step 2's gradients must equal those of a fresh model that only ever ran step 2."""
-    cfg = compose_cfg(tmp, "loss=simpo", "trainer.global_batch_groups=8",
-                      "trainer.micro_batch_groups=2", "trainer.max_grad_norm=1e9")  # fmt: skip
+    cfg = compose_cfg(
+        tmp,
+        "loss=simpo",
+        "trainer.global_batch_groups=8",
+        "trainer.micro_batch_groups=2",
+        "trainer.max_grad_norm=1e9",
+    )
     world = parallel.init_distributed("cpu")
     precision = parallel.resolve_precision(world.device, "fp32", "float32")
     spec, loss_fn = build_loss(cfg.loss)

@@ -30,9 +30,12 @@ def test_loss_configs_match_registry():
 
 @pytest.mark.parametrize(
     ("group", "option"),
-    [(g, o) for g in ("model", "dataset", "loss", "optimizer", "trainer", "logger", "experiment")
-     for o in _options(g)],
-)  # fmt: skip
+    [
+        (g, o)
+        for g in ("model", "dataset", "loss", "optimizer", "trainer", "logger", "experiment")
+        for o in _options(g)
+    ],
+)
 def test_every_option_composes(group, option):
     cfg = _compose(f"{group}={option}")
     if (group, option) != ("dataset", "local"):  # local has a required path

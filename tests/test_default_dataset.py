@@ -45,8 +45,12 @@ def test_every_score_is_the_verifiers(name: str) -> None:
 @pytest.mark.parametrize("name", sorted(SPLITS))
 def test_rows_are_the_benchmarks_tasks_of_their_split(name: str) -> None:
     rows = _rows(name)
-    tasks = {t.id: t for t in constraints.make_tasks(SPLITS[name], 1 + max(
-        int(r["id"].rsplit("-", 1)[1]) for r in rows))}  # fmt: skip
+    tasks = {
+        t.id: t
+        for t in constraints.make_tasks(
+            SPLITS[name], 1 + max(int(r["id"].rsplit("-", 1)[1]) for r in rows)
+        )
+    }
     for row in rows:
         task = tasks[row["id"]]
         assert row["prompt"][0]["content"] == task.prompt

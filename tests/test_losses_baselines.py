@@ -188,14 +188,25 @@ def test_rdpo_hand_value_and_sign():
     ]
     # Group 0 by hand: 0.1 * 1.5 + 0.05 * (4 - 6) = 0.05.
     assert math.isclose(expected[0], neg_log_sigmoid(0.05))
-    out = rdpo_loss(stats(POLICY, LENGTHS), stats(REF, LENGTHS), t(PAIR_SCORES), beta=beta,
-                    alpha=alpha)  # fmt: skip
+    out = rdpo_loss(
+        stats(POLICY, LENGTHS), stats(REF, LENGTHS), t(PAIR_SCORES), beta=beta, alpha=alpha
+    )
     assert_close(out.losses, t(masked_by_validity(expected)), **TOL)
     # A longer chosen response earns margin, so its loss is lower than with equal lengths.
-    longer = rdpo_loss(stats([[-10.0, -12.0]], [[9.0, 3.0]]), stats([[-11.0, -11.5]]),
-                       t([[1.0, 0.0]]), beta=beta, alpha=alpha)  # fmt: skip
-    equal = rdpo_loss(stats([[-10.0, -12.0]], [[3.0, 3.0]]), stats([[-11.0, -11.5]]),
-                      t([[1.0, 0.0]]), beta=beta, alpha=alpha)  # fmt: skip
+    longer = rdpo_loss(
+        stats([[-10.0, -12.0]], [[9.0, 3.0]]),
+        stats([[-11.0, -11.5]]),
+        t([[1.0, 0.0]]),
+        beta=beta,
+        alpha=alpha,
+    )
+    equal = rdpo_loss(
+        stats([[-10.0, -12.0]], [[3.0, 3.0]]),
+        stats([[-11.0, -11.5]]),
+        t([[1.0, 0.0]]),
+        beta=beta,
+        alpha=alpha,
+    )
     assert longer.losses.item() < equal.losses.item()
 
 
@@ -268,8 +279,16 @@ def test_rrhf_hand_value():
 
 def test_rrhf_matches_direct_on_random_groups_with_ties_and_padding():
     policy = random_stats(6, 4, seed=4)[0]
-    scores = t([[9.0, 3.0, 5.0, 1.0], [2.0, 2.0, 4.0, 4.0], [6.0, 6.0, 6.0, 6.0],
-                [1.0, 7.0, 0.0, 50.0], [3.0, 9.0, 9.0, 2.0], [0.0, 1.0, 2.0, 3.0]])  # fmt: skip
+    scores = t(
+        [
+            [9.0, 3.0, 5.0, 1.0],
+            [2.0, 2.0, 4.0, 4.0],
+            [6.0, 6.0, 6.0, 6.0],
+            [1.0, 7.0, 0.0, 50.0],
+            [3.0, 9.0, 9.0, 2.0],
+            [0.0, 1.0, 2.0, 3.0],
+        ]
+    )
     mask = torch.ones(6, 4, dtype=torch.bool)
     mask[3, 3] = False
     mask[5, 1:] = False  # one real response: invalid
@@ -315,8 +334,15 @@ def infonca_direct(policy, ref, scores, beta: float, alpha: float) -> list[float
 
 def infonca_batch(seed: int) -> tuple[GroupStats, GroupStats, torch.Tensor]:
     policy, ref = random_stats(5, 4, seed=seed)[0], random_stats(5, 4, seed=seed + 1)[0]
-    scores = t([[9.0, 3.0, 5.0, 1.0], [2.0, 2.0, 4.0, 4.0], [6.0, 6.0, 6.0, 6.0],
-                [1.0, 7.0, 0.0, 50.0], [3.0, 9.0, 9.0, 2.0]])  # fmt: skip
+    scores = t(
+        [
+            [9.0, 3.0, 5.0, 1.0],
+            [2.0, 2.0, 4.0, 4.0],
+            [6.0, 6.0, 6.0, 6.0],
+            [1.0, 7.0, 0.0, 50.0],
+            [3.0, 9.0, 9.0, 2.0],
+        ]
+    )
     mask = torch.ones(5, 4, dtype=torch.bool)
     mask[3, 3] = False
     logps = torch.where(mask, policy.logps, torch.full_like(policy.logps, 40.0))

@@ -47,8 +47,12 @@ def test_mean_split_labels_and_tied_group_is_invalid():
     assert out.valid.tolist() == [True, False] and out.losses[1] == 0
     # mean 5.25: slots 0 and 3 desirable, 1 and 2 undesirable
     rs = [1.0, -1.0, 0.0, 3.0]
-    terms = [1 - sigmoid(0.5 * rs[0]), 2 - 2 * sigmoid(-0.5 * rs[1]), 2 - 2 * sigmoid(-0.5 * rs[2]),
-             1 - sigmoid(0.5 * rs[3])]  # fmt: skip
+    terms = [
+        1 - sigmoid(0.5 * rs[0]),
+        2 - 2 * sigmoid(-0.5 * rs[1]),
+        2 - 2 * sigmoid(-0.5 * rs[2]),
+        1 - sigmoid(0.5 * rs[3]),
+    ]
     assert out.losses[0].item() == pytest.approx(sum(terms) / 4, rel=1e-12)
     with pytest.raises(ValueError, match="labels"):
         kto_loss(pol, ref, scores, kl_estimate=mism, **{**KW, "labels": "x"})
@@ -58,13 +62,25 @@ def test_mismatched_pairs_take_the_next_view_of_the_step_cyclically():
     import datasets
 
     rows = [
-        {"prompt_ids": [1, 10], "response_ids": [[20, 3], [21, 3]], "has_eos": [True, True],
-         "scores": [1.0, 0.0]},
-        {"prompt_ids": [1, 11, 12], "response_ids": [[22, 23, 3], [24, 3]],
-         "has_eos": [True, True], "scores": [0.0, 1.0]},
-        {"prompt_ids": [1, 13], "response_ids": [[25, 3], [26]], "has_eos": [True, False],
-         "scores": [1.0, 0.0]},
-    ]  # fmt: skip
+        {
+            "prompt_ids": [1, 10],
+            "response_ids": [[20, 3], [21, 3]],
+            "has_eos": [True, True],
+            "scores": [1.0, 0.0],
+        },
+        {
+            "prompt_ids": [1, 11, 12],
+            "response_ids": [[22, 23, 3], [24, 3]],
+            "has_eos": [True, True],
+            "scores": [0.0, 1.0],
+        },
+        {
+            "prompt_ids": [1, 13],
+            "response_ids": [[25, 3], [26]],
+            "has_eos": [True, False],
+            "scores": [1.0, 0.0],
+        },
+    ]
     data = datasets.Dataset.from_list(rows)
     views = [(0, (0, 1)), (1, (1, 0)), (2, (1, 0))]
     pairs = mismatched_pairs(data, views, [2, 0, 1])  # the step's order: views 2, 0, 1

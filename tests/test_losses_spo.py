@@ -26,10 +26,20 @@ from prefopt.types import LossOutput
 FORMS = ("pairwise", "best_of_n", "ranked")
 
 
-def spo(policy, scores, form="pairwise", weighting="basic", alpha=0.5, gamma=0.5, eta=1.0,
-        state=None) -> LossOutput:  # fmt: skip
-    return spo_loss(policy, None, scores, form=form, weighting=weighting, alpha=alpha,
-                    gamma=gamma, eta=eta, state=state)  # fmt: skip
+def spo(
+    policy, scores, form="pairwise", weighting="basic", alpha=0.5, gamma=0.5, eta=1.0, state=None
+) -> LossOutput:
+    return spo_loss(
+        policy,
+        None,
+        scores,
+        form=form,
+        weighting=weighting,
+        alpha=alpha,
+        gamma=gamma,
+        eta=eta,
+        state=state,
+    )
 
 
 def literal_term(ell: list[float], i: int, members: list[int], alpha: float) -> float:
@@ -60,8 +70,11 @@ def literal_sets(ell, score, form, eta):
 
 def literal_losses(logps, scores, form, weighting, alpha, gamma, eta=1.0) -> list[float]:
     sets = [literal_sets(e, s, form, eta) for e, s in zip(logps, scores, strict=True)]
-    powers = [sum(math.exp(e[j]) for j in m) ** gamma
-              for e, g in zip(logps, sets, strict=True) for _, m, _ in g]  # fmt: skip
+    powers = [
+        sum(math.exp(e[j]) for j in m) ** gamma
+        for e, g in zip(logps, sets, strict=True)
+        for _, m, _ in g
+    ]
     baseline = sum(powers) / len(powers)
     out = []
     for e, g in zip(logps, sets, strict=True):
@@ -175,8 +188,11 @@ def test_mu_is_detached(form):
     spo(policy, t(SCORES), form, "weighted", alpha, gamma, eta).losses.sum().backward()
     ell = t(LOGPS).requires_grad_(True)
     sets = [literal_sets(e, s, form, eta) for e, s in zip(LOGPS, SCORES, strict=True)]
-    powers = [sum(math.exp(e[j]) for j in m) ** gamma
-              for e, g in zip(LOGPS, sets, strict=True) for _, m, _ in g]  # fmt: skip
+    powers = [
+        sum(math.exp(e[j]) for j in m) ** gamma
+        for e, g in zip(LOGPS, sets, strict=True)
+        for _, m, _ in g
+    ]
     baseline = sum(powers) / len(powers)
     total = ell.new_zeros(())
     for b, g in enumerate(sets):
@@ -267,16 +283,22 @@ def test_mu_properties_and_running_baseline():
     assert_close(spo(stats(logps), ordered, weighting="weighted", state=state).losses, a.losses)
     # Two micro-batches: the folded state is the mean over all three pairs, and with it mu no
     # longer depends on how the batch was split.
-    parts = [spo(stats(logps[:1]), ordered[:1], weighting="weighted"),
-             spo(stats(logps[1:]), ordered[1:], weighting="weighted")]  # fmt: skip
+    parts = [
+        spo(stats(logps[:1]), ordered[:1], weighting="weighted"),
+        spo(stats(logps[1:]), ordered[1:], weighting="weighted"),
+    ]
     sums = {k: sum(p.stat_updates[k] for p in parts) for k in parts[0].stat_updates}
     state = spec.state.update(state, sums, **hp)
     power = [(math.exp(w) + math.exp(lo)) ** 0.5 for w, lo in logps]
     assert state["mu_baseline"].item() == pytest.approx(sum(power) / 3, rel=1e-12)
     whole = spo(stats(logps), ordered, weighting="weighted", state=state)
     kw = dict(weighting="weighted", state=state)
-    split = torch.cat([spo(stats(logps[:1]), ordered[:1], **kw).losses,
-                       spo(stats(logps[1:]), ordered[1:], **kw).losses])  # fmt: skip
+    split = torch.cat(
+        [
+            spo(stats(logps[:1]), ordered[:1], **kw).losses,
+            spo(stats(logps[1:]), ordered[1:], **kw).losses,
+        ]
+    )
     assert_close(whole.losses, split, **TOL)
     assert_close(whole.losses, a.losses, **TOL)  # same mean as the one-batch micro mean here
     assert spec.state.update(state, {}, **hp) is state  # basic weighting reports nothing
@@ -357,8 +379,10 @@ def test_token_kl_matches_direct_formula_and_is_nonnegative():
     g = torch.Generator().manual_seed(3)
     pol = torch.log_softmax(3 * torch.randn(6, 11, generator=g, dtype=F64), -1)
     ref = torch.log_softmax(3 * torch.randn(6, 11, generator=g, dtype=F64), -1)
-    direct = [sum(math.exp(p) * (p - q) for p, q in zip(pr, qr, strict=True))
-              for pr, qr in zip(pol.tolist(), ref.tolist(), strict=True)]  # fmt: skip
+    direct = [
+        sum(math.exp(p) * (p - q) for p, q in zip(pr, qr, strict=True))
+        for pr, qr in zip(pol.tolist(), ref.tolist(), strict=True)
+    ]
     kl = token_kl(pol, ref)
     assert kl.shape == (6,)
     assert_close(kl, t(direct), **TOL)

@@ -88,14 +88,25 @@ def groups(tok) -> list[tuple[TokenizedGroup, tuple[int, ...]]]:
         return torch.randint(0, 250, (n,), generator=g).tolist()
 
     eos, bos = tok.eos_token_id, tok.bos_token_id
-    a = TokenizedGroup([bos, *ids(5)], [ids(3) + [eos], ids(7) + [eos], ids(2)],
-                       [True, True, False], [1.0, 2.0, 0.0], ref_logps=[-1.0, -2.0, -3.0],
-                       ref_eos_logps=[-0.1, -0.2, -0.3])  # fmt: skip
-    b = TokenizedGroup([bos, *ids(9)], [ids(1) + [eos], ids(4) + [eos], ids(6) + [eos]],
-                       [True, True, True], [3.0, 1.0, 2.0], ref_logps=[-4.0, -5.0, -6.0],
-                       ref_eos_logps=[-0.4, -0.5, -0.6])  # fmt: skip
-    c = TokenizedGroup([bos, *ids(3)], [ids(4)], [False], [0.5], ref_logps=[-7.0],
-                       ref_eos_logps=[-0.7])  # fmt: skip
+    a = TokenizedGroup(
+        [bos, *ids(5)],
+        [ids(3) + [eos], ids(7) + [eos], ids(2)],
+        [True, True, False],
+        [1.0, 2.0, 0.0],
+        ref_logps=[-1.0, -2.0, -3.0],
+        ref_eos_logps=[-0.1, -0.2, -0.3],
+    )
+    b = TokenizedGroup(
+        [bos, *ids(9)],
+        [ids(1) + [eos], ids(4) + [eos], ids(6) + [eos]],
+        [True, True, True],
+        [3.0, 1.0, 2.0],
+        ref_logps=[-4.0, -5.0, -6.0],
+        ref_eos_logps=[-0.4, -0.5, -0.6],
+    )
+    c = TokenizedGroup(
+        [bos, *ids(3)], [ids(4)], [False], [0.5], ref_logps=[-7.0], ref_eos_logps=[-0.7]
+    )
     return [(a, (0, 1, 2)), (b, (2, 0)), (c, (0,))]
 
 
@@ -176,8 +187,10 @@ def test_sequence_kl_in_every_layout(tok, layout):
 
 def test_positions_restart_and_token_counts(tok):
     p, r0, r1 = [1, 10, 11], [20, 21, 3], [30, 3]
-    grps = [(TokenizedGroup(p, [r0, r1], [True, True], [1.0, 0.0]), (0, 1)),
-            (TokenizedGroup([1, 12], [[40, 3]], [True], [0.0]), (0,))]  # fmt: skip
+    grps = [
+        (TokenizedGroup(p, [r0, r1], [True, True], [1.0, 0.0]), (0, 1)),
+        (TokenizedGroup([1, 12], [[40, 3]], [True], [0.0]), (0,)),
+    ]
     packed = collate_layout(grps, tok.pad_token_id, "packed")
     shared = collate_layout(grps, tok.pad_token_id, "shared")
     assert packed.input_ids[0].tolist() == [*p, *r0, *p, *r1, 1, 12, 40, 3]
@@ -244,9 +257,15 @@ def _check_plan(plan, sizes, budget, layout, splits=1):
 @pytest.mark.parametrize("layout", ["padded", "packed", "shared"])
 def test_token_budget_plan_is_deterministic_and_exhaustive(layout):
     g = torch.Generator().manual_seed(0)
-    sizes = [ViewSize(int(t), int(r), int(w)) for t, r, w in zip(
-        torch.randint(50, 900, (64,), generator=g), torch.randint(1, 5, (64,), generator=g),
-        torch.randint(20, 300, (64,), generator=g), strict=True)]  # fmt: skip
+    sizes = [
+        ViewSize(int(t), int(r), int(w))
+        for t, r, w in zip(
+            torch.randint(50, 900, (64,), generator=g),
+            torch.randint(1, 5, (64,), generator=g),
+            torch.randint(20, 300, (64,), generator=g),
+            strict=True,
+        )
+    ]
     sizes[5] = ViewSize(5000, 4, 1500)  # over the budget: a micro-batch of its own
     plan = plan_micro_batches(sizes, 2048, layout)
     assert plan == plan_micro_batches(list(sizes), 2048, layout)  # same input, same plan
@@ -264,24 +283,30 @@ def test_token_budget_plan_is_deterministic_and_exhaustive(layout):
 def test_budget_batches_split_a_step_across_ranks(tok):
     grps = [(g, idx) for g, idx in groups(tok)] * 3
     data = datasets.Dataset.from_dict(
-        {k: [getattr(g, k) for g, _ in grps] for k in ("prompt_ids", "response_ids", "has_eos",
-                                                        "scores", "id")})  # fmt: skip
+        {
+            k: [getattr(g, k) for g, _ in grps]
+            for k in ("prompt_ids", "response_ids", "has_eos", "scores", "id")
+        }
+    )
     views = [(i, idx) for i, (_, idx) in enumerate(grps)]
     order = [4, 0, 7, 2, 8, 1, 3, 6, 5]
     sizes = [view_size(grps[i][0], grps[i][1], "shared") for i in order]
     assert sizes[0] == ViewSize(10 + 2 + 7, 2, 17)  # view 4: prompt 10, responses (3)->7, (0)->2
     seen = []
     for rank in (0, 1):
-        for mb in budget_batches(data, views, order, 30, "shared", tok.pad_token_id, "cpu",
-                                 rank=rank, world_size=2):  # fmt: skip
+        for mb in budget_batches(
+            data, views, order, 30, "shared", tok.pad_token_id, "cpu", rank=rank, world_size=2
+        ):
             assert mb.forward_tokens <= 30 or mb.num_groups == 1
             bounds = mb.cu_seqlens.tolist()  # one document per group in the shared layout
             seen += [
                 tuple(mb.input_ids[0, a:b].tolist())
                 for a, b in zip(bounds[:-1], bounds[1:], strict=True)
             ]
-    expected = [tuple(grps[i][0].prompt_ids + sum((grps[i][0].response_ids[r] for r in
-                                                   grps[i][1]), [])) for i in order]  # fmt: skip
+    expected = [
+        tuple(grps[i][0].prompt_ids + sum((grps[i][0].response_ids[r] for r in grps[i][1]), []))
+        for i in order
+    ]
     assert sorted(seen) == sorted(expected)  # every view of the step once, over both ranks
 
 

@@ -20,17 +20,41 @@ from safetensors.torch import load_file
 pytestmark = pytest.mark.distributed
 
 
-def _launch(tmp_path: Path, run_dir: Path, data, nproc: int, *overrides: str, port: int,
-            wait: bool = True, loss: str = "dpo"):  # fmt: skip
+def _launch(
+    tmp_path: Path,
+    run_dir: Path,
+    data,
+    nproc: int,
+    *overrides: str,
+    port: int,
+    wait: bool = True,
+    loss: str = "dpo",
+):
     env = {**os.environ, "PREFOPT_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
-    entry = ["-m", "prefopt.train", "model=tiny", "trainer=debug", f"loss={loss}",
-             f"dataset.path={data[0]}", f"dataset.eval_path={data[1]}", f"hydra.run.dir={run_dir}",
-             "trainer.export_final=true", "optimizer.lr=1e-3", *overrides]  # fmt: skip
+    entry = [
+        "-m",
+        "prefopt.train",
+        "model=tiny",
+        "trainer=debug",
+        f"loss={loss}",
+        f"dataset.path={data[0]}",
+        f"dataset.eval_path={data[1]}",
+        f"hydra.run.dir={run_dir}",
+        "trainer.export_final=true",
+        "optimizer.lr=1e-3",
+        *overrides,
+    ]
     if nproc == 1:
         cmd = [sys.executable, *entry]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--master_port={port}", *entry]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={nproc}",
+            f"--master_port={port}",
+            *entry,
+        ]
     if not wait:
         return subprocess.Popen(
             cmd,
@@ -70,8 +94,9 @@ def test_two_ranks_train_like_one(tmp_path, tiny_data):
     for key in ("train/loss", "train/grad_norm", "train/valid_groups", "train/tokens"):
         assert first[0][key] == pytest.approx(first[1][key], rel=1e-6), key
     # Later steps go through Adam, which amplifies round-off a little.
-    torch.testing.assert_close(torch.tensor(_losses(one)), torch.tensor(_losses(two)),
-                               rtol=1e-4, atol=1e-5)  # fmt: skip
+    torch.testing.assert_close(
+        torch.tensor(_losses(one)), torch.tensor(_losses(two)), rtol=1e-4, atol=1e-5
+    )
     a, b = _final(one), _final(two)
     assert a.keys() == b.keys()
     for k in a:
@@ -93,8 +118,16 @@ def test_two_ranks_interrupted_and_resumed_equals_uninterrupted(tmp_path, tiny_d
 
 def test_a_dead_rank_ends_the_job(tmp_path, tiny_data):
     run_dir = tmp_path / "run"
-    proc = _launch(tmp_path, run_dir, tiny_data, 2, "trainer.max_steps=100000",
-                   "trainer.collective_timeout_s=30", port=29619, wait=False)  # fmt: skip
+    proc = _launch(
+        tmp_path,
+        run_dir,
+        tiny_data,
+        2,
+        "trainer.max_steps=100000",
+        "trainer.collective_timeout_s=30",
+        port=29619,
+        wait=False,
+    )
     deadline = time.time() + 180
     while not (run_dir / "metrics.jsonl").exists() or len(_losses(run_dir)) < 2:
         assert proc.poll() is None, proc.stdout.read()[-3000:]
@@ -119,8 +152,16 @@ def test_skipped_step_leaves_no_gradient_behind_on_two_ranks(tmp_path):
     """A NaN in rank 1's second micro-batch: the step is skipped on both ranks, and the next
     step's gradients equal a fresh model's (``scale_checks.skip_check``)."""
     script = str(REPO / "tests" / "scale_checks.py")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           "--master_port=29625", script, "skip", str(tmp_path)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port=29625",
+        script,
+        "skip",
+        str(tmp_path),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "ok skip" in proc.stdout, (
@@ -132,8 +173,13 @@ def test_signal_to_one_rank_stops_both_after_one_step_and_resumes_exactly(tmp_pa
     """SIGUSR1 to rank 1 only, mid-run, with SPO (per-rank on-policy samples, the KL generated
     and gathered through backward on sharded ranks): both ranks stop after the same step and
     write one checkpoint; the resumed run ends bit-identical to an uninterrupted one."""
-    spo = ("trainer.max_steps=12", "loss.kl_num_samples=2", "loss.kl_max_new_tokens=4",
-           "loss.kl_every=2", "trainer.save_every=0")  # fmt: skip
+    spo = (
+        "trainer.max_steps=12",
+        "loss.kl_num_samples=2",
+        "loss.kl_max_new_tokens=4",
+        "loss.kl_every=2",
+        "trainer.save_every=0",
+    )
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     _launch(tmp_path, straight, tiny_data, 2, *spo, port=29627, loss="spo")
     kl = [m["train/regularizer"] for m in _metrics(straight)]

@@ -24,8 +24,13 @@ EXAMPLE = REPO / "experiments" / "results" / "tiny_refa_sweep"
 
 
 def _eval(loss: float, acc: float, margin: float) -> dict[str, float]:
-    return {"loss": loss, "rewards/accuracy": acc, "rewards/margin": margin,
-            "lengths/chosen": 20.0, "lengths/rejected": 30.0 + loss}  # fmt: skip
+    return {
+        "loss": loss,
+        "rewards/accuracy": acc,
+        "rewards/margin": margin,
+        "lengths/chosen": 20.0,
+        "lengths/rejected": 30.0 + loss,
+    }
 
 
 def _job(sweep: Path, name: str, beta: str, gamma: str, summary: dict | None, lines: list[str]):
@@ -41,10 +46,19 @@ def _job(sweep: Path, name: str, beta: str, gamma: str, summary: dict | None, li
 def _steps(base: float, n: int = 4) -> list[str]:
     rows = [{"step": 0, "eval/loss": base + 0.5, "eval/rewards/accuracy": 0.5}]
     for s in range(1, n + 1):
-        rows.append({"step": s, "train/loss": base + 1 / s, "train/rewards/margin": 0.1 * s,
-                     "train/rewards/accuracy": 0.5, "train/grad_norm": 1.0,
-                     "train/lengths/chosen": 20.0 + s, "train/lengths/rejected": 30.0,
-                     "train/avg_logps/chosen": -1.0, "train/avg_logps/rejected": -1.2})  # fmt: skip
+        rows.append(
+            {
+                "step": s,
+                "train/loss": base + 1 / s,
+                "train/rewards/margin": 0.1 * s,
+                "train/rewards/accuracy": 0.5,
+                "train/grad_norm": 1.0,
+                "train/lengths/chosen": 20.0 + s,
+                "train/lengths/rejected": 30.0,
+                "train/avg_logps/chosen": -1.0,
+                "train/avg_logps/rejected": -1.2,
+            }
+        )
     rows.append({"step": n, "eval/loss": base, "eval/rewards/accuracy": 0.6})
     return [json.dumps(r) for r in rows]
 
@@ -92,8 +106,12 @@ def test_report_table_csv_and_plots(sweep, tmp_path):
     out = tmp_path / "out"
     rows = report(sweep, out)
     assert [(r["job"], r["status"], r["loss.beta"], r["loss.gamma"]) for r in rows] == [
-        ("0", "ok", "1", "0.7"), ("1", "ok", "1", "1.4"), ("2", "ok", "2.5", "0.7"),
-        ("3", "failed", "2.5", "1.4"), ("10", "missing", "4", "0.7")]  # fmt: skip
+        ("0", "ok", "1", "0.7"),
+        ("1", "ok", "1", "1.4"),
+        ("2", "ok", "2.5", "0.7"),
+        ("3", "failed", "2.5", "1.4"),
+        ("10", "missing", "4", "0.7"),
+    ]
     assert rows[1]["eval/loss_final"] == 0.8 and rows[1]["eval/loss_best"] == pytest.approx(0.79)
     assert rows[1]["eval/rewards/margin_best"] == 0.31 and rows[1]["tokens"] == 1000
     assert rows[3]["eval/loss_final"] == 0.9 and math.isnan(rows[3]["eval/loss_best"])
@@ -132,11 +150,15 @@ def test_empty_dir_is_an_error(tmp_path):
 
 def test_committed_example_and_stripped_notebooks():
     assert {"report.md", "report.csv", "curves.csv", "training_curves.png"} <= {
-        p.name for p in EXAMPLE.iterdir()}  # fmt: skip
+        p.name for p in EXAMPLE.iterdir()
+    }
     with (EXAMPLE / "report.csv").open() as f:
         assert [r["status"] for r in csv.DictReader(f)] == ["ok"] * 4
-    assert [p.stem for p in NOTEBOOKS] == ["length_vs_loss", "sweep_comparison",
-                                           "training_dynamics"]  # fmt: skip
+    assert [p.stem for p in NOTEBOOKS] == [
+        "length_vs_loss",
+        "sweep_comparison",
+        "training_dynamics",
+    ]
     for path in NOTEBOOKS:
         for cell in json.loads(path.read_text())["cells"]:
             assert not cell.get("outputs") and not cell.get("execution_count"), path

@@ -210,9 +210,15 @@ def _llama3_8b_dir(tmp_path):
     from transformers import LlamaConfig
 
     path = tmp_path / "llama3_8b"
-    LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                tie_word_embeddings=False).save_pretrained(path)  # fmt: skip
+    LlamaConfig(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        tie_word_embeddings=False,
+    ).save_pretrained(path)
     return path
 
 
@@ -246,8 +252,13 @@ def test_plan_refuses_what_cannot_fit_and_says_what_to_change(tmp_path):
     from prefopt.plan import GIB, check_fits, plan_memory, shape_and_inputs
 
     path = _llama3_8b_dir(tmp_path)
-    cfg = compose_cfg(tmp_path / "c", "model=llama3_8b_instruct", f"model.name_or_path={path}",
-                      "trainer=gpu", "loss=simpo")  # fmt: skip
+    cfg = compose_cfg(
+        tmp_path / "c",
+        "model=llama3_8b_instruct",
+        f"model.name_or_path={path}",
+        "trainer=gpu",
+        "loss=simpo",
+    )
     plan = plan_memory(*shape_and_inputs(cfg, 1, "cuda"))
     with pytest.raises(
         PlanError, match="needs 1[0-9][0-9].[0-9] GiB per GPU but H100 has 80.0"

@@ -38,21 +38,40 @@ if _reason:
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
-    return {**os.environ, "PREFOPT_PYTHON": sys.executable, "PREFOPT_ROOT": str(REPO),
-            "PREFOPT_SWEEP_DIR": str(tmp_path / "runs"), "PREFOPT_CACHE": str(tmp_path / "cache"),
-            "OMP_NUM_THREADS": "1"}  # fmt: skip
+    return {
+        **os.environ,
+        "PREFOPT_PYTHON": sys.executable,
+        "PREFOPT_ROOT": str(REPO),
+        "PREFOPT_SWEEP_DIR": str(tmp_path / "runs"),
+        "PREFOPT_CACHE": str(tmp_path / "cache"),
+        "OMP_NUM_THREADS": "1",
+    }
 
 
 def _common(data) -> list[str]:
-    return ["model=tiny", "trainer=debug", "trainer.progress=false",
-            f"dataset.path={data[0]}", f"dataset.eval_path={data[1]}"]  # fmt: skip
+    return [
+        "model=tiny",
+        "trainer=debug",
+        "trainer.progress=false",
+        f"dataset.path={data[0]}",
+        f"dataset.eval_path={data[1]}",
+    ]
 
 
 def _submit(tmp_path: Path, *overrides: str) -> str:
-    cmd = [sys.executable, "-m", "prefopt.sweep", "submit", "--sbatch",
-           f"--output={tmp_path}/%A_%a.out -c 1 --parsable", "--", *overrides]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(tmp_path), capture_output=True, text=True,
-                          timeout=120)  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "prefopt.sweep",
+        "submit",
+        "--sbatch",
+        f"--output={tmp_path}/%A_%a.out -c 1 --parsable",
+        "--",
+        *overrides,
+    ]
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip().splitlines()[-1].split(";")[0]
 
@@ -116,19 +135,35 @@ def test_array_sweep_runs_every_point(tmp_path, tiny_data):
 
 def test_submitit_multirun(tmp_path, tiny_data):
     sweep = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "prefopt.train", "-m", "hydra/launcher=slurm",
-           "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1", *_common(tiny_data),
-           "loss=simpo", "loss.beta=1,2", f"hydra.sweep.dir={sweep}"]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(tmp_path), capture_output=True, text=True,
-                          timeout=600)  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "prefopt.train",
+        "-m",
+        "hydra/launcher=slurm",
+        "hydra.launcher.cpus_per_task=1",
+        "hydra.launcher.mem_gb=1",
+        *_common(tiny_data),
+        "loss=simpo",
+        "loss.beta=1,2",
+        f"hydra.sweep.dir={sweep}",
+    ]
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     for job in ("0", "1"):
         assert _summary(sweep / job)["status"] == "ok"
 
 
 def test_signal_checkpoints_requeues_and_resumes(tmp_path, tiny_data):
-    job = _submit(tmp_path, *_common(tiny_data), "loss=simpo", "trainer.max_steps=300",
-                  "trainer.save_every=20")  # fmt: skip
+    job = _submit(
+        tmp_path,
+        *_common(tiny_data),
+        "loss=simpo",
+        "trainer.max_steps=300",
+        "trainer.save_every=20",
+    )
     task = f"{job}_0"
     run = tmp_path / "runs" / job / "0"
     _signal_after_a_checkpoint(task, run)
@@ -137,8 +172,11 @@ def test_signal_checkpoints_requeues_and_resumes(tmp_path, tiny_data):
     assert s["status"] == "ok" and s["steps"] == 300
     log = (run / "train.log").read_text()
     assert "will checkpoint after this step" in log and "resumed from" in log
-    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()
-             if "train/loss" in x]  # fmt: skip
+    steps = [
+        json.loads(x)["step"]
+        for x in (run / "metrics.jsonl").read_text().splitlines()
+        if "train/loss" in x
+    ]
     assert steps == list(range(1, 301))  # nothing lost, nothing repeated
 
 
@@ -148,9 +186,19 @@ def test_train_sbatch_two_ranks_preempted_requeued_resumed(tmp_path, tiny_data):
     requeue -> resume -> finish, every step logged exactly once."""
     run = tmp_path / "run"
     env = {**_env(tmp_path), "PREFOPT_NPROC": "2", "PREFOPT_RUN_DIR": str(run)}
-    cmd = ["sbatch", "--parsable", "-c", "2", f"--output={tmp_path}/%j.out",
-           str(REPO / "slurm" / "train.sbatch"), *_common(tiny_data), "loss=simpo",
-           "trainer.max_steps=60", "trainer.save_every=20", "trainer.device=cpu"]  # fmt: skip
+    cmd = [
+        "sbatch",
+        "--parsable",
+        "-c",
+        "2",
+        f"--output={tmp_path}/%j.out",
+        str(REPO / "slurm" / "train.sbatch"),
+        *_common(tiny_data),
+        "loss=simpo",
+        "trainer.max_steps=60",
+        "trainer.save_every=20",
+        "trainer.device=cpu",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     job = proc.stdout.strip().split(";")[0]
@@ -160,6 +208,9 @@ def test_train_sbatch_two_ranks_preempted_requeued_resumed(tmp_path, tiny_data):
     s = _summary(run)
     assert s["status"] == "ok" and s["steps"] == 60 and s["world_size"] == 2, out[-3000:]
     assert "SIGUSR1: checkpointing and requeueing" in out and "resumed from" in out
-    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()
-             if "train/loss" in x]  # fmt: skip
+    steps = [
+        json.loads(x)["step"]
+        for x in (run / "metrics.jsonl").read_text().splitlines()
+        if "train/loss" in x
+    ]
     assert steps == list(range(1, 61))  # nothing lost, nothing repeated

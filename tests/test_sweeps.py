@@ -29,8 +29,13 @@ SWEEPS = {
     "spo": ("spo", {"loss.alpha": 3}),
     "swepo": ("swepo", {"loss.p": 3}),
 }
-EXPERIMENT_LOSS = {"refa": "refa_dynamic", "alpha_dpo": "alpha_dpo", "lmpo": "lmpo",
-                   "simpo": "simpo", "swepo": "swepo"}  # fmt: skip
+EXPERIMENT_LOSS = {
+    "refa": "refa_dynamic",
+    "alpha_dpo": "alpha_dpo",
+    "lmpo": "lmpo",
+    "simpo": "simpo",
+    "swepo": "swepo",
+}
 # Published settings spot-checked: (loss keys, optimizer.lr), from the digests and PEERS.md §5.
 PUBLISHED = {
     "simpo_mistral_base": ({"beta": 2.0, "gamma": 1.6}, 3e-7),
@@ -56,8 +61,9 @@ PAPER_EXPERIMENTS = sorted(
 
 def _compose(overrides: list[str], hydra_cfg: bool = False):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("train", overrides=["run_dir=/tmp/x", *overrides],
-                       return_hydra_config=hydra_cfg)  # fmt: skip
+        return compose(
+            "train", overrides=["run_dir=/tmp/x", *overrides], return_hydra_config=hydra_cfg
+        )
 
 
 def _commands(path: Path) -> list[list[str]]:
@@ -129,8 +135,9 @@ def test_commands_in_comments_compose(path):
 
 
 def _run(args: list[str], env: dict[str, str], timeout: int = 240) -> str:
-    out = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True,
-                         text=True, timeout=timeout)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out.stdout
 
@@ -143,12 +150,32 @@ def _table(report_md: str) -> list[list[str]]:
 def test_real_multirun_and_report(tmp_path):
     """2 x 2 SimPO grid on the tiny model, report it, then lose one summary.json."""
     sweep = tmp_path / "sweep"
-    env = {**os.environ, "PREFOPT_CACHE": str(tmp_path / "cache"), "WANDB_MODE": "disabled",
-           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}  # fmt: skip
-    _run(["-m", "prefopt.train", "-m", "model=tiny", "trainer=debug", "loss=simpo",
-          "loss.beta=1,2", "loss.gamma=0.5,1", "trainer.max_steps=2", "trainer.eval_batch_groups=8",
-          "dataset.max_train_examples=32", "dataset.max_eval_examples=8", "trainer.num_threads=1",
-          f"hydra.sweep.dir={sweep}"], env)  # fmt: skip
+    env = {
+        **os.environ,
+        "PREFOPT_CACHE": str(tmp_path / "cache"),
+        "WANDB_MODE": "disabled",
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+    _run(
+        [
+            "-m",
+            "prefopt.train",
+            "-m",
+            "model=tiny",
+            "trainer=debug",
+            "loss=simpo",
+            "loss.beta=1,2",
+            "loss.gamma=0.5,1",
+            "trainer.max_steps=2",
+            "trainer.eval_batch_groups=8",
+            "dataset.max_train_examples=32",
+            "dataset.max_eval_examples=8",
+            "trainer.num_threads=1",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        env,
+    )
     jobs = sorted(p.name for p in sweep.iterdir() if (p / ".hydra" / "overrides.yaml").is_file())
     assert jobs == ["0", "1", "2", "3"]
     (sweep / "3" / "summary.json").unlink()  # a killed job: run dir, no summary
@@ -182,10 +209,21 @@ def test_optuna_search_instead_of_a_grid(tmp_path):
     train = write_jsonl(tmp_path / "t.jsonl", arithmetic_rows(12, seed=0))
     held = write_jsonl(tmp_path / "e.jsonl", arithmetic_rows(4, seed=1))
     sweep = tmp_path / "search"
-    cmd = [sys.executable, "-m", "prefopt.train", "-m", "hydra/sweeper=search", "model=tiny",
-           "trainer=debug", "loss=simpo", "loss.beta=interval(1.0,3.0)", "hydra.sweeper.n_trials=2",
-           f"dataset.path={train}", f"dataset.eval_path={held}",
-           f"hydra.sweep.dir={sweep}"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "prefopt.train",
+        "-m",
+        "hydra/sweeper=search",
+        "model=tiny",
+        "trainer=debug",
+        "loss=simpo",
+        "loss.beta=interval(1.0,3.0)",
+        "hydra.sweeper.n_trials=2",
+        f"dataset.path={train}",
+        f"dataset.eval_path={held}",
+        f"hydra.sweep.dir={sweep}",
+    ]
     env = {**os.environ, "PREFOPT_CACHE": str(tmp_path / "cache")}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -22,11 +22,18 @@ from prefopt.train.loop import StepContext, run, train_step
 
 def _cfg(run_dir: Path, data: tuple[Path, Path], *overrides: str):
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose("train", overrides=[
-            f"run_dir={run_dir}", f"cache_dir={run_dir.parent / 'cache'}", "model=tiny",
-            "trainer=debug", f"dataset.path={data[0]}", f"dataset.eval_path={data[1]}",
-            *overrides,
-        ])  # fmt: skip
+        return compose(
+            "train",
+            overrides=[
+                f"run_dir={run_dir}",
+                f"cache_dir={run_dir.parent / 'cache'}",
+                "model=tiny",
+                "trainer=debug",
+                f"dataset.path={data[0]}",
+                f"dataset.eval_path={data[1]}",
+                *overrides,
+            ],
+        )
 
 
 def _metrics(run_dir: Path) -> list[dict]:
@@ -36,9 +43,19 @@ def _metrics(run_dir: Path) -> list[dict]:
 def test_entrypoint_trains_three_steps_and_exports(tmp_path, tiny_data):
     run_dir = tmp_path / "run"
     env = {**os.environ, "PREFOPT_CACHE": str(tmp_path / "cache")}
-    cmd = [sys.executable, "-m", "prefopt.train", "loss=simpo", "model=tiny", "trainer=debug",
-           "trainer.max_steps=3", "trainer.export_final=true", f"hydra.run.dir={run_dir}",
-           f"dataset.path={tiny_data[0]}", f"dataset.eval_path={tiny_data[1]}"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "prefopt.train",
+        "loss=simpo",
+        "model=tiny",
+        "trainer=debug",
+        "trainer.max_steps=3",
+        "trainer.export_final=true",
+        f"hydra.run.dir={run_dir}",
+        f"dataset.path={tiny_data[0]}",
+        f"dataset.eval_path={tiny_data[1]}",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "held-out metrics" in proc.stdout and "rewards/accuracy" in proc.stdout
@@ -97,9 +114,14 @@ def _step_grads(tmp_path, tiny_data, micro: int) -> list[torch.Tensor]:
     from prefopt.models import load_model, load_tokenizer
     from prefopt.train.loop import prepare_data
 
-    cfg = _cfg(tmp_path / f"g{micro}", tiny_data, "loss=refa_dynamic",
-               "trainer.global_batch_groups=4", f"trainer.micro_batch_groups={micro}",
-               "trainer.max_grad_norm=1e9")  # fmt: skip
+    cfg = _cfg(
+        tmp_path / f"g{micro}",
+        tiny_data,
+        "loss=refa_dynamic",
+        "trainer.global_batch_groups=4",
+        f"trainer.micro_batch_groups={micro}",
+        "trainer.max_grad_norm=1e9",
+    )
     tok = load_tokenizer(cfg.model, cfg.cache_dir)
     spec, loss_fn = build_loss(cfg.loss)
     data = prepare_data(cfg, tok, spec)
@@ -174,9 +196,18 @@ def _multirun(tmp_path: Path, data: tuple[Path, Path], *overrides: str) -> list[
     """Run a Hydra multirun through the real entrypoint; the jobs' summaries in job order."""
     sweep = tmp_path / "sweep"
     env = {**os.environ, "PREFOPT_CACHE": str(tmp_path / "cache")}
-    cmd = [sys.executable, "-m", "prefopt.train", "-m", "model=tiny", "trainer=debug",
-           f"dataset.path={data[0]}", f"dataset.eval_path={data[1]}", f"hydra.sweep.dir={sweep}",
-           *overrides]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "prefopt.train",
+        "-m",
+        "model=tiny",
+        "trainer=debug",
+        f"dataset.path={data[0]}",
+        f"dataset.eval_path={data[1]}",
+        f"hydra.sweep.dir={sweep}",
+        *overrides,
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = sorted((p for p in sweep.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
@@ -205,8 +236,9 @@ def test_layouts_and_token_budgets_train_the_same(tmp_path, tiny_data):
         "packed": ("trainer.layout=packed",),
         "shared_budget": ("trainer.layout=shared", "trainer.micro_batch_tokens=200"),
     }
-    finals = {name: run(_cfg(tmp_path / name, tiny_data, *common, *extra))
-              for name, extra in runs.items()}  # fmt: skip
+    finals = {
+        name: run(_cfg(tmp_path / name, tiny_data, *common, *extra)) for name, extra in runs.items()
+    }
     ref = _weights(tmp_path / "padded", 2)
     for name in ("packed", "shared_budget"):
         assert finals[name]["loss"] == pytest.approx(finals["padded"]["loss"], rel=1e-5)

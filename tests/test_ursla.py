@@ -34,8 +34,10 @@ def model(tok):
 def naive_nlls(model, tok, prompt, text: str, include_eos: bool) -> list[float]:
     """Chat template by hand, the whole sequence's fp64 logits, one token at a time."""
     msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-    p = tok(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True),
-            add_special_tokens=False).input_ids  # fmt: skip
+    p = tok(
+        tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True),
+        add_special_tokens=False,
+    ).input_ids
     r = [*tok(text, add_special_tokens=False).input_ids, *([tok.eos_token_id] * include_eos)]
     with torch.no_grad():
         logp = model(input_ids=torch.tensor([p + r])).logits[0].double().log_softmax(-1)
@@ -53,8 +55,17 @@ def test_measure_matches_naive_nlls(model, tok, include_eos):
     assert prefix["values"] == pytest.approx(want, abs=1e-5)
     assert prefix["response_tokens"]["max"] == 5 + include_eos
     # window 1: column L holds len(y) = L - 1 or L; each response alone in its bucket
-    length = measure(model, tok, PROMPTS, TEXTS, [2, 4, 6] if include_eos else [1, 3, 5],
-                     "length", window=1, include_eos=include_eos, batch_size=3)  # fmt: skip
+    length = measure(
+        model,
+        tok,
+        PROMPTS,
+        TEXTS,
+        [2, 4, 6] if include_eos else [1, 3, 5],
+        "length",
+        window=1,
+        include_eos=include_eos,
+        batch_size=3,
+    )
     assert length["counts"] == [1, 1, 1]
     assert length["values"] == pytest.approx([mean(v) for v in x], abs=1e-5)
 
@@ -107,8 +118,16 @@ def _cfg(*overrides: str):
 def test_cli_on_the_tiny_model_writes_ursla_json(tmp_path):
     run_dir = tmp_path / "run"
     env = {**os.environ, "PREFOPT_CACHE": str(tmp_path / "cache")}
-    cmd = [sys.executable, "-m", "prefopt.ursla", "model=tiny", "dataset.max_train_examples=4",
-           "lengths=[1,10,2000]", "num_threads=1", f"hydra.run.dir={run_dir}"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "prefopt.ursla",
+        "model=tiny",
+        "dataset.max_train_examples=4",
+        "lengths=[1,10,2000]",
+        "num_threads=1",
+        f"hydra.run.dir={run_dir}",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "LP(y)_2000" in proc.stdout and "(n=16)" in proc.stdout
@@ -125,8 +144,15 @@ def test_best_responses_of_the_dataset(tmp_path):
 
 
 def test_alpaca_eval_outputs(tmp_path):
-    rows = [{"instruction": f"Count to {i}.", "output": " ".join(map(str, range(1, i + 1))),
-             "generator": "tiny-sft", "dataset": "helpful_base"} for i in (1, 3, 8)]  # fmt: skip
+    rows = [
+        {
+            "instruction": f"Count to {i}.",
+            "output": " ".join(map(str, range(1, i + 1))),
+            "generator": "tiny-sft",
+            "dataset": "helpful_base",
+        }
+        for i in (1, 3, 8)
+    ]
     path = tmp_path / "model_outputs.json"
     path.write_text(json.dumps(rows))
     out = run(_cfg(f"run_dir={tmp_path}", f"outputs={path}", "lengths=[1,5,15]", "batch_size=2"))

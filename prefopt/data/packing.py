@@ -109,8 +109,9 @@ class PackedBatch(NamedTuple):
         return self.input_ids.shape[1]
 
     def to(self, device: torch.device | str) -> PackedBatch:
-        return PackedBatch(*(t.to(device) if isinstance(t, Tensor | PackedBatch | DocBlocks) else t
-                             for t in self))  # fmt: skip
+        return PackedBatch(
+            *(t.to(device) if isinstance(t, Tensor | PackedBatch | DocBlocks) else t for t in self)
+        )
 
 
 def collate_packed(groups: Groups, share_prompts: bool) -> PackedBatch:
@@ -338,5 +339,7 @@ def budget_batches(
     groups = [(group_at(data, views[i][0]), views[i][1]) for i in order]
     sizes = [view_size(g, idx, layout) for g, idx in groups]
     plan = plan_micro_batches(sizes, budget, layout, world_size)
-    return [collate_layout([groups[i] for i in mb], pad_id, layout).to(device)
-            for mb in plan[rank::world_size]]  # fmt: skip
+    return [
+        collate_layout([groups[i] for i in mb], pad_id, layout).to(device)
+        for mb in plan[rank::world_size]
+    ]

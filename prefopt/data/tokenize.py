@@ -128,8 +128,10 @@ class Tokenizer:
         o = self.opts
         prompt = self.prompt_ids(ex.prompt)
         if len(prompt) > o.max_prompt_length:
-            msg = (f"{where}: key 'prompt': {len(prompt)} tokens > "
-                   f"dataset.max_prompt_length={o.max_prompt_length}")  # fmt: skip
+            msg = (
+                f"{where}: key 'prompt': {len(prompt)} tokens > "
+                f"dataset.max_prompt_length={o.max_prompt_length}"
+            )
             if self._over_limit(o.prompt_truncation, msg, "prompt"):
                 return None
             prompt = keep_end(prompt, o.max_prompt_length, self.bos)
@@ -141,8 +143,10 @@ class Tokenizer:
                 eos = self.tok.eos_token
                 raise DataError(f"{where}: key 'responses'[{k}]: response is only the EOS {eos!r}")
             if len(ids) > budget:
-                msg = (f"{where}: key 'responses'[{k}]: {len(prompt)} prompt + {len(ids)} "
-                       f"response tokens > dataset.max_length={o.max_length}")  # fmt: skip
+                msg = (
+                    f"{where}: key 'responses'[{k}]: {len(prompt)} prompt + {len(ids)} "
+                    f"response tokens > dataset.max_length={o.max_length}"
+                )
                 if self._over_limit(o.response_truncation, msg, "response"):
                     return None
                 ids = ids[:budget]

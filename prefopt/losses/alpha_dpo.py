@@ -70,8 +70,13 @@ def _update(state: dict[str, Tensor], sums: dict[str, Tensor], *, momentum: floa
     return running.update_state(state, sums, momentum)
 
 
-@register_loss("alpha_dpo", AlphaDPOConfig, needs_reference=True, k=2,
-               state=StateSpec(init=_init, update=_update))  # fmt: skip
+@register_loss(
+    "alpha_dpo",
+    AlphaDPOConfig,
+    needs_reference=True,
+    k=2,
+    state=StateSpec(init=_init, update=_update),
+)
 def alpha_dpo_loss(
     policy: GroupStats,
     ref: GroupStats,
@@ -99,8 +104,11 @@ def alpha_dpo_loss(
     rewards = beta * policy.avg_logps  # (B, 2)
     u = rewards[:, 0] - rewards[:, 1]  # (B,)
     m = dpo_margin(policy, ref, beta, convention)  # (B,)
-    m_star = running.zscore(m, valid, state, decay=momentum, eps=eps,
-                            zscore_stats=zscore_stats) if zscore else m  # fmt: skip
+    m_star = (
+        running.zscore(m, valid, state, decay=momentum, eps=eps, zscore_stats=zscore_stats)
+        if zscore
+        else m
+    )
     scale = alpha * beta if convention == "code" else alpha
     target = (gamma + scale * m_star).detach()  # (B,) sg[gamma + alpha M*]
     losses = zero_invalid(-F.logsigmoid(u - target), valid)

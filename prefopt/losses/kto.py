@@ -73,8 +73,11 @@ def kto_loss(
     desirable, undesirable = _labels(scores, policy.mask, labels)
     z0 = kl_estimate.detach().clamp(min=0)
     rewards = policy.logps - ref.logps  # (B, K)
-    value = torch.where(desirable, lambda_d * torch.sigmoid(beta * (rewards - z0)),
-                        lambda_u * torch.sigmoid(beta * (z0 - rewards)))  # fmt: skip
+    value = torch.where(
+        desirable,
+        lambda_d * torch.sigmoid(beta * (rewards - z0)),
+        lambda_u * torch.sigmoid(beta * (z0 - rewards)),
+    )
     weight = torch.where(desirable, lambda_d, lambda_u)
     labelled = (desirable | undesirable) & policy.mask
     losses = ((weight - value) * labelled).sum(-1) / labelled.sum(-1).clamp(min=1)

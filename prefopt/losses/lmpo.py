@@ -98,13 +98,19 @@ def lmpo_loss(
     rewards = beta * policy.avg_logps  # (B, 2)
     p = length_normalized_prob(policy, length_factor)  # (B, 2)
     m = lmpo_margin(p[:, 0], p[:, 1], power)  # (B,)
-    m_bar = running.zscore(m, valid, state, decay=ema_decay, eps=eps,
-                           zscore_stats=zscore_stats) if zscore else m  # fmt: skip
+    m_bar = (
+        running.zscore(m, valid, state, decay=ema_decay, eps=eps, zscore_stats=zscore_stats)
+        if zscore
+        else m
+    )
     if detach:
         m_bar = m_bar.detach()
     d = rewards[:, 0] - rewards[:, 1] - lam * m_bar  # (B,)
     losses = zero_invalid(F.softplus(log_h - d), valid)
     metrics = preference_metrics(rewards, policy, scores)
-    metrics |= {"lmpo/margin": m.detach(), "lmpo/m_bar": m_bar.detach(),
-                "lmpo/p_chosen": p[:, 0].detach()}  # fmt: skip
+    metrics |= {
+        "lmpo/margin": m.detach(),
+        "lmpo/m_bar": m_bar.detach(),
+        "lmpo/p_chosen": p[:, 0].detach(),
+    }
     return LossOutput(losses, valid, metrics, running.batch_sums(m, valid))

@@ -142,17 +142,39 @@ def refa_dynamic_loss(
     Reference-free; ``ref`` is ignored.
     """
     pos, neg, valid = mean_split(scores, policy.mask)  # Eqs. 1-2; (B, K), (B, K), (B,)
-    out = _weighted_contrast(policy, scores, pos, neg, valid, beta=beta, gamma=gamma, alpha=alpha,
-                             p=p, deviation=deviation, lam=lam,
-                             length_normalize=length_normalize)  # fmt: skip
+    out = _weighted_contrast(
+        policy,
+        scores,
+        pos,
+        neg,
+        valid,
+        beta=beta,
+        gamma=gamma,
+        alpha=alpha,
+        p=p,
+        deviation=deviation,
+        lam=lam,
+        length_normalize=length_normalize,
+    )
     out.metrics["refa/positives"] = (pos & valid[:, None]).sum(-1).float()
     return out
 
 
 def _weighted_contrast(
-    policy: GroupStats, scores: Tensor, pos: Tensor, neg: Tensor, valid: Tensor, *, beta: float,
-    gamma: float, alpha: float, p: float, deviation: str, lam: float, length_normalize: bool,
-) -> LossOutput:  # fmt: skip
+    policy: GroupStats,
+    scores: Tensor,
+    pos: Tensor,
+    neg: Tensor,
+    valid: Tensor,
+    *,
+    beta: float,
+    gamma: float,
+    alpha: float,
+    p: float,
+    deviation: str,
+    lam: float,
+    length_normalize: bool,
+) -> LossOutput:
     """The loss both REFA-dynamic and REFA-1-vs-all share, given their sets Y+ and Y-:
     softplus(log gamma + LSE_{Y-}(z) - LSE_{Y+}(z)) + R, z = beta (l_bar + alpha dS)."""
     ell = policy.avg_logps if length_normalize else policy.logps  # (B, K)
@@ -202,9 +224,20 @@ def refa_1vsall_loss(
     ties: first index. Reference-free.
     """
     pos, neg, valid = top_split(scores, policy.mask)
-    out = _weighted_contrast(policy, scores, pos, neg, valid, beta=beta, gamma=gamma, alpha=alpha,
-                             p=p, deviation=deviation, lam=lam,
-                             length_normalize=length_normalize)  # fmt: skip
+    out = _weighted_contrast(
+        policy,
+        scores,
+        pos,
+        neg,
+        valid,
+        beta=beta,
+        gamma=gamma,
+        alpha=alpha,
+        p=p,
+        deviation=deviation,
+        lam=lam,
+        length_normalize=length_normalize,
+    )
     above_mean = neg & (scores > masked_mean(scores, policy.mask)[:, None]) & valid[:, None]
     out.metrics["refa/above_mean_negatives"] = above_mean.sum(-1).float()
     return out

@@ -62,8 +62,11 @@ class LossSpec:
         loop from the config, so a loss's YAML can carry them without the function seeing them.
         """
         params = inspect.signature(self.fn).parameters
-        return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(self.config_cls)
-                if f.name in params and f.name != "state"}  # fmt: skip
+        return {
+            f.name: getattr(cfg, f.name)
+            for f in dataclasses.fields(self.config_cls)
+            if f.name in params and f.name != "state"
+        }
 
 
 LOSSES: dict[str, LossSpec] = {}

@@ -41,8 +41,11 @@ def init_state(stats_init: str, zscore_stats: str = "running_and_batch") -> dict
             "authors' code, which folds each batch in before normalising)"
         )
     started = 1.0 if stats_init == "zero" else 0.0  # zero: the averages start at 0 right away
-    return {"mean": torch.zeros((), dtype=F64), "std": torch.zeros((), dtype=F64),
-            "initialized": torch.tensor(started, dtype=F64)}  # fmt: skip
+    return {
+        "mean": torch.zeros((), dtype=F64),
+        "std": torch.zeros((), dtype=F64),
+        "initialized": torch.tensor(started, dtype=F64),
+    }
 
 
 def batch_sums(x: Tensor, valid: Tensor) -> dict[str, Tensor]:

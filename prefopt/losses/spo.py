@@ -56,8 +56,10 @@ WEIGHTINGS = ("basic", "weighted")
 
 
 def _init_state(**_: object) -> LossState:
-    return {"mu_baseline": torch.zeros((), dtype=torch.float64),
-            "mu_baseline_count": torch.zeros((), dtype=torch.float64)}  # fmt: skip
+    return {
+        "mu_baseline": torch.zeros((), dtype=torch.float64),
+        "mu_baseline_count": torch.zeros((), dtype=torch.float64),
+    }
 
 
 def _update_state(state: LossState, sums: dict[str, Tensor], **_: object) -> LossState:
@@ -65,8 +67,10 @@ def _update_state(state: LossState, sums: dict[str, Tensor], **_: object) -> Los
     count = sums.get("spo/mu_power_count")
     if count is None or float(count) == 0:
         return state
-    return {"mu_baseline": (sums["spo/mu_power_sum"] / count).double().cpu(),
-            "mu_baseline_count": count.double().cpu()}  # fmt: skip
+    return {
+        "mu_baseline": (sums["spo/mu_power_sum"] / count).double().cpu(),
+        "mu_baseline_count": count.double().cpu(),
+    }
 
 
 @dataclass
@@ -84,8 +88,14 @@ class SPOConfig(LossConfig):
     kl_max_new_tokens: int = 256  # generation length cap (MISSING in the paper; our choice)
 
 
-@register_loss("spo", SPOConfig, needs_reference=False, k=None, on_policy_kl=True,
-               state=StateSpec(_init_state, _update_state))  # fmt: skip
+@register_loss(
+    "spo",
+    SPOConfig,
+    needs_reference=False,
+    k=None,
+    on_policy_kl=True,
+    state=StateSpec(_init_state, _update_state),
+)
 def spo_loss(
     policy: GroupStats,
     ref: GroupStats | None,
@@ -107,8 +117,10 @@ def spo_loss(
     l = policy.logps, summed response log-probs with EOS. See the module docstring for readings.
     """
     if form not in FORMS or weighting not in WEIGHTINGS or alpha < 0:
-        raise ValueError(f"spo: form in {FORMS}, weighting in {WEIGHTINGS}, alpha >= 0; got "
-                         f"{form!r}, {weighting!r}, {alpha}")  # fmt: skip
+        raise ValueError(
+            f"spo: form in {FORMS}, weighting in {WEIGHTINGS}, alpha >= 0; got "
+            f"{form!r}, {weighting!r}, {alpha}"
+        )
     mask = policy.mask
     K = mask.shape[-1]
     valid = has_preference(scores, mask)  # (B,)

@@ -82,12 +82,29 @@ def step_micro_batches(
     ``micro_batch_tokens`` (planned over the whole step, so every rank runs as many), or
     ``micro_batch_groups`` views at a time from the rank's slice of the step."""
     if t.micro_batch_tokens:
-        return budget_batches(data.train, data.train_views, step_views, t.micro_batch_tokens,
-                              t.layout, pad_id, world.device, world.rank,
-                              world.world_size)  # fmt: skip
+        return budget_batches(
+            data.train,
+            data.train_views,
+            step_views,
+            t.micro_batch_tokens,
+            t.layout,
+            pad_id,
+            world.device,
+            world.rank,
+            world.world_size,
+        )
     order = step_views[world.rank :: world.world_size]
-    return list(batches(data.train, data.train_views, order, t.micro_batch_groups, pad_id,
-                        world.device, t.layout))  # fmt: skip
+    return list(
+        batches(
+            data.train,
+            data.train_views,
+            order,
+            t.micro_batch_groups,
+            pad_id,
+            world.device,
+            t.layout,
+        )
+    )
 
 
 @dataclass(frozen=True)
@@ -134,8 +151,9 @@ def train_step(
         # Reduce-scatter gradients once per step; every rank runs the same number of micro-batches.
         parallel.set_gradient_sync(policy, i == len(micro_batches) - 1)
         with ctx.autocast:
-            out = forward_loss(policy, ref, batch, ctx.spec, ctx.loss_fn, ctx.chunk_size,
-                               ctx.loss_state, ctx.extra)  # fmt: skip
+            out = forward_loss(
+                policy, ref, batch, ctx.spec, ctx.loss_fn, ctx.chunk_size, ctx.loss_state, ctx.extra
+            )
         torch.where(out.valid, out.losses, 0.0).sum().backward()
         sums.add(out, batch.num_tokens)
     totals = sums.reduce({"stop": stop_requested})
@@ -204,8 +222,9 @@ def run(  # noqa: C901  (one function from build to summary, read top to bottom)
     policy, ref, data = build_models(cfg, spec, tok, data, world, precision, autocast)
     optimizer = build_optimizer(cfg.optimizer, [p for p in policy.parameters() if p.requires_grad])
     hparams = spec.hparams(cfg.loss)
-    state = TrainState(loss_state=spec.state.init(**hparams) if spec.state else {},
-                       world_size=world.world_size)  # fmt: skip
+    state = TrainState(
+        loss_state=spec.state.init(**hparams) if spec.state else {}, world_size=world.world_size
+    )
     resume_from = resolve_resume(t.resume, run_dir)
     if resume_from is not None:
         state = load_checkpoint(resume_from, policy, optimizer, world.world_size)
@@ -214,22 +233,38 @@ def run(  # noqa: C901  (one function from build to summary, read top to bottom)
     logger = build_logger(cfg.logger, run_dir, cfg, sweep)
 
     def run_eval() -> dict[str, float]:
-        metrics = evaluate(policy, ref, data.eval, data.eval_views, spec, loss_fn,
-                           batch_groups=t.eval_batch_groups, pad_id=tok.pad_token_id,
-                           chunk_size=t.logps_chunk_size, autocast=autocast,
-                           loss_state=state.loss_state, rank=world.rank,
-                           world_size=world.world_size, layout=t.layout)  # fmt: skip
+        metrics = evaluate(
+            policy,
+            ref,
+            data.eval,
+            data.eval_views,
+            spec,
+            loss_fn,
+            batch_groups=t.eval_batch_groups,
+            pad_id=tok.pad_token_id,
+            chunk_size=t.logps_chunk_size,
+            autocast=autocast,
+            loss_state=state.loss_state,
+            rank=world.rank,
+            world_size=world.world_size,
+            layout=t.layout,
+        )
         logger.log({f"eval/{k}": v for k, v in metrics.items()}, step=state.step)
         return metrics
 
     kl = OnPolicyKL.build(spec, cfg.loss, ref, tok, t.logps_chunk_size)
-    inputs_opts = StepInputOptions(t.eval_batch_groups, tok.pad_token_id, t.logps_chunk_size,
-                                   autocast)  # fmt: skip
+    inputs_opts = StepInputOptions(
+        t.eval_batch_groups, tok.pad_token_id, t.logps_chunk_size, autocast
+    )
     eval_before = run_eval() if state.step == 0 else None
     best_eval = eval_before
     preempt = Preemption()
-    bar = tqdm(total=max_steps, initial=state.step, dynamic_ncols=True,
-               disable=not (t.progress and parallel.is_main()))  # fmt: skip
+    bar = tqdm(
+        total=max_steps,
+        initial=state.step,
+        dynamic_ncols=True,
+        disable=not (t.progress and parallel.is_main()),
+    )
     consecutive_skips = 0
 
     # ---- training loop ----
@@ -242,12 +277,26 @@ def run(  # noqa: C901  (one function from build to summary, read top to bottom)
         step_views = views_at(len(data.train_views), cfg.seed, state.consumed, G)
         order = step_views[world.rank :: world.world_size]  # this rank's groups
         micro_batches = step_micro_batches(t, data, step_views, world, tok.pad_token_id)
-        extra = step_inputs(policy, ref, data.train, data.train_views, step_views, spec,
-                            inputs_opts)  # fmt: skip
-        regularizer = kl.prepare(policy, state, [data.train[data.train_views[i][0]]["prompt_ids"]
-                                                 for i in order]) if kl else None  # fmt: skip
-        ctx = StepContext(spec, loss_fn, autocast, t.logps_chunk_size, t.max_grad_norm,
-                          state.loss_state, extra, regularizer)  # fmt: skip
+        extra = step_inputs(
+            policy, ref, data.train, data.train_views, step_views, spec, inputs_opts
+        )
+        regularizer = (
+            kl.prepare(
+                policy, state, [data.train[data.train_views[i][0]]["prompt_ids"] for i in order]
+            )
+            if kl
+            else None
+        )
+        ctx = StepContext(
+            spec,
+            loss_fn,
+            autocast,
+            t.logps_chunk_size,
+            t.max_grad_norm,
+            state.loss_state,
+            extra,
+            regularizer,
+        )
         metrics, applied, stop_signal, stat_sums = train_step(
             policy, ref, micro_batches, ctx, preempt.requested
         )
@@ -267,12 +316,19 @@ def run(  # noqa: C901  (one function from build to summary, read top to bottom)
 
         # ---- log, eval, checkpoint ----
         if state.step % t.log_every == 0 or state.step == max_steps:
-            logger.log({**{f"train/{k}": v for k, v in metrics.items()}, "train/lr": lr,
-                        "train/skipped_steps": state.skipped_steps,
-                        "perf/tokens_per_s": metrics["tokens"] / dt}, step=state.step)  # fmt: skip
+            logger.log(
+                {
+                    **{f"train/{k}": v for k, v in metrics.items()},
+                    "train/lr": lr,
+                    "train/skipped_steps": state.skipped_steps,
+                    "perf/tokens_per_s": metrics["tokens"] / dt,
+                },
+                step=state.step,
+            )
         bar.update(1)
-        bar.set_postfix(loss=f"{metrics.get('loss', math.nan):.4f}",
-                        tok_s=f"{metrics['tokens'] / dt:.0f}")  # fmt: skip
+        bar.set_postfix(
+            loss=f"{metrics.get('loss', math.nan):.4f}", tok_s=f"{metrics['tokens'] / dt:.0f}"
+        )
         if t.eval_every and state.step % t.eval_every == 0 and state.step < max_steps:
             best_eval = best_of(best_eval, run_eval())
         # A signal seen by any rank stops all of them after the same step (agreed in train_step).
@@ -296,13 +352,22 @@ def run(  # noqa: C901  (one function from build to summary, read top to bottom)
     if parallel.is_main():
         print_eval("held-out metrics", eval_before, eval_after)
         summary = {
-            "status": "ok", "overrides": overrides or [], "loss": spec.name, "steps": state.step,
-            "skipped_steps": state.skipped_steps, "tokens": state.tokens,
-            "train_wall_time_s": state.wall_time, "world_size": world.world_size,
-            "commit": git_commit(), "data_counts": dict(data.counts), "eval_before": eval_before,
-            "eval_final": eval_after, "eval_best": best_eval, "peak_memory_gib_per_rank": peaks,
+            "status": "ok",
+            "overrides": overrides or [],
+            "loss": spec.name,
+            "steps": state.step,
+            "skipped_steps": state.skipped_steps,
+            "tokens": state.tokens,
+            "train_wall_time_s": state.wall_time,
+            "world_size": world.world_size,
+            "commit": git_commit(),
+            "data_counts": dict(data.counts),
+            "eval_before": eval_before,
+            "eval_final": eval_after,
+            "eval_best": best_eval,
+            "peak_memory_gib_per_rank": peaks,
             "banner": facts.as_dict(),
-        }  # fmt: skip
+        }
         Path(run_dir, "summary.json").write_text(json.dumps(summary, indent=2))
     logger.close()
     return eval_after
