@@ -29,6 +29,7 @@ COMMON = [
     "trainer.export_final=false",
     "trainer.progress=false",
     "trainer.device=cpu",
+    "trainer.train_top_blocks=0",  # every block trains (the demo recipe trains the top 4 only)
 ]
 RUNS = {"full": [], "lora": ["+model/lora=default"]}
 # Runs the training in a grandchild and prints that process's peak RSS in KiB (Linux ru_maxrss).
