@@ -54,7 +54,7 @@ def test_bare_command_is_the_cpu_demo():
     assert cfg.model.source == "gguf" and cfg.recipe.name == "smollm2_135m"
     assert Path(cfg.dataset.path).parent == REPO / "prefopt" / "assets"
     assert cfg.optimizer.lr == cfg.recipe.lr == 1e-4 and cfg.trainer.train_top_blocks == 4
-    assert cfg.trainer.layout == "shared" and cfg.model.attn_implementation == "sdpa"
+    assert cfg.trainer.layout == "shared" and cfg.model.attn_implementation == "auto"
     assert _compose("model=tiny").trainer.layout == "padded"  # the demo's speed choices: SmolLM2's
 
 
