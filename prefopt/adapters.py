@@ -151,15 +151,36 @@ def base_checkpoint_key(name: str) -> str | None:
 def reset_adapters(model: nn.Module) -> None:
     """Initialise every adapter in place with peft's own init (A random, B zero, so the policy
     starts as the base). For a model built on the meta device: after sharding and ``to_empty``
-    the base weights come from the checkpoint and the adapters from here; works on DTensor
-    shards. Seed torch first for a reproducible A."""
+    the base weights come from the checkpoint and the adapters from here. Seed torch first.
+
+    peft draws each adapter matrix whole, on the CPU, in module order, and each rank keeps its
+    own shard of it: the same values on any number of ranks (random ops on DTensor shards would
+    draw per shard, so 2 ranks would start from other adapters than 1)."""
     from peft.tuners.lora import LoraLayer
+    from torch.distributed.tensor import DTensor, distribute_tensor
 
     config = peft_model(model).peft_config
     for m in model.modules():
-        if isinstance(m, LoraLayer):
-            for name in m.lora_A:
-                m.reset_lora_parameters(name, init_lora_weights=config[name].init_lora_weights)
+        if not isinstance(m, LoraLayer):
+            continue
+        for name in m.lora_A:
+            sharded = {}
+            for linear in (m.lora_A[name], m.lora_B[name]):
+                sharded[linear] = linear.weight
+                full = torch.empty(linear.weight.shape, dtype=linear.weight.dtype)
+                linear.weight = nn.Parameter(full, requires_grad=linear.weight.requires_grad)
+            m.reset_lora_parameters(name, init_lora_weights=config[name].init_lora_weights)
+            with torch.no_grad():
+                for linear, param in sharded.items():
+                    full = linear.weight.detach()
+                    linear.weight = param  # the sharded parameter FSDP manages, back in place
+                    if isinstance(param, DTensor):
+                        local = distribute_tensor(
+                            full, param.device_mesh, param.placements, src_data_rank=None
+                        ).to_local()
+                        param.to_local().copy_(local)
+                    else:
+                        param.copy_(full)
 
 
 def peft_model(module: nn.Module) -> peft.PeftModel | None:
