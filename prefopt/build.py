@@ -22,6 +22,7 @@ from prefopt.banner import verdict
 from prefopt.checks import validate, validate_batching  # noqa: F401  (the loop imports them here)
 from prefopt.data.loading import DataSplits, build_splits, make_views
 from prefopt.data.tokenize import TokenizeOptions, Tokenizer
+from prefopt.evaluation import PassOptions
 from prefopt.freeze import freeze_below_top_blocks
 from prefopt.losses import LossSpec
 from prefopt.models import empty_model, initial_weights, load_model, model_config
@@ -52,7 +53,7 @@ def build_models(
     data: DataSplits,
     world: parallel.World,
     precision: parallel.Precision,
-    autocast: AbstractContextManager,
+    passes: PassOptions,
 ) -> tuple[StatsModel, StatsModel | adapters.AdaptersOff | None, DataSplits]:
     """The sharded policy and, from the same starting weights, the reference: a frozen sharded
     model (``trainer.reference=model``), or cached log-probs attached to both splits
@@ -100,19 +101,12 @@ def build_models(
         log.info("%s", adapters.summary(policy).line())
     if spec.needs_reference and not ref_model:
         cache = cfg.cache_dir if cfg.dataset.cache else None
-        kw = dict(
-            batch_groups=t.eval_batch_groups,
-            pad_id=tok.pad_token_id,
-            chunk_size=t.logps_chunk_size,
-            autocast=autocast,
-            rank=world.rank,
-            world_size=world.world_size,
-        )
+        opts = passes._replace(layout="padded")  # the cache holds per-response values
 
         def one(split: datasets.Dataset) -> datasets.Dataset:
             key = reference_key(cfg.model, cfg.seed, t.precision, split)
             with adapters.adapters_off(policy):  # LoRA: the base, whatever the adapters' init
-                return precompute_reference(policy, split, key, cache, **kw)
+                return precompute_reference(policy, split, key, cache, opts)
 
         data = data._replace(train=one(data.train), eval=one(data.eval))
     return policy, ref, data

@@ -40,7 +40,7 @@ from prefopt import constraints, parallel
 from prefopt.build import make_autocast, prepare_data
 from prefopt.checks import check_schema
 from prefopt.errors import report_user_errors
-from prefopt.evaluation import evaluate
+from prefopt.evaluation import PassOptions, evaluate
 from prefopt.generate import (
     ResultsLog,
     check_settings,
@@ -157,22 +157,16 @@ def preference(cfg: DictConfig, hf_model, tok) -> dict[str, float]:
         ref = parallel.shard(ref_hf, world, precision, trainable=False)
     state = spec.state.init(**spec.hparams(cfg.loss)) if spec.state else None
     t = cfg.trainer
-    metrics = evaluate(
-        policy,
-        ref,
-        data.eval,
-        data.eval_views,
-        spec,
-        loss_fn,
-        batch_groups=t.eval_batch_groups,
-        pad_id=tok.pad_token_id,
-        chunk_size=t.logps_chunk_size,
-        autocast=autocast,
-        loss_state=state,
-        rank=world.rank,
-        world_size=world.world_size,
-        layout=t.layout,
+    passes = PassOptions(
+        t.eval_batch_groups,
+        tok.pad_token_id,
+        t.logps_chunk_size,
+        autocast,
+        world.rank,
+        world.world_size,
+        t.layout,
     )
+    metrics = evaluate(policy, ref, data.eval, data.eval_views, spec, loss_fn, passes, state)
     return {"loss_name": spec.name, **metrics}
 
 

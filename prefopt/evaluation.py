@@ -49,11 +49,17 @@ def forward_loss(
     return loss_fn(stats, ref_stats, batch.scores, **kwargs)
 
 
-class StepInputOptions(NamedTuple):
+class PassOptions(NamedTuple):
+    """How a no-grad pass over a split runs (evaluation, reference log-probs, KTO's baseline):
+    groups per forward, padding id, log-prob chunk, precision, this rank's share, layout."""
+
     batch_groups: int
     pad_id: int
     chunk_size: int
     autocast: AbstractContextManager
+    rank: int = 0
+    world_size: int = 1
+    layout: str = "padded"
 
 
 def step_inputs(
@@ -63,24 +69,13 @@ def step_inputs(
     views: list[View],
     order: list[int],
     spec: LossSpec,
-    opts: StepInputOptions,
+    opts: PassOptions,
 ) -> dict[str, Tensor]:
     """Loss inputs computed once over a whole step (or evaluation set), not per micro-batch:
     KTO's ``kl_estimate`` over the mismatched pairs of ``order`` (all ranks together)."""
     if not spec.needs_mismatched:
         return {}
-    est = kl_estimate(
-        policy,
-        ref,
-        data,
-        views,
-        order,
-        batch_groups=opts.batch_groups,
-        pad_id=opts.pad_id,
-        chunk_size=opts.chunk_size,
-        autocast=opts.autocast,
-    )
-    return {"kl_estimate": est}
+    return {"kl_estimate": kl_estimate(policy, ref, data, views, order, opts)}
 
 
 def batches(
@@ -107,15 +102,8 @@ def evaluate(
     views: list[View],
     spec: LossSpec,
     loss_fn: LossFn,
-    *,
-    batch_groups: int,
-    pad_id: int,
-    chunk_size: int,
-    autocast: AbstractContextManager,
+    opts: PassOptions,
     loss_state: LossState | None = None,
-    rank: int = 0,
-    world_size: int = 1,
-    layout: str = "padded",
 ) -> dict[str, float]:
     """Mean loss and metrics over every valid held-out group (same definitions as training),
     each rank taking a slice; the padding that evens out the slices is not counted."""
@@ -123,23 +111,18 @@ def evaluate(
     policy.eval()
     sums = MetricSums()
     device = next(policy.parameters()).device
-    extra = step_inputs(
-        policy,
-        ref,
-        data,
-        views,
-        list(range(len(views))),
-        spec,
-        StepInputOptions(batch_groups, pad_id, chunk_size, autocast),
-    )
-    order, own = rank_slice(len(views), rank, world_size)
+    extra = step_inputs(policy, ref, data, views, list(range(len(views))), spec, opts)
+    order, own = rank_slice(len(views), opts.rank, opts.world_size)
+    size = opts.batch_groups
     for start, batch in zip(
-        range(0, len(order), batch_groups),
-        batches(data, views, order, batch_groups, pad_id, device, layout),
+        range(0, len(order), size),
+        batches(data, views, order, size, opts.pad_id, device, opts.layout),
         strict=True,
     ):
-        with autocast:
-            out = forward_loss(policy, ref, batch, spec, loss_fn, chunk_size, loss_state, extra)
+        with opts.autocast:
+            out = forward_loss(
+                policy, ref, batch, spec, loss_fn, opts.chunk_size, loss_state, extra
+            )
         keep = torch.arange(start, start + batch.num_groups, device=out.valid.device) < own
         sums.add(out, batch.num_tokens, keep)
     policy.train(was_training)

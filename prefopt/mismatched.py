@@ -11,8 +11,6 @@ A step of one group pairs its prompt with its own response (no other response ex
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
-
 import datasets
 import torch
 from torch import Tensor
@@ -43,22 +41,20 @@ def kl_estimate(
     data: datasets.Dataset,
     views: list[View],
     order: list[int],
-    *,
-    batch_groups: int,
-    pad_id: int,
-    chunk_size: int,
-    autocast: AbstractContextManager,
+    opts,
 ) -> Tensor:
     """() float64: mean log-ratio over the mismatched pairs of ``order``, every rank taking a
-    slice (padded to the same number of forwards; padding is not counted), reduced over ranks."""
+    slice (padded to the same number of forwards; padding is not counted), reduced over ranks.
+    ``opts``: ``prefopt.evaluation.PassOptions`` (batch size, padding id, chunk, autocast)."""
     pairs = mismatched_pairs(data, views, order)
     mine, own = rank_slice(len(pairs), parallel.rank(), parallel.size())
+    batch_groups, chunk_size = opts.batch_groups, opts.chunk_size
     device = next(policy.parameters()).device
     total = torch.zeros(2, dtype=torch.float64, device=device)  # (sum, count)
     for start in range(0, len(mine), batch_groups):
         chunk = mine[start : start + batch_groups]
-        batch = collate([pairs[i] for i in chunk], pad_id).to(device)
-        with autocast:
+        batch = collate([pairs[i] for i in chunk], opts.pad_id).to(device)
+        with opts.autocast:
             ratio = (policy(batch, chunk_size).logps - ref(batch, chunk_size).logps)[:, 0]
         counted = torch.arange(start, start + len(chunk), device=device) < own
         total += torch.stack([(ratio.double() * counted).sum(), counted.double().sum()])

@@ -9,7 +9,6 @@ import hashlib
 import json
 import logging
 import os
-from contextlib import AbstractContextManager
 from pathlib import Path
 
 import datasets
@@ -18,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from prefopt.atomic import publish_dir
 from prefopt.data.loading import make_views
-from prefopt.evaluation import batches
+from prefopt.evaluation import PassOptions, batches
 from prefopt.parallel import (
     StatsModel,
     all_gather_objects,
@@ -45,13 +44,7 @@ def precompute_reference(
     data: datasets.Dataset,
     key: str,
     cache_dir: str | None,
-    *,
-    batch_groups: int,
-    pad_id: int,
-    chunk_size: int,
-    autocast: AbstractContextManager,
-    rank: int = 0,
-    world_size: int = 1,
+    opts: PassOptions,
 ) -> datasets.Dataset:
     """``data`` with ``ref_logps`` and ``ref_eos_logps`` columns (one value per response).
 
@@ -64,16 +57,16 @@ def precompute_reference(
     was_training = model.training
     model.eval()
     views = make_views(data, None)
-    order, own = rank_slice(len(views), rank, world_size)
+    order, own = rank_slice(len(views), opts.rank, opts.world_size)
     device = next(model.parameters()).device
     mine: dict[int, tuple[list[float], list[float]]] = {}
     for start, batch in zip(
-        range(0, len(order), batch_groups),
-        batches(data, views, order, batch_groups, pad_id, device),
+        range(0, len(order), opts.batch_groups),
+        batches(data, views, order, opts.batch_groups, opts.pad_id, device),
         strict=True,
     ):
-        with autocast:
-            stats = model(batch, chunk_size)
+        with opts.autocast:
+            stats = model(batch, opts.chunk_size)
         for b in range(batch.num_groups):
             if start + b < own:  # the rest is padding that evens out the ranks' slices
                 k = int(batch.mask[b].sum())  # views list every response in order

@@ -24,6 +24,7 @@ from prefopt.build import build_models, prepare_data, validate
 from prefopt.config import LoraConfig
 from prefopt.data.loading import group_at
 from prefopt.data.packing import collate_layout
+from prefopt.evaluation import PassOptions
 from prefopt.losses import LOSSES, build_loss
 from prefopt.models import load_model, load_tokenizer
 from prefopt.optim import build_optimizer
@@ -77,7 +78,8 @@ def test_lora_trains_only_adapters_and_its_reference_is_the_base(
     tok = load_tokenizer(cfg.model, cfg.cache_dir)
     data = prepare_data(cfg, tok, spec)
     fp32 = parallel.resolve_precision(world.device, "fp32", "float32")
-    policy, ref, data = build_models(cfg, spec, tok, data, world, fp32, nullcontext())
+    passes = PassOptions(2, tok.pad_token_id, 1024, nullcontext())
+    policy, ref, data = build_models(cfg, spec, tok, data, world, fp32, passes)
     assert (ref is not None) == spec.needs_reference  # never a second model
     if ref is not None:
         assert isinstance(ref, adapters.AdaptersOff) and ref.policy is policy
@@ -134,7 +136,8 @@ def test_bf16_keeps_the_frozen_base_in_bf16_and_fp32_adapters(tmp_path, tiny_dat
     data = prepare_data(cfg, tok, spec)
     bf16 = parallel.resolve_precision(world.device, "bf16", "float32")
     autocast = make_autocast(bf16, world.device)
-    policy, ref, data = build_models(cfg, spec, tok, data, world, bf16, autocast)
+    passes = PassOptions(2, tok.pad_token_id, 1024, autocast)
+    policy, ref, data = build_models(cfg, spec, tok, data, world, bf16, passes)
     dtypes = {(p.requires_grad, p.dtype) for p in policy.parameters()}
     assert dtypes == {(True, torch.float32), (False, torch.bfloat16)}
     mbs = step_micro_batches(cfg.trainer, data, [0, 1, 2, 3], world, tok.pad_token_id)

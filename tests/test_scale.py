@@ -13,7 +13,7 @@ from scale_checks import compose_cfg, full_grads, sharded_policy, skip_check
 from prefopt import parallel
 from prefopt.build import prepare_data
 from prefopt.data.collate import views_at
-from prefopt.evaluation import StepInputOptions, batches, step_inputs
+from prefopt.evaluation import PassOptions, batches, step_inputs
 from prefopt.losses import build_loss
 from prefopt.models import load_model
 from prefopt.train.loop import StepContext, step_micro_batches, train_step
@@ -94,7 +94,7 @@ def _kto_grads(tmp_path, micro: int):
     spec, loss_fn = build_loss(cfg.loss)
     data = prepare_data(cfg, tok, spec)
     views = views_at(len(data.train_views), 0, 0, 4)
-    opts = StepInputOptions(2, tok.pad_token_id, 64, contextlib.nullcontext())
+    opts = PassOptions(2, tok.pad_token_id, 64, contextlib.nullcontext())
     extra = step_inputs(policy, ref, data.train, data.train_views, views, spec, opts)
     mbs = list(batches(data.train, data.train_views, views, micro, tok.pad_token_id, "cpu"))
     ctx = StepContext(spec, loss_fn, contextlib.nullcontext(), 64, 1e9, extra=extra)

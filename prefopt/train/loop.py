@@ -55,7 +55,7 @@ from prefopt.data.collate import Batch, views_at
 from prefopt.data.loading import DataSplits
 from prefopt.data.packing import PackedBatch, budget_batches
 from prefopt.evaluation import (
-    StepInputOptions,
+    PassOptions,
     batches,
     evaluate,
     forward_loss,
@@ -219,7 +219,18 @@ def run(  # noqa: C901  (one function from build to summary, read top to bottom)
         first_views = views_at(len(data.train_views), cfg.seed, 0, G)
         show_first_batch(step_micro_batches(t, data, first_views, world, tok.pad_token_id))
         return {}
-    policy, ref, data = build_models(cfg, spec, tok, data, world, precision, autocast)
+    # no-grad passes (evaluation, reference log-probs, KTO's baseline): batch, chunk, share
+    passes = PassOptions(
+        t.eval_batch_groups,
+        tok.pad_token_id,
+        t.logps_chunk_size,
+        autocast,
+        world.rank,
+        world.world_size,
+        t.layout,
+    )
+
+    policy, ref, data = build_models(cfg, spec, tok, data, world, precision, passes)
     optimizer = build_optimizer(cfg.optimizer, [p for p in policy.parameters() if p.requires_grad])
     hparams = spec.hparams(cfg.loss)
     state = TrainState(
@@ -234,28 +245,12 @@ def run(  # noqa: C901  (one function from build to summary, read top to bottom)
 
     def run_eval() -> dict[str, float]:
         metrics = evaluate(
-            policy,
-            ref,
-            data.eval,
-            data.eval_views,
-            spec,
-            loss_fn,
-            batch_groups=t.eval_batch_groups,
-            pad_id=tok.pad_token_id,
-            chunk_size=t.logps_chunk_size,
-            autocast=autocast,
-            loss_state=state.loss_state,
-            rank=world.rank,
-            world_size=world.world_size,
-            layout=t.layout,
+            policy, ref, data.eval, data.eval_views, spec, loss_fn, passes, state.loss_state
         )
         logger.log({f"eval/{k}": v for k, v in metrics.items()}, step=state.step)
         return metrics
 
     kl = OnPolicyKL.build(spec, cfg.loss, ref, tok, t.logps_chunk_size)
-    inputs_opts = StepInputOptions(
-        t.eval_batch_groups, tok.pad_token_id, t.logps_chunk_size, autocast
-    )
     eval_before = run_eval() if state.step == 0 else None
     best_eval = eval_before
     preempt = Preemption()
@@ -277,9 +272,7 @@ def run(  # noqa: C901  (one function from build to summary, read top to bottom)
         step_views = views_at(len(data.train_views), cfg.seed, state.consumed, G)
         order = step_views[world.rank :: world.world_size]  # this rank's groups
         micro_batches = step_micro_batches(t, data, step_views, world, tok.pad_token_id)
-        extra = step_inputs(
-            policy, ref, data.train, data.train_views, step_views, spec, inputs_opts
-        )
+        extra = step_inputs(policy, ref, data.train, data.train_views, step_views, spec, passes)
         regularizer = (
             kl.prepare(
                 policy, state, [data.train[data.train_views[i][0]]["prompt_ids"] for i in order]
