@@ -153,14 +153,15 @@ def _chunk_kl(hidden: Tensor, ref_hidden: Tensor, head: nn.Module, ref_head: nn.
 def token_kl(policy_logits_logp: Tensor, ref_logp: Tensor) -> Tensor:
     """(N,) exact KL(pi_theta || pi_ref) per position from two (N, V) log-softmax tensors.
 
-    Eq. 15 (digest section 1.7): sum_s pi_theta(s) (log pi_theta(s) - log pi_ref(s)), the analytic
-    full-vocabulary KL, not the single-sample log-ratio. Gradients flow through both factors of
+    SPO (Sharifnassab et al. 2024, arXiv:2405.00747) Eq. 15: sum_s pi_theta(s) (log pi_theta(s)
+    - log pi_ref(s)), the analytic full-vocabulary KL, not the single-sample log-ratio. Gradients flow through both factors of
     pi_theta (the paper detaches neither); ``ref_logp`` should come from the frozen pi_ref.
     Pass float32 or wider log-softmax values. Vocabulary entries with pi_theta = 0 contribute 0.
 
     ``sequence_kl`` calls this chunk by chunk on on-policy samples and sums over every generated
     position of a sequence (EOS-emitting position included, prompt and padding excluded); the loop
-    averages over the samples, and the chain rule makes the value the sequence KL (digest 22).
+    averages over the samples; by the chain rule of KL over tokens, the sum over a sampled
+    sequence is an unbiased estimate of the sequence KL.
     """
     probs = policy_logits_logp.exp()
     log_ratio = (policy_logits_logp - ref_logp).masked_fill(probs == 0, 0.0)
