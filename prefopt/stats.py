@@ -154,8 +154,9 @@ def token_kl(policy_logits_logp: Tensor, ref_logp: Tensor) -> Tensor:
     """(N,) exact KL(pi_theta || pi_ref) per position from two (N, V) log-softmax tensors.
 
     SPO (Sharifnassab et al. 2024, arXiv:2405.00747) Eq. 15: sum_s pi_theta(s) (log pi_theta(s)
-    - log pi_ref(s)), the analytic full-vocabulary KL, not the single-sample log-ratio. Gradients flow through both factors of
-    pi_theta (the paper detaches neither); ``ref_logp`` should come from the frozen pi_ref.
+    - log pi_ref(s)), the analytic full-vocabulary KL, not the single-sample log-ratio.
+    Gradients flow through both factors of pi_theta (the paper detaches neither); ``ref_logp``
+    should come from the frozen pi_ref.
     Pass float32 or wider log-softmax values. Vocabulary entries with pi_theta = 0 contribute 0.
 
     ``sequence_kl`` calls this chunk by chunk on on-policy samples and sums over every generated

@@ -36,7 +36,7 @@ EXPERIMENT_LOSS = {
     "simpo": "simpo",
     "swepo": "swepo",
 }
-# Published settings spot-checked: (loss keys, optimizer.lr), from the papers and the official recipes.
+# Published settings spot-checked: (loss keys, optimizer.lr), from the papers and official recipes.
 PUBLISHED = {
     "simpo_mistral_base": ({"beta": 2.0, "gamma": 1.6}, 3e-7),
     "simpo_mistral_instruct": ({"beta": 2.5, "gamma": 0.25}, 5e-7),
