@@ -250,6 +250,10 @@ def load_weights(wrapper: StatsModel, weights: Path | dict[str, Tensor]) -> None
 def unsharded(module: nn.Module) -> Iterator[None]:
     """Gather a sharded root's own parameters for calls that bypass its forward (generate)."""
     if isinstance(module, FSDPModule):
+        # FSDP2 sets up every group from the root on the root's first forward. A call that
+        # bypasses it before then (a resumed SPO run's first on-policy samples) would make the
+        # first block a root of its own, and the next real forward fails; set up from here.
+        module._get_fsdp_state()._lazy_init()
         module.unshard()
         try:
             yield

@@ -177,7 +177,7 @@ def test_signal_to_one_rank_stops_both_after_one_step_and_resumes_exactly(tmp_pa
         "trainer.max_steps=12",
         "loss.kl_num_samples=2",
         "loss.kl_max_new_tokens=4",
-        "loss.kl_every=2",
+        "loss.kl_every=1",  # fresh samples every step: a resume samples before any forward
         "trainer.save_every=0",
     )
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
