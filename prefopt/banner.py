@@ -174,19 +174,26 @@ def format_banner(f: RunFacts, warnings: list[str]) -> str:
 
 
 def run_facts(
-    cfg: DictConfig, tok, data, spec, world, max_steps: int, plan: str | None = None
+    cfg: DictConfig,
+    tok,
+    data,
+    spec,
+    world,
+    max_steps: int,
+    plan: str | None = None,
+    params: int | None = None,
 ) -> RunFacts:
     """The facts of a composed run: config, tokenizer, tokenized ``data`` (DataSplits), loss
     ``spec``, ``world`` (parallel.World) and the step count. Reads the model config, never
-    weights."""
+    weights; ``params``, when the caller counted them already (the memory plan), is used as is."""
     from prefopt.attention import kernel_description
     from prefopt.models import local_or_hub, resolve_attn_implementation, tiny_llama_config
     from prefopt.parallel import resolve_precision
 
     t, d, m = cfg.trainer, cfg.dataset, cfg.model
-    if m.source == "tiny":
+    if params is None and m.source == "tiny":
         params = params_of_config(tiny_llama_config(m.tiny, tok), "meta")
-    else:
+    elif params is None:
         params = count_params(local_or_hub(m, cfg.cache_dir), m.trust_remote_code)
     counts = data.counts
     dropped = sum(v for k, v in counts.items() if "skipped" in k)
@@ -205,12 +212,12 @@ def run_facts(
         devices = f"{world.world_size} x {torch.cuda.get_device_name(world.device)}"
     else:
         devices = f"cpu ({os.cpu_count()} cores, {_threads()} torch threads per rank)"
-    kl = spec.on_policy_kl and cfg.loss.get("kl_weight", 0) > 0
-    if not (spec.needs_reference or spec.needs_mismatched or kl):
+    model_needed = spec.reference_model_needed(cfg.loss, t.reference)
+    if not (spec.needs_reference or model_needed):
         reference = "none (reference-free loss)"
     elif lora:
         reference = "the policy with its adapters off (no second model)"
-    elif t.reference == "precompute" and not (spec.needs_mismatched or kl):
+    elif not model_needed:
         reference = "precomputed log-probs (one no-grad pass, cached; no second model)"
     else:
         reference = "frozen sharded model from the same weight files"

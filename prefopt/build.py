@@ -67,9 +67,7 @@ def build_models(
     with parallel.main_first():  # rank 0 converts or downloads once; the others reuse it
         config = model_config(cfg.model, cfg.cache_dir, tok, t.layout)
         weights = initial_weights(cfg.model, cfg.cache_dir, tok, cfg.seed)
-    kl_on = spec.on_policy_kl and cfg.loss.kl_weight > 0  # needs reference logits on new samples
-    # KTO's baseline and SPO's KL need reference forwards on rows that no cache holds.
-    ref_model = (spec.needs_reference and t.reference == "model") or kl_on or spec.needs_mismatched
+    ref_model = spec.reference_model_needed(cfg.loss, t.reference)
     quantized = cfg.model.quantize != "none"
 
     def sharded(trainable: bool) -> StatsModel:  # one more model from the same files

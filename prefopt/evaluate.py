@@ -157,15 +157,7 @@ def preference(cfg: DictConfig, hf_model, tok) -> dict[str, float]:
         ref = parallel.shard(ref_hf, world, precision, trainable=False)
     state = spec.state.init(**spec.hparams(cfg.loss)) if spec.state else None
     t = cfg.trainer
-    passes = PassOptions(
-        t.eval_batch_groups,
-        tok.pad_token_id,
-        t.logps_chunk_size,
-        autocast,
-        world.rank,
-        world.world_size,
-        t.layout,
-    )
+    passes = PassOptions.of(t, tok.pad_token_id, autocast, world)
     metrics = evaluate(policy, ref, data.eval, data.eval_views, spec, loss_fn, passes, state)
     return {"loss_name": spec.name, **metrics}
 

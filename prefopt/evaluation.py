@@ -61,6 +61,19 @@ class PassOptions(NamedTuple):
     world_size: int = 1
     layout: str = "padded"
 
+    @classmethod
+    def of(cls, t, pad_id: int, autocast: AbstractContextManager, world) -> PassOptions:
+        """From ``trainer`` settings and the ``parallel.World`` (rank, ranks)."""
+        return cls(
+            t.eval_batch_groups,
+            pad_id,
+            t.logps_chunk_size,
+            autocast,
+            world.rank,
+            world.world_size,
+            t.layout,
+        )
+
 
 def step_inputs(
     policy: StatsModel,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from prefopt.parallel import all_reduce_sum
+from prefopt.parallel import all_reduce_sum, size
 from prefopt.types import LossOutput
 
 COUNTS = ("valid_groups", "groups", "tokens")
@@ -84,7 +84,7 @@ class ReducedMetrics:
         values = torch.cat([self.packed, torch.stack(tail)]) if tail else self.packed
         host = dict(zip([*self.names, *extra], values.tolist(), strict=True))
         valid = host.get("valid_groups", 0.0)
-        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        world = size()
         out: dict[str, float] = {}
         for name, value in host.items():
             if name in COUNTS or name.startswith("flag/") or name in extra:

@@ -222,7 +222,8 @@ def load_weights(wrapper: StatsModel, weights: Path | dict[str, Tensor]) -> None
     """
     model = wrapper.model
     # A LoRA model names the base weights differently and holds adapters the files do not have.
-    file_keys = {k: base_checkpoint_key(k) for k in model.state_dict()}
+    state = model.state_dict()  # the sharded parameters (DTensors), under the module's names
+    file_keys = {k: base_checkpoint_key(k) for k in state}
     adapted = any(v is None for v in file_keys.values())
     if isinstance(weights, dict):
         full = {k: weights[f] for k, f in file_keys.items() if f is not None} if is_main() else {}
@@ -236,9 +237,7 @@ def load_weights(wrapper: StatsModel, weights: Path | dict[str, Tensor]) -> None
         return
     skip = tied_names(model)
     targets = {
-        file_keys[k]: v
-        for k, v in model.state_dict().items()
-        if k not in skip and file_keys[k] is not None
+        file_keys[k]: v for k, v in state.items() if k not in skip and file_keys[k] is not None
     }
     try:
         dcp.load(targets, storage_reader=dcp.HuggingFaceStorageReader(str(weights)))

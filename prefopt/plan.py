@@ -155,14 +155,10 @@ def inputs_from_config(cfg, world_size: int, device_type: str) -> PlanInputs:
     bf16 = t.precision == "bf16" or (t.precision == "auto" and device_type == "cuda")
     master = 4 if t.master_dtype == "float32" else 2
     tokens = t.micro_batch_tokens or t.micro_batch_groups * 4 * d.max_length
-    reference = "none"
-    if t.reference == "model":  # the loss decides whether a reference is built at all
-        from prefopt.losses import get_spec
+    from prefopt.losses import get_spec
 
-        spec = get_spec(cfg.loss.name)
-        needs = spec.needs_reference or spec.needs_mismatched
-        needs |= spec.on_policy_kl and cfg.loss.get("kl_weight", 0) > 0
-        reference = "model" if needs else "none"
+    needed = get_spec(cfg.loss.name).reference_model_needed(cfg.loss, t.reference)
+    reference = "model" if needed else "none"
     return PlanInputs(
         world_size=world_size,
         master_bytes=master,

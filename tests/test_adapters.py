@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO
-from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
+from test_train import _cfg as train_cfg
 
 from prefopt import adapters, parallel
 from prefopt.build import build_models, prepare_data, validate
@@ -35,20 +35,7 @@ LORA = ("+model/lora=default", "model.lora.rank=4", "model.lora.alpha=8")
 
 
 def _cfg(run_dir: Path, data: tuple[Path, Path], *overrides: str):
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose(
-            "train",
-            overrides=[
-                f"run_dir={run_dir}",
-                f"cache_dir={run_dir.parent / 'cache'}",
-                "model=tiny",
-                "trainer=debug",
-                f"dataset.path={data[0]}",
-                f"dataset.eval_path={data[1]}",
-                "trainer.device=cpu",
-                *overrides,
-            ],
-        )
+    return train_cfg(run_dir, data, "trainer.device=cpu", *overrides)
 
 
 def _train_losses(run_dir: Path) -> list[float]:

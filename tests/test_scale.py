@@ -279,3 +279,20 @@ def test_plan_cli_exits_by_fit(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main([*args, "--world-size", "1", "--gpu-memory-gib", "80"])
     assert e.value.code == 1 and "does NOT fit" in capsys.readouterr().out
+
+
+def test_plan_counts_the_reference_model_the_loop_builds(tmp_path):
+    """Precomputed reference log-probs need no reference model, except where the loss needs
+    forwards on rows no cache holds (KTO's mismatched pairs, SPO's on-policy KL)."""
+    from prefopt.plan import inputs_from_config
+
+    def reference(*overrides: str) -> str:
+        cfg = compose_cfg(tmp_path / "c", *overrides)
+        return inputs_from_config(cfg, 1, "cpu").reference
+
+    assert reference("loss=dpo") == "model"
+    assert reference("loss=dpo", "trainer.reference=precompute") == "none"
+    assert reference("loss=kto", "trainer.reference=precompute") == "model"
+    assert reference("loss=spo", "trainer.reference=precompute") == "model"
+    assert reference("loss=spo", "loss.kl_weight=0") == "none"
+    assert reference("loss=simpo") == "none"

@@ -55,6 +55,14 @@ class LossSpec:
     # pairs (``prefopt.mismatched``), for the KL baseline z_0.
     needs_mismatched: bool = False
 
+    def reference_model_needed(self, cfg: Any, reference: str) -> bool:
+        """Whether the loop holds a frozen reference model, for the loss config ``cfg`` and
+        ``trainer.reference``: reference log-probs read in the loop (``model``), or forwards on
+        rows no precomputed cache holds (KTO's mismatched pairs; SPO's on-policy samples when its
+        KL weight is positive) whatever the setting."""
+        kl = self.on_policy_kl and cfg.get("kl_weight", 0) > 0
+        return (self.needs_reference and reference == "model") or kl or self.needs_mismatched
+
     def hparams(self, cfg: Any) -> dict[str, Any]:
         """The config fields that ``fn`` takes as keywords.
 

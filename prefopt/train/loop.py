@@ -213,23 +213,15 @@ def run(  # noqa: C901  (one function from build to summary, read top to bottom)
     memory = plan_for_run(cfg, world)  # before any weight is allocated; refuses what cannot fit
     plan_text = f"memory plan per GPU ({world.world_size} rank(s)):\n{format_plan(memory)}"
     # ---- banner (rank 0, summary.json); the dry run stops here, before any weight is read ----
-    facts = run_facts(cfg, tok, data, spec, world, max_steps, plan=plan_text)
+    # the plan counted the parameters on the meta device already: the banner reuses the count
+    facts = run_facts(cfg, tok, data, spec, world, max_steps, plan_text, memory.params)
     announce(facts, run_dir, "dry_run" if t.dry_run else "running")
     if t.dry_run:
         first_views = views_at(len(data.train_views), cfg.seed, 0, G)
         show_first_batch(step_micro_batches(t, data, first_views, world, tok.pad_token_id))
         return {}
     # no-grad passes (evaluation, reference log-probs, KTO's baseline): batch, chunk, share
-    passes = PassOptions(
-        t.eval_batch_groups,
-        tok.pad_token_id,
-        t.logps_chunk_size,
-        autocast,
-        world.rank,
-        world.world_size,
-        t.layout,
-    )
-
+    passes = PassOptions.of(t, tok.pad_token_id, autocast, world)
     policy, ref, data = build_models(cfg, spec, tok, data, world, precision, passes)
     optimizer = build_optimizer(cfg.optimizer, [p for p in policy.parameters() if p.requires_grad])
     hparams = spec.hparams(cfg.loss)
