@@ -30,18 +30,18 @@ def _peak_mib() -> float:
 def _as_rank() -> None:
     """Inside torchrun: run the training entry point, then write this rank's peak RSS, also the
     peak when the models were built (before any training step)."""
-    import prefopt.build
+    import prefopt.train.setup
 
     out = Path(os.environ["PREFOPT_RSS_DIR"]) / f"rank{os.environ.get('RANK', '0')}.json"
     record: dict[str, float] = {}
-    build = prefopt.build.build_models
+    build = prefopt.train.setup.build_models
 
-    def measured(*args, **kwargs):  # the loop imports build_models from prefopt.build
+    def measured(*args, **kwargs):  # the loop imports build_models from prefopt.train.setup
         result = build(*args, **kwargs)
         record["after_models_mib"] = _peak_mib()
         return result
 
-    prefopt.build.build_models = measured
+    prefopt.train.setup.build_models = measured
     sys.argv = ["prefopt.train", *sys.argv[2:]]
     try:
         runpy.run_module("prefopt.train", run_name="__main__", alter_sys=True)

@@ -13,7 +13,7 @@ step i on the same pairs in the same order, the same pairs per optimizer step, A
 prefopt runs the real recipe: its config is composed by Hydra from ``conf/`` with
 ``trainer=gpu`` (layout, token budget, precision, log-prob chunk, compile and clipping as that
 file says; only the layout, budget and device are overridden per row), the attention kernel is
-``model.attn_implementation: auto`` resolved by ``prefopt.models.resolve_attn_implementation``,
+``model.attn_implementation: auto`` resolved by ``prefopt.model.load.resolve_attn_implementation``,
 micro-batches come from the loop's ``step_micro_batches`` and each step is the loop's
 ``train_step`` (``prefopt_step`` below: the one call to adapt when its signature changes). TRL
 runs its trainers (``bench_trl.py``) with their best settings that work here.
@@ -54,16 +54,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_trl, bench_rep
 from bench_report import write_results  # noqa: E402
 
 import prefopt.losses  # noqa: F401,E402  (loss schemas, before composing)
-from prefopt import parallel  # noqa: E402
-from prefopt.attention import kernel_description  # noqa: E402
-from prefopt.build import git_commit, make_autocast  # noqa: E402
 from prefopt.data.loading import DataSplits  # noqa: E402
 from prefopt.data.tokenize import TokenizedGroup  # noqa: E402
 from prefopt.losses import build_loss  # noqa: E402
-from prefopt.models import resolve_attn_implementation, tiny_tokenizer  # noqa: E402
-from prefopt.optim import build_optimizer  # noqa: E402
-from prefopt.stats import compile_blocks  # noqa: E402
-from prefopt.train.loop import StepContext, step_micro_batches, train_step  # noqa: E402
+from prefopt.model import parallel  # noqa: E402
+from prefopt.model.attention import kernel_description  # noqa: E402
+from prefopt.model.load import resolve_attn_implementation, tiny_tokenizer  # noqa: E402
+from prefopt.model.logprobs import compile_blocks  # noqa: E402
+from prefopt.train.optim import build_optimizer  # noqa: E402
+from prefopt.train.setup import git_commit, make_autocast  # noqa: E402
+from prefopt.train.step import StepContext, step_micro_batches, train_step  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {

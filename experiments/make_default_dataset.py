@@ -3,7 +3,7 @@
     python experiments/make_default_dataset.py [--n-train 400] [--n-eval 64] [--seed 0] \\
         [--out-dir prefopt/assets] [--work-dir outputs/default_dataset] [--device cpu]
 
-Two ``prefopt.datagen`` runs (the command-line tool, composed here with its own config): the
+Two ``prefopt.eval.datagen`` runs (the command-line tool, composed here with its own config): the
 offline constraint benchmark's train and held-out tasks, 4 samples per prompt at temperature 0.8
 / top-p 0.95, each scored by the benchmark's verifier; groups whose 4 scores are all equal or
 that have fewer than 2 non-empty responses are dropped and counted. The runs resume from
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-from prefopt import datagen
+from prefopt.eval import datagen
 
 ROOT = Path(__file__).resolve().parents[1]
 

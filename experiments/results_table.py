@@ -7,7 +7,7 @@ tasks and held-out preference groups.
         --train-args trainer=default                                       # a CPU subset
 
 For every loss: ``python -m prefopt.train loss=<loss> <train args>``, then ``python -m
-prefopt.evaluate model=checkpoint model.name_or_path=<run>/final`` (greedy answers to the
+prefopt.eval.evaluate model=checkpoint model.name_or_path=<run>/final`` (greedy answers to the
 held-out tasks, verified; SimPO-reward accuracy on the held-out groups). The starting model gets
 the same evaluation. Each step is a subprocess with its own run dir under ``--work-dir``; a
 finished step (its evaluation.json exists) is not rerun, so an interrupted table resumes.
@@ -51,7 +51,7 @@ def evaluate(name: str, model_args: list[str], work: Path, device: str) -> dict:
         cmd = [
             sys.executable,
             "-m",
-            "prefopt.evaluate",
+            "prefopt.eval.evaluate",
             *model_args,
             f"device={device}",
             f"trainer.device={device}",

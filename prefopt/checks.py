@@ -176,8 +176,8 @@ def validate_config(cfg: DictConfig) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Fail before any work: :func:`validate_config`, then what needs the installed libraries."""
-    from prefopt.adapters import check_quantize
-    from prefopt.models import resolve_attn_implementation
+    from prefopt.model.adapters import check_quantize
+    from prefopt.model.load import resolve_attn_implementation
 
     validate_config(cfg)
     check_quantize(cfg.model)  # LoRA / QLoRA: a clear error before loading

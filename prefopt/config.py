@@ -30,7 +30,8 @@ class TinyModelConfig:
 
 @dataclass
 class LoraConfig:
-    """LoRA adapters (peft) on a frozen base: ``+model/lora=default`` (``prefopt/adapters.py``)."""
+    """LoRA adapters (peft) on a frozen base: ``+model/lora=default``
+    (``prefopt/model/adapters.py``)."""
 
     rank: int = 16  # r: the adapters' inner dimension
     alpha: float = 32.0  # scaling alpha / rank (alpha / sqrt(rank) with use_rslora)

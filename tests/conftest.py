@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import prefopt.losses  # noqa: F401  (registers loss schemas in the ConfigStore)
-from prefopt.models import tiny_tokenizer
+from prefopt.model.load import tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -18,12 +18,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import REPO, arithmetic_rows, write_jsonl  # noqa: E402
 
 import prefopt.losses  # noqa: E402,F401  (registers loss schemas)
-from prefopt import parallel  # noqa: E402
-from prefopt.build import prepare_data  # noqa: E402
 from prefopt.data.collate import views_at  # noqa: E402
 from prefopt.losses import build_loss  # noqa: E402
-from prefopt.models import empty_model, initial_weights, load_tokenizer, model_config  # noqa: E402
-from prefopt.train.loop import StepContext, step_micro_batches, train_step  # noqa: E402
+from prefopt.model import parallel  # noqa: E402
+from prefopt.model.load import empty_model, initial_weights, load_tokenizer, model_config  # noqa: E402
+from prefopt.train.setup import prepare_data  # noqa: E402
+from prefopt.train.step import StepContext, step_micro_batches, train_step  # noqa: E402
 
 
 def compose_cfg(tmp: Path, *overrides: str):

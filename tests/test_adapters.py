@@ -1,5 +1,5 @@
 # OMP_NUM_THREADS=1 python -m pytest tests/test_adapters.py -q   (+ -m distributed / slow / gpu)
-"""LoRA / QLoRA (prefopt/adapters.py): only adapters train, the reference is the base model
+"""LoRA / QLoRA (prefopt/model/adapters.py): only adapters train, the reference is the base model
 (adapters off), adapter-only checkpoints resume exactly, 2 ranks = 1 process, the merged export
 reproduces the adapted model, and QLoRA fails clearly without CUDA."""
 
@@ -19,17 +19,18 @@ from conftest import REPO
 from safetensors.torch import load_file
 from test_train import _cfg as train_cfg
 
-from prefopt import adapters, parallel
-from prefopt.build import build_models, prepare_data, validate
 from prefopt.config import LoraConfig
 from prefopt.data.loading import group_at
 from prefopt.data.packing import collate_layout
-from prefopt.evaluation import PassOptions
 from prefopt.losses import LOSSES, build_loss
-from prefopt.models import load_model, load_tokenizer
-from prefopt.optim import build_optimizer
-from prefopt.stats import group_stats
-from prefopt.train.loop import StepContext, run, step_micro_batches, train_step
+from prefopt.model import adapters, parallel
+from prefopt.model.load import load_model, load_tokenizer
+from prefopt.model.logprobs import group_stats
+from prefopt.train.loop import run
+from prefopt.train.optim import build_optimizer
+from prefopt.train.passes import PassOptions
+from prefopt.train.setup import build_models, prepare_data, validate
+from prefopt.train.step import StepContext, step_micro_batches, train_step
 
 LORA = ("+model/lora=default", "model.lora.rank=4", "model.lora.alpha=8")
 
@@ -114,7 +115,7 @@ def test_lora_trains_only_adapters_and_its_reference_is_the_base(
 
 def test_bf16_keeps_the_frozen_base_in_bf16_and_fp32_adapters(tmp_path, tiny_data):
     """One FSDP2 group per block holds both dtypes; bf16 compute, fp32 adapter gradients."""
-    from prefopt.build import make_autocast
+    from prefopt.train.setup import make_autocast
 
     cfg = _cfg(tmp_path / "run", tiny_data, *LORA, "loss=dpo", "trainer.precision=bf16")
     world = parallel.init_distributed("cpu")

@@ -11,7 +11,7 @@ from conftest import REPO
 sys.path.insert(0, str(REPO / "experiments"))
 import bench_throughput as bench  # noqa: E402
 
-from prefopt.models import resolve_attn_implementation  # noqa: E402
+from prefopt.model.load import resolve_attn_implementation  # noqa: E402
 
 
 def test_benchmark_composes_the_gpu_recipe():

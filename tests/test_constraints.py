@@ -1,4 +1,4 @@
-"""prefopt.constraints: graded verifiers per family, deterministic disjoint splits, JSONL rows.
+"""prefopt.eval.constraints: graded verifiers per family, deterministic disjoint splits, JSONL rows.
 
 .venv/bin/pytest -q tests/test_constraints.py
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from prefopt.constraints import (
+from prefopt.eval.constraints import (
     FAMILIES,
     SPLITS,
     Task,
@@ -308,5 +308,5 @@ def test_cli_writes_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
 
 
 def test_module_is_stdlib_only() -> None:
-    code = "import sys, prefopt.constraints; assert 'torch' not in sys.modules"
+    code = "import sys, prefopt.eval.constraints; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

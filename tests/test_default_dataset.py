@@ -1,6 +1,6 @@
 """The shipped default dataset (prefopt/assets/default_{train,eval}.jsonl): SmolLM2-135M-Instruct's
 own samples on the offline constraint benchmark, scored by its verifiers
-(experiments/make_default_dataset.py, which runs prefopt.datagen)."""
+(experiments/make_default_dataset.py, which runs prefopt.eval.datagen)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from prefopt import constraints
+from prefopt.eval import constraints
 
 ASSETS = Path(__file__).resolve().parents[1] / "prefopt" / "assets"
 SPLITS = {"train": "train", "eval": "heldout"}

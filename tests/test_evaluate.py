@@ -1,5 +1,5 @@
 # .venv/bin/pytest tests/test_evaluate.py -q
-"""On-policy data generation (prefopt.datagen) and evaluation tasks (prefopt.evaluate)."""
+"""On-policy data generation (prefopt.eval.datagen) and evaluation tasks (prefopt.eval.evaluate)."""
 
 from __future__ import annotations
 
@@ -18,10 +18,10 @@ from conftest import REPO, write_jsonl
 from hydra import compose, initialize_config_dir
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
-from prefopt import constraints, datagen, evaluate
 from prefopt.data.schemas import ParseOptions, parse_row
-from prefopt.judge import load_reward_model, score
-from prefopt.models import load_model, tiny_tokenizer
+from prefopt.eval import constraints, datagen, evaluate
+from prefopt.eval.judge import load_reward_model, score
+from prefopt.model.load import load_model, tiny_tokenizer
 
 PREFERENCE = ("tasks=[preference]", "dataset.max_train_examples=4", "dataset.max_eval_examples=8")
 DATAGEN = ("prompts.n=12", "generation.max_new_tokens=6", "generation.batch_size=4")
@@ -228,7 +228,7 @@ def test_datagen_cli_smoke(tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "prefopt.datagen",
+        "prefopt.eval.datagen",
         "model=tiny",
         "prompts.n=4",
         "generation.max_new_tokens=4",

@@ -12,9 +12,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from tokenizers import processors
 
-from prefopt import generate
 from prefopt.data.example import DataError
-from prefopt.generate import (
+from prefopt.eval import generate
+from prefopt.eval.generate import (
     Prompt,
     ResultsLog,
     check_settings,
@@ -23,7 +23,7 @@ from prefopt.generate import (
     prompt_from_row,
     settings_of,
 )
-from prefopt.models import tiny_tokenizer
+from prefopt.model.load import tiny_tokenizer
 
 # Untied embeddings: the tied tiny model greedily repeats "\n", which decodes to "".
 TINY = ("model=tiny", "model.tiny.tie_word_embeddings=false")

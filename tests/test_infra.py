@@ -12,15 +12,15 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from prefopt.checkpoint import TrainState, list_checkpoints, resolve_resume, save_checkpoint
 from prefopt.config import LoggerConfig, OptimizerConfig, TrainerConfig
 from prefopt.data.example import DataError
 from prefopt.data.loading import load_tokenized
 from prefopt.data.schemas import ParseOptions
 from prefopt.data.tokenize import TokenizeOptions, Tokenizer
 from prefopt.errors import CheckpointError
-from prefopt.logger import build_logger
-from prefopt.optim import build_optimizer, lr_at
+from prefopt.train.checkpoint import TrainState, list_checkpoints, resolve_resume, save_checkpoint
+from prefopt.train.logger import build_logger
+from prefopt.train.optim import build_optimizer, lr_at
 
 
 def _uf_row(i: int, ratings: list[str]) -> dict:
@@ -155,7 +155,7 @@ def test_smollm2_gguf_converts_once_and_fits_the_default_data(tmp_path):
     """The embedded default model: GGUF -> cached safetensors; the shipped data fits untruncated."""
     pytest.importorskip("gguf")
     from prefopt.config import ModelConfig, asset_path
-    from prefopt.models import load_model, load_tokenizer
+    from prefopt.model.load import load_model, load_tokenizer
 
     cfg = OmegaConf.structured(
         ModelConfig(
@@ -190,7 +190,7 @@ def test_smollm2_gguf_converts_once_and_fits_the_default_data(tmp_path):
 
 
 def test_wandb_runs_of_a_sweep_share_a_group_and_carry_their_values(tmp_path, monkeypatch):
-    from prefopt.logger import SweepInfo
+    from prefopt.train.logger import SweepInfo
 
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))

@@ -13,8 +13,8 @@ import torch
 from tokenizers import processors
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
-from prefopt.judge import encode, load_reward_model, score, win_rates
-from prefopt.models import tiny_tokenizer
+from prefopt.eval.judge import encode, load_reward_model, score, win_rates
+from prefopt.model.load import tiny_tokenizer
 
 PROMPTS = [
     "hi",

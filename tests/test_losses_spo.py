@@ -20,7 +20,7 @@ from torch.testing import assert_close
 
 from prefopt.losses import LOSSES, build_loss, get_spec
 from prefopt.losses.spo import SPOConfig, spo_loss
-from prefopt.stats import token_kl
+from prefopt.model.logprobs import token_kl
 from prefopt.types import LossOutput
 
 FORMS = ("pairwise", "best_of_n", "ranked")

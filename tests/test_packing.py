@@ -18,7 +18,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from transformers.models.llama import modeling_llama
 
-from prefopt.attention import block_mask, span_attention
 from prefopt.config import ModelConfig
 from prefopt.data.collate import collate
 from prefopt.data.packing import (
@@ -34,8 +33,9 @@ from prefopt.data.packing import (
 )
 from prefopt.data.tokenize import TokenizedGroup
 from prefopt.losses import get_spec
-from prefopt.models import load_model, tiny_tokenizer
-from prefopt.stats import group_stats, packed_attention_inputs, sequence_kl
+from prefopt.model.attention import block_mask, span_attention
+from prefopt.model.load import load_model, tiny_tokenizer
+from prefopt.model.logprobs import group_stats, packed_attention_inputs, sequence_kl
 
 LAYOUTS = ["packed", "shared"]
 ATTN = ["eager", "sdpa", "prefopt_docs"]  # dense reference masks, and the CPU span kernel
@@ -494,7 +494,7 @@ def test_no_dense_mask_or_host_sync_at_training_length(tok, layout):
 
 
 def test_auto_attention_picks_a_tile_skipping_kernel(monkeypatch):
-    from prefopt import attention
+    from prefopt.model import attention
 
     monkeypatch.setattr(attention, "flash_attn_installed", lambda: False)
     assert {attention.choose_kernel("auto", lay) for lay in LAYOUTS} == {"prefopt_docs"}

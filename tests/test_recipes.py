@@ -12,8 +12,14 @@ import pytest
 from conftest import REPO
 from hydra import compose, initialize_config_dir
 
-from prefopt.banner import RunFacts, format_banner, mistakes, params_of_config, tokens_per_group
 from prefopt.losses import LOSSES
+from prefopt.train.banner import (
+    RunFacts,
+    format_banner,
+    mistakes,
+    params_of_config,
+    tokens_per_group,
+)
 
 CONF = REPO / "conf"
 MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
@@ -251,10 +257,10 @@ def test_parameter_count_from_the_config_alone():
 def test_dry_run_exits_before_any_weight_is_read(tmp_path, tiny_data, monkeypatch, capsys):
     """A model directory with a tokenizer and config.json but no weight file, and a loader that
     fails if called: the dry run prints the banner and the first batch and returns."""
-    import prefopt.build
-    from prefopt import parallel
+    import prefopt.train.setup
     from prefopt.config import TinyModelConfig
-    from prefopt.models import tiny_llama_config, tiny_tokenizer
+    from prefopt.model import parallel
+    from prefopt.model.load import tiny_llama_config, tiny_tokenizer
     from prefopt.train.loop import run
 
     model_dir = tmp_path / "model"
@@ -265,7 +271,7 @@ def test_dry_run_exits_before_any_weight_is_read(tmp_path, tiny_data, monkeypatc
     def no_weights(*args, **kwargs):
         raise AssertionError("the dry run loaded model weights")
 
-    monkeypatch.setattr(prefopt.build, "load_model", no_weights)
+    monkeypatch.setattr(prefopt.train.setup, "load_model", no_weights)
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(
             "train",
@@ -296,7 +302,7 @@ def test_dry_run_exits_before_any_weight_is_read(tmp_path, tiny_data, monkeypatc
 
 
 def test_verdict_reads_the_accuracy_change():
-    from prefopt.banner import verdict
+    from prefopt.train.banner import verdict
 
     up = verdict({"rewards/accuracy": 0.5893}, {"rewards/accuracy": 0.7143})
     assert "58.9% -> 71.4% (+12.5 points), learned" in up
@@ -308,8 +314,8 @@ def test_train_top_blocks_freezes_everything_below():
     from transformers import AutoModelForCausalLM
 
     from prefopt.config import TinyModelConfig
-    from prefopt.freeze import freeze_below_top_blocks
-    from prefopt.models import tiny_llama_config, tiny_tokenizer
+    from prefopt.model.freeze import freeze_below_top_blocks
+    from prefopt.model.load import tiny_llama_config, tiny_tokenizer
 
     model = AutoModelForCausalLM.from_config(tiny_llama_config(TinyModelConfig(), tiny_tokenizer()))
     assert freeze_below_top_blocks(model, 1) == 36_992 + 64  # block 1 and the final norm (64)

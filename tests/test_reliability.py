@@ -21,19 +21,19 @@ import torch
 from conftest import REPO, arithmetic_rows, write_jsonl
 from hydra import compose, initialize_config_dir
 
-from prefopt.checkpoint import (
+from prefopt.checks import validate_config
+from prefopt.data.loading import load_tokenized, make_views
+from prefopt.data.schemas import ParseOptions
+from prefopt.data.tokenize import TokenizeOptions, Tokenizer
+from prefopt.errors import CheckpointError, ConfigError, DataError
+from prefopt.train.checkpoint import (
     TrainState,
     list_checkpoints,
     resolve_resume,
     save_checkpoint,
     verify_checkpoint,
 )
-from prefopt.checks import validate_config
-from prefopt.data.loading import load_tokenized, make_views
-from prefopt.data.schemas import ParseOptions
-from prefopt.data.tokenize import TokenizeOptions, Tokenizer
-from prefopt.errors import CheckpointError, ConfigError, DataError
-from prefopt.logger import JsonlLogger
+from prefopt.train.logger import JsonlLogger
 
 ROW = {"prompt": "What is 2 + 2?", "responses": ["4", "5"], "scores": [1.0, 0.0]}
 
@@ -477,7 +477,7 @@ def test_disk_full_names_path_and_bytes_and_keeps_the_previous_checkpoint(tmp_pa
 
 
 def test_torch_save_full_disk_without_errno_is_named_by_free_space(tmp_path, monkeypatch):
-    import prefopt.checkpoint as ckpt
+    import prefopt.train.checkpoint as ckpt
 
     def torn(*args, **kwargs):  # what torch.save raises when the disk fills mid-write
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
@@ -508,7 +508,7 @@ def test_wandb_resumes_the_same_run(tmp_path, monkeypatch):
     from omegaconf import OmegaConf
 
     from prefopt.config import LoggerConfig
-    from prefopt.logger import WandbLogger
+    from prefopt.train.logger import WandbLogger
 
     calls = []
     monkeypatch.setattr(wandb, "init", lambda **kw: calls.append(kw))

@@ -1,6 +1,6 @@
 # .venv/bin/pytest tests/test_report.py -q
-"""prefopt.report on a hand-written sweep dir (ok, failed and missing jobs), and the notebooks
-executed on its output."""
+"""prefopt.sweeps.report on a hand-written sweep dir (ok, failed and missing jobs), and the
+notebooks executed on its output."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from prefopt.report import find_jobs, main, parse_overrides, report, swept_params
+from prefopt.sweeps.report import find_jobs, main, parse_overrides, report, swept_params
 
 REPO = Path(__file__).resolve().parents[1]
 # The report notebooks (notebooks/ursla.ipynb reads a model, not a report: tests/test_ursla.py).

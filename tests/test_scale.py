@@ -10,13 +10,14 @@ import pytest
 import torch
 from scale_checks import compose_cfg, full_grads, sharded_policy, skip_check
 
-from prefopt import parallel
-from prefopt.build import prepare_data
 from prefopt.data.collate import views_at
-from prefopt.evaluation import PassOptions, batches, step_inputs
+from prefopt.data.packing import batches
 from prefopt.losses import build_loss
-from prefopt.models import load_model
-from prefopt.train.loop import StepContext, step_micro_batches, train_step
+from prefopt.model import parallel
+from prefopt.model.load import load_model
+from prefopt.train.passes import PassOptions, step_inputs
+from prefopt.train.setup import prepare_data
+from prefopt.train.step import StepContext, step_micro_batches, train_step
 
 
 def _world():
@@ -57,7 +58,7 @@ def test_sharded_load_equals_the_whole_model(tmp_path):
     """Meta-device build + shards filled from the safetensors files give the model
     ``from_pretrained`` gives, in fp32 from bf16 files, tied output layer included."""
     cfg = compose_cfg(tmp_path, "loss=simpo")
-    tok = __import__("prefopt.models", fromlist=["tiny_tokenizer"]).tiny_tokenizer()
+    tok = __import__("prefopt.model.load", fromlist=["tiny_tokenizer"]).tiny_tokenizer()
     saved = tmp_path / "saved"
     whole = load_model(cfg.model, cfg.cache_dir, tok, seed=3).to(torch.bfloat16)
     whole.save_pretrained(saved)
@@ -170,7 +171,7 @@ def test_low_memory_optimizers_step_fsdp2_shards_at_small_lr():
     from omegaconf import OmegaConf
     from torchao.optim import AdamW8bit
 
-    from prefopt.optim import build_optimizer
+    from prefopt.train.optim import build_optimizer
 
     world, lr = _world(), 5e-7
     before, after, grads, opt = _one_sharded_step(
@@ -180,7 +181,7 @@ def test_low_memory_optimizers_step_fsdp2_shards_at_small_lr():
     assert moved >= 0.99 and signed == pytest.approx(1.0, abs=0.05)
     state = next(iter(opt.state.values()))["exp_avg"]
     assert type(state.to_local()).__name__ == "OptimState8bit"  # 8-bit moments, per shard
-    sr_cfg = {"_target_": "prefopt.optim.adamw_bf16_sr", "_partial_": True, "lr": lr}
+    sr_cfg = {"_target_": "prefopt.train.optim.adamw_bf16_sr", "_partial_": True, "lr": lr}
     sr = OmegaConf.create({**sr_cfg, "betas": [0.9, 0.95], "weight_decay": 0.0, "eps": 1e-8})
     before, after, grads, _ = _one_sharded_step(
         world, torch.bfloat16, lambda ps: build_optimizer(sr, ps)
@@ -198,7 +199,7 @@ def test_bf16_master_weights_need_the_stochastic_rounding_optimizer():
     from omegaconf import OmegaConf
 
     from prefopt.errors import ConfigError
-    from prefopt.optim import build_optimizer
+    from prefopt.train.optim import build_optimizer
 
     cfg = OmegaConf.create({"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-6})
     with pytest.raises(ConfigError, match="master_dtype=bfloat16"):
@@ -224,7 +225,7 @@ def _llama3_8b_dir(tmp_path):
 
 def test_memory_plan_by_hand_for_8b_on_1_and_8_gpus(tmp_path):
     """Parameters, gradients and AdamW state of 8.03 B fp32 master weights, sharded over 8."""
-    from prefopt.plan import GIB, format_plan, plan_memory, shape_and_inputs
+    from prefopt.train.plan import GIB, format_plan, plan_memory, shape_and_inputs
 
     path = _llama3_8b_dir(tmp_path)
     args = ("model=llama3_8b_instruct", f"model.name_or_path={path}", "trainer=gpu")
@@ -249,7 +250,7 @@ def test_memory_plan_by_hand_for_8b_on_1_and_8_gpus(tmp_path):
 
 def test_plan_refuses_what_cannot_fit_and_says_what_to_change(tmp_path):
     from prefopt.errors import PlanError
-    from prefopt.plan import GIB, check_fits, plan_memory, shape_and_inputs
+    from prefopt.train.plan import GIB, check_fits, plan_memory, shape_and_inputs
 
     path = _llama3_8b_dir(tmp_path)
     cfg = compose_cfg(
@@ -269,7 +270,7 @@ def test_plan_refuses_what_cannot_fit_and_says_what_to_change(tmp_path):
 
 
 def test_plan_cli_exits_by_fit(tmp_path, capsys):
-    from prefopt.plan import main
+    from prefopt.train.plan import main
 
     path = _llama3_8b_dir(tmp_path)
     args = ["model=llama3_8b_instruct", f"model.name_or_path={path}", "trainer=gpu", "loss=simpo"]
@@ -284,7 +285,7 @@ def test_plan_cli_exits_by_fit(tmp_path, capsys):
 def test_plan_counts_the_reference_model_the_loop_builds(tmp_path):
     """Precomputed reference log-probs need no reference model, except where the loss needs
     forwards on rows no cache holds (KTO's mismatched pairs, SPO's on-policy KL)."""
-    from prefopt.plan import inputs_from_config
+    from prefopt.train.plan import inputs_from_config
 
     def reference(*overrides: str) -> str:
         cfg = compose_cfg(tmp_path / "c", *overrides)

@@ -62,7 +62,7 @@ def _submit(tmp_path: Path, *overrides: str) -> str:
     cmd = [
         sys.executable,
         "-m",
-        "prefopt.sweep",
+        "prefopt.sweeps.expand",
         "submit",
         "--sbatch",
         f"--output={tmp_path}/%A_%a.out -c 1 --parsable",

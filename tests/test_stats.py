@@ -13,8 +13,8 @@ from omegaconf import OmegaConf
 from prefopt.config import ModelConfig
 from prefopt.data.collate import collate
 from prefopt.data.tokenize import TokenizedGroup
-from prefopt.models import load_model
-from prefopt.stats import group_stats, token_logps
+from prefopt.model.load import load_model
+from prefopt.model.logprobs import group_stats, token_logps
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +102,7 @@ def test_token_logps_chunk_size_does_not_change_values():
 
 
 def test_sequence_kl_matches_naive_full_vocabulary_kl(model, tok):
-    from prefopt.stats import sequence_kl
+    from prefopt.model.logprobs import sequence_kl
 
     ref = copy.deepcopy(model).requires_grad_(False)
     assert torch.all(sequence_kl(model, ref, collate(groups(tok), tok.pad_token_id)).abs() < 1e-12)

@@ -1,6 +1,6 @@
 # .venv/bin/pytest tests/test_sweeps.py -q
 """Sweep presets and paper experiments compose (and so do the commands in their comments); a real
-2 x 2 multirun on the tiny model is summarised by ``python -m prefopt.report``."""
+2 x 2 multirun on the tiny model is summarised by ``python -m prefopt.sweeps.report``."""
 
 from __future__ import annotations
 
@@ -179,7 +179,7 @@ def test_real_multirun_and_report(tmp_path):
     jobs = sorted(p.name for p in sweep.iterdir() if (p / ".hydra" / "overrides.yaml").is_file())
     assert jobs == ["0", "1", "2", "3"]
     (sweep / "3" / "summary.json").unlink()  # a killed job: run dir, no summary
-    stdout = _run(["-m", "prefopt.report", str(sweep)], env)
+    stdout = _run(["-m", "prefopt.sweeps.report", str(sweep)], env)
     md = (sweep / "report.md").read_text()
     assert md in stdout
     head = next(r for r in md.splitlines() if r.startswith("| job"))

@@ -16,8 +16,9 @@ from conftest import REPO, arithmetic_rows, write_jsonl
 from hydra import compose, initialize_config_dir
 
 from prefopt.losses import LOSSES, build_loss
-from prefopt.parallel import StatsModel
-from prefopt.train.loop import StepContext, run, train_step
+from prefopt.model.parallel import StatsModel
+from prefopt.train.loop import run
+from prefopt.train.step import StepContext, train_step
 
 
 def _cfg(run_dir: Path, data: tuple[Path, Path], *overrides: str):
@@ -110,8 +111,8 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, tiny_data):
 
 
 def _step_grads(tmp_path, tiny_data, micro: int) -> list[torch.Tensor]:
-    from prefopt.evaluation import batches
-    from prefopt.models import load_model, load_tokenizer
+    from prefopt.data.packing import batches
+    from prefopt.model.load import load_model, load_tokenizer
     from prefopt.train.loop import prepare_data
 
     cfg = _cfg(
@@ -161,8 +162,8 @@ def test_non_finite_loss_never_reaches_the_optimizer(tmp_path, tiny_data):
         return LossOutput(losses, torch.ones_like(losses, dtype=torch.bool), {})
 
     cfg = _cfg(tmp_path / "r", tiny_data, "loss=simpo")
-    from prefopt.evaluation import batches
-    from prefopt.models import load_model, load_tokenizer
+    from prefopt.data.packing import batches
+    from prefopt.model.load import load_model, load_tokenizer
     from prefopt.train.loop import prepare_data
 
     tok = load_tokenizer(cfg.model, cfg.cache_dir)

@@ -1,6 +1,6 @@
 # .venv/bin/pytest tests/test_ursla.py -q
-"""prefopt.ursla: LP̄ against naive full-logit NLLs, both readings' columns and counts, the CLI on
-the tiny model (dataset and AlpacaEval outputs), and the notebook executed headless."""
+"""prefopt.eval.ursla: LP̄ against naive full-logit NLLs, both readings' columns and counts, the CLI
+on the tiny model (dataset and AlpacaEval outputs), and the notebook executed headless."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from omegaconf import OmegaConf
 
 from prefopt.config import ModelConfig
 from prefopt.data.example import DataError
-from prefopt.models import load_model
-from prefopt.ursla import aggregate, format_table, measure, run
+from prefopt.eval.ursla import aggregate, format_table, measure, run
+from prefopt.model.load import load_model
 
 PROMPTS = ["Say a letter.", "Say a letter.", [{"role": "user", "content": "Spell abcde."}]]
 TEXTS = ["a", "abc", "abcde"]  # one token per byte: 1, 3 and 5 scored tokens (+ EOS)
@@ -121,7 +121,7 @@ def test_cli_on_the_tiny_model_writes_ursla_json(tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "prefopt.ursla",
+        "prefopt.eval.ursla",
         "model=tiny",
         "dataset.max_train_examples=4",
         "lengths=[1,10,2000]",

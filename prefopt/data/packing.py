@@ -15,7 +15,7 @@ document a token belongs to) and ``branch_ids`` (0 for tokens every later token 
 may see: the prompt, or the whole sequence in ``packed``; k + 1 for response k of a shared
 prompt). Query i may attend to key j iff j <= i, doc[i] == doc[j] and branch[j] in (0, branch[i]).
 Collation also writes that rule in the forms the kernels read, none of them (L, L): ``spans``
-(per-document attention, ``prefopt.attention`` on CPU), ``blocks`` (the FlexAttention block
+(per-document attention, ``prefopt.model.attention`` on CPU), ``blocks`` (the FlexAttention block
 sparsity, built at 128-token granularity by ``doc_blocks``) and ``cu_seqlens`` (flash-attn
 varlen, ``packed`` only). ``document_mask`` (dense) is the reference the tests compare them with.
 
@@ -343,3 +343,19 @@ def budget_batches(
         collate_layout([groups[i] for i in mb], pad_id, layout).to(device)
         for mb in plan[rank::world_size]
     ]
+
+
+def batches(
+    data: datasets.Dataset,
+    views: list[View],
+    order: list[int],
+    size: int,
+    pad_id: int,
+    device: torch.device | str,
+    layout: str = "padded",
+):
+    """Collated batches of ``size`` views taken in ``order``, in ``layout``."""
+    for start in range(0, len(order), size):
+        chunk = [views[i] for i in order[start : start + size]]
+        groups = [(group_at(data, row), idx) for row, idx in chunk]
+        yield collate_layout(groups, pad_id, layout).to(device)

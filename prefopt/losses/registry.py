@@ -52,7 +52,7 @@ class LossSpec:
     on_policy_kl: bool = False
     # KTO: the loop passes ``kl_estimate`` (a scalar, no grad): the mean over the whole optimizer
     # step (all micro-batches and ranks) of log pi - log ref on mismatched (prompt, response)
-    # pairs (``prefopt.mismatched``), for the KL baseline z_0.
+    # pairs (``prefopt.train.mismatched``), for the KL baseline z_0.
     needs_mismatched: bool = False
 
     def reference_model_needed(self, cfg: Any, reference: str) -> bool:

@@ -8,9 +8,9 @@ L_SPO = L_pref + kl_weight * D_KL(pi || pi_ref) (Eq. 6, Algorithm 1). kl_weight 
 that App. D.2 sweeps but never defines, read as the weight of the KL term (the only knob left;
 beta on L_pref instead is less plausible). This module holds the preference term, a pure (B, K)
 loss over summed response log-probs l = log pi(y|x) (never length-normalised); the per-position
-piece of the regularizer (Eq. 15) is ``prefopt.stats.token_kl``. The preference term does not
-use pi_ref; the loop adds the KL term on on-policy samples (the ``kl_*`` config fields), which is
-where pi_ref enters.
+piece of the regularizer (Eq. 15) is ``prefopt.model.logprobs.token_kl``. The preference term
+does not use pi_ref; the loop adds the KL term on on-policy samples (the ``kl_*`` config
+fields), which is where pi_ref enters.
 
 Every form is built from one term on a set T that holds a response i and its competitors:
     term(i, T) = -(1/alpha) log( pi_i^alpha / sum_{j in T} pi_j^alpha )

@@ -37,8 +37,8 @@ def main(cfg: DictConfig) -> float:
     if hydra_cfg.mode != RunMode.MULTIRUN:  # a config mistake fails in seconds: torch not loaded
         validate_config(cfg)
 
-    from prefopt import parallel
-    from prefopt.logger import SweepInfo
+    from prefopt.model import parallel
+    from prefopt.train.logger import SweepInfo
     from prefopt.train.loop import run
 
     if int(os.environ.get("RANK", "0")) > 0:  # one log: rank 0 speaks, the others only warn

@@ -19,20 +19,34 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
 import prefopt.losses  # noqa: F401  (registers loss schemas before composition)
-from prefopt import parallel
-from prefopt.banner import announce, run_facts, show_first_batch
-from prefopt.build import (
+from prefopt.data.collate import views_at
+from prefopt.losses import build_loss
+from prefopt.model import parallel
+from prefopt.model.load import load_tokenizer
+from prefopt.train.banner import announce, run_facts, show_first_batch
+from prefopt.train.checkpoint import (
+    TrainState,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+)
+from prefopt.train.logger import SweepInfo, build_logger
+from prefopt.train.onpolicy import OnPolicyKL
+from prefopt.train.optim import build_optimizer, lr_at
+from prefopt.train.passes import (
+    PassOptions,
+    evaluate,
+    step_inputs,
+)
+from prefopt.train.plan import format_plan, plan_for_run
+from prefopt.train.setup import (
     Preemption,
     best_of,
     build_models,
@@ -45,137 +59,10 @@ from prefopt.build import (
     validate,
     validate_batching,
 )
-from prefopt.checkpoint import (
-    TrainState,
-    load_checkpoint,
-    resolve_resume,
-    save_checkpoint,
-)
-from prefopt.data.collate import Batch, views_at
-from prefopt.data.loading import DataSplits
-from prefopt.data.packing import PackedBatch, budget_batches
-from prefopt.evaluation import (
-    PassOptions,
-    batches,
-    evaluate,
-    forward_loss,
-    step_inputs,
-)
-from prefopt.logger import SweepInfo, build_logger
-from prefopt.losses import LossSpec, build_loss
-from prefopt.losses.registry import LossFn, LossState
-from prefopt.metrics import MetricSums
-from prefopt.models import load_tokenizer
-from prefopt.onpolicy import OnPolicyKL
-from prefopt.optim import build_optimizer, lr_at
-from prefopt.parallel import StatsModel
-from prefopt.plan import format_plan, plan_for_run
+from prefopt.train.step import StepContext, step_micro_batches, train_step
 
 log = logging.getLogger("prefopt")
 MAX_CONSECUTIVE_SKIPS = 10
-
-
-def step_micro_batches(
-    t: DictConfig, data: DataSplits, step_views: list[int], world: parallel.World, pad_id: int
-) -> list[Batch | PackedBatch]:
-    """This rank's micro-batches of a step, in ``trainer.layout``: filled to
-    ``micro_batch_tokens`` (planned over the whole step, so every rank runs as many), or
-    ``micro_batch_groups`` views at a time from the rank's slice of the step."""
-    if t.micro_batch_tokens:
-        return budget_batches(
-            data.train,
-            data.train_views,
-            step_views,
-            t.micro_batch_tokens,
-            t.layout,
-            pad_id,
-            world.device,
-            world.rank,
-            world.world_size,
-        )
-    order = step_views[world.rank :: world.world_size]
-    return list(
-        batches(
-            data.train,
-            data.train_views,
-            order,
-            t.micro_batch_groups,
-            pad_id,
-            world.device,
-            t.layout,
-        )
-    )
-
-
-@dataclass(frozen=True)
-class StepContext:
-    """What one optimizer step needs besides the models and its micro-batches."""
-
-    spec: LossSpec
-    loss_fn: LossFn
-    autocast: AbstractContextManager
-    chunk_size: int  # response tokens per log-prob chunk
-    max_grad_norm: float
-    loss_state: LossState | None = None  # running statistics of stateful losses
-    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # per-step loss inputs (KTO)
-    # A per-step term that is not per group (SPO's on-policy KL): it runs its own backward after
-    # the group losses are normalised and returns its detached per-rank value.
-    regularizer: Callable[[], torch.Tensor] | None = None
-
-
-class StepResult(NamedTuple):
-    metrics: dict[str, float]  # averaged over valid groups and ranks, plus counts and grad_norm
-    applied: bool  # False: the optimizer must not step (non-finite loss or gradient, no group)
-    stop: bool  # some rank was asked to stop (a signal): every rank checkpoints and exits
-    stat_sums: dict[str, torch.Tensor]  # reduced LossOutput.stat_updates (stateful losses)
-
-
-def train_step(
-    policy: StatsModel,
-    ref: StatsModel | None,
-    micro_batches: list[Batch | PackedBatch],
-    ctx: StepContext,
-    stop_requested: bool = False,
-) -> StepResult:
-    """Accumulate gradients over the micro-batches, normalise by the step's valid groups, clip,
-    and decide once whether the step may be applied.
-
-    Every micro-batch runs its backward on every rank, finite or not: the last one (with gradient
-    sync on) flushes the gradients FSDP accumulated unsharded into the sharded ones, so a skipped
-    step leaves nothing behind, and no rank leaves a collective the others are in. The decision
-    (finite loss, finite gradient norm, at least one valid group) and the stop flag come from one
-    reduction all ranks share; the host reads the step's numbers once, at the end.
-    """
-    sums = MetricSums()
-    for i, batch in enumerate(micro_batches):
-        # Reduce-scatter gradients once per step; every rank runs the same number of micro-batches.
-        parallel.set_gradient_sync(policy, i == len(micro_batches) - 1)
-        with ctx.autocast:
-            out = forward_loss(
-                policy, ref, batch, ctx.spec, ctx.loss_fn, ctx.chunk_size, ctx.loss_state, ctx.extra
-            )
-        torch.where(out.valid, out.losses, 0.0).sum().backward()
-        sums.add(out, batch.num_tokens)
-    totals = sums.reduce({"stop": stop_requested})
-    valid = totals["valid_groups"]
-    params = [p for p in policy.parameters() if p.grad is not None]
-    for p in params:  # one normalisation for accumulation and ranks, on the local shards
-        grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
-        grad.div_(valid.clamp(min=1).to(grad.dtype))
-    extra: dict[str, torch.Tensor] = {}
-    if ctx.regularizer is not None:  # a per-step term (SPO's KL), added after the normalisation
-        with ctx.autocast:
-            value = ctx.regularizer()
-        extra["regularizer"] = parallel.all_reduce_sum(value.double().clone()) / parallel.size()
-    norm = torch.nn.utils.clip_grad_norm_(params, ctx.max_grad_norm)
-    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-    ok = torch.isfinite(totals["loss"]) & torch.isfinite(norm) & (valid > 0)
-    if "regularizer" in extra:
-        ok &= torch.isfinite(extra["regularizer"])
-    metrics = totals.read({**extra, "grad_norm": norm, "applied": ok})
-    stop = metrics.pop("flag/stop") > 0
-    applied = bool(metrics.pop("applied"))
-    return StepResult(metrics, applied, stop, sums.stat_sums() if applied else {})
 
 
 def count_skip(state: TrainState, consecutive: int) -> int:

@@ -21,7 +21,7 @@ _outcomes: list[tuple[str, str, float]] = []
 def fresh_compile():
     """Each test starts with no compiled graphs: the tests use more dtypes and head shapes than
     one run does, and dynamo's recompile limit (8) counts across them."""
-    from prefopt import attention
+    from prefopt.model import attention
 
     torch._dynamo.reset()
     attention._compiled_flex = None
@@ -43,7 +43,7 @@ def pytest_runtest_logreport(report) -> None:
 def pytest_sessionfinish(session, exitstatus) -> None:
     if not torch.cuda.is_available() or not _outcomes:
         return
-    from prefopt.build import git_commit
+    from prefopt.train.setup import git_commit
 
     lines = [
         "# GPU tests",

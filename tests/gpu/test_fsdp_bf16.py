@@ -16,12 +16,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from prefopt import parallel
 from prefopt.config import ModelConfig, TinyModelConfig
 from prefopt.data.packing import collate_layout
-from prefopt.evaluation import forward_loss
 from prefopt.losses import get_spec
-from prefopt.models import load_model
+from prefopt.model import parallel
+from prefopt.model.load import load_model
+from prefopt.train.step import forward_loss
 
 from .test_kernels import _groups
 
@@ -93,7 +93,7 @@ def test_bf16_stochastic_rounding_optimizer_steps_bf16_master_weights(tok):
     """conf/optimizer/adamw_bf16_sr.yaml on bf16 shards: unbiased rounding moves some weights
     every step (round-to-nearest would move almost none at lr 5e-7)."""
     pytest.importorskip("torchao")
-    from prefopt.optim import adamw_bf16_sr
+    from prefopt.train.optim import adamw_bf16_sr
 
     def make(ps):
         return adamw_bf16_sr(ps, lr=5e-7, betas=[0.9, 0.95], weight_decay=0.0, eps=1e-8)

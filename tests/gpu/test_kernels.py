@@ -7,13 +7,13 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from prefopt.attention import block_mask, compiled_flex, document_attention
 from prefopt.config import ModelConfig, TinyModelConfig
 from prefopt.data.collate import collate
 from prefopt.data.packing import collate_layout, document_mask
 from prefopt.data.tokenize import TokenizedGroup
-from prefopt.models import load_model
-from prefopt.stats import group_stats
+from prefopt.model.attention import block_mask, compiled_flex, document_attention
+from prefopt.model.load import load_model
+from prefopt.model.logprobs import group_stats
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")

@@ -37,7 +37,7 @@ from transformers import (
 )
 
 from prefopt.data.tokenize import _adds_bos
-from prefopt.models import DTYPES
+from prefopt.model.load import DTYPES
 
 log = logging.getLogger(__name__)
 

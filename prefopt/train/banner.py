@@ -102,7 +102,7 @@ def logger_mode(cfg: DictConfig) -> str:
     """What the logger will do, in words: W&B online / offline / off."""
     if cfg.kind != "wandb":
         return "off (metrics.jsonl and the console only)"
-    from prefopt.logger import wandb_mode
+    from prefopt.train.logger import wandb_mode
 
     mode = wandb_mode(cfg.mode)
     where = f"project {cfg.project}" + (f", group {cfg.group}" if cfg.group else "")
@@ -186,9 +186,9 @@ def run_facts(
     """The facts of a composed run: config, tokenizer, tokenized ``data`` (DataSplits), loss
     ``spec``, ``world`` (parallel.World) and the step count. Reads the model config, never
     weights; ``params``, when the caller counted them already (the memory plan), is used as is."""
-    from prefopt.attention import kernel_description
-    from prefopt.models import local_or_hub, resolve_attn_implementation, tiny_llama_config
-    from prefopt.parallel import resolve_precision
+    from prefopt.model.attention import kernel_description
+    from prefopt.model.load import local_or_hub, resolve_attn_implementation, tiny_llama_config
+    from prefopt.model.parallel import resolve_precision
 
     t, d, m = cfg.trainer, cfg.dataset, cfg.model
     if params is None and m.source == "tiny":
@@ -286,7 +286,7 @@ def batch_shapes(batch) -> str:
 def announce(facts: RunFacts, run_dir: str, status: str) -> list[str]:
     """Rank 0: print the banner, log its warnings, and write it into summary.json (the end of
     the run rewrites the summary; it carries ``banner`` again there). Returns the warnings."""
-    from prefopt.parallel import is_main
+    from prefopt.model.parallel import is_main
 
     warnings = mistakes(facts)
     if is_main():
@@ -300,7 +300,7 @@ def announce(facts: RunFacts, run_dir: str, status: str) -> list[str]:
 
 def show_first_batch(micro_batches: list) -> None:
     """The dry run's last word: the shapes of the first step's micro-batches on this rank."""
-    from prefopt.parallel import is_main
+    from prefopt.model.parallel import is_main
 
     if is_main():
         print(f"dry run: first step = {len(micro_batches)} micro-batch(es) on rank 0; the first:")

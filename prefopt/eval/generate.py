@@ -1,10 +1,10 @@
 """Generate responses for a prompt set and write benchmark submission files.
 
-    python -m prefopt.generate prompts=alpaca_eval model=checkpoint \\
+    python -m prefopt.eval.generate prompts=alpaca_eval model=checkpoint \\
         model.name_or_path=outputs/refa_dynamic/<run>/final            # AlpacaEval 2 (805)
-    python -m prefopt.generate prompts=arena_hard model=checkpoint model.name_or_path=...
-    python -m prefopt.generate prompts=local prompts.path=my_prompts.jsonl
-    python -m prefopt.generate prompts=constraints                      # offline, SmolLM2
+    python -m prefopt.eval.generate prompts=arena_hard model=checkpoint model.name_or_path=...
+    python -m prefopt.eval.generate prompts=local prompts.path=my_prompts.jsonl
+    python -m prefopt.eval.generate prompts=constraints                      # offline, SmolLM2
 
 Prompts are formatted with the model's chat template exactly as in training (one BOS), decoded
 greedily by default, and batched by prompt length. Each run directory gets:
@@ -36,14 +36,14 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from prefopt import constraints
-from prefopt.build import git_commit
 from prefopt.checks import check_schema
 from prefopt.data.example import DataError, Message
 from prefopt.data.tokenize import TokenizeOptions, Tokenizer, keep_end
 from prefopt.errors import report_user_errors
-from prefopt.models import DTYPES, load_model, load_tokenizer
-from prefopt.sampling import decoding_config, eos_ids, generate_ids
+from prefopt.eval import constraints
+from prefopt.model.load import DTYPES, load_model, load_tokenizer
+from prefopt.model.sampling import decoding_config, eos_ids, generate_ids
+from prefopt.train.setup import git_commit
 
 log = logging.getLogger("prefopt")
 Record = dict[str, Any]
@@ -405,7 +405,7 @@ def run(cfg: DictConfig) -> Path:
     return out
 
 
-@hydra.main(config_path="../conf", config_name="generate", version_base="1.3")
+@hydra.main(config_path="../../conf", config_name="generate", version_base="1.3")
 @report_user_errors
 def main(cfg: DictConfig) -> None:
     check_schema(cfg)

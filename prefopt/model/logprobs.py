@@ -19,9 +19,9 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
-from prefopt.attention import DOCS, attention_inputs
 from prefopt.data.collate import Batch
 from prefopt.data.packing import PackedBatch, document_mask
+from prefopt.model.attention import DOCS, attention_inputs
 from prefopt.types import GroupStats
 
 
@@ -61,7 +61,7 @@ def _to_groups(batch: Batch | PackedBatch, row_values: Tensor, fill: float) -> T
 
 def packed_attention_inputs(model: PreTrainedModel, batch: PackedBatch) -> dict[str, Any]:
     """Decoder keyword arguments that keep documents (and shared-prompt responses) apart, for
-    the model's attention implementation (``prefopt.attention``).
+    the model's attention implementation (``prefopt.model.attention``).
 
     flash-attn: varlen boundaries (``cu_seqlens``); it cannot express shared prompts.
     ``prefopt_docs`` and ``flex_attention``: the batch's BlockMask (cached per micro-batch), and

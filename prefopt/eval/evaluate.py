@@ -1,9 +1,9 @@
 """Evaluate a model: held-out constraint satisfaction, preference metrics, a reward-model judge.
 
-    python -m prefopt.evaluate                                   # SmolLM2: constraints + preference
-    python -m prefopt.evaluate model=checkpoint model.name_or_path=outputs/<exp>/<run>/final
-    python -m prefopt.evaluate tasks=[lengths] outputs=<dir>/generations.jsonl
-    python -m prefopt.evaluate tasks=[judge] judge.outputs=a/model_outputs.json \\
+    python -m prefopt.eval.evaluate     # SmolLM2: constraints + preference
+    python -m prefopt.eval.evaluate model=checkpoint model.name_or_path=outputs/<exp>/<run>/final
+    python -m prefopt.eval.evaluate tasks=[lengths] outputs=<dir>/generations.jsonl
+    python -m prefopt.eval.evaluate tasks=[judge] judge.outputs=a/model_outputs.json \\
         judge.baseline=b/model_outputs.json judge.reward_model=<Hub id or dir of a reward model>
 
 Tasks (``tasks=[...]``):
@@ -19,7 +19,7 @@ Tasks (``tasks=[...]``):
 - ``lengths``: response length statistics of ``outputs`` (generations.jsonl or model_outputs.json).
 - ``judge``: score two AlpacaEval-format output files (same instructions) with a Hub
   sequence-classification reward model; win rate and length-controlled win rate
-  (``prefopt/judge.py``).
+  (``prefopt/eval/judge.py``).
 
 Results go to ``<out_dir>/evaluation.json`` and are printed.
 """
@@ -36,12 +36,10 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 import prefopt.losses  # noqa: F401  (registers loss schemas before composition)
-from prefopt import constraints, parallel
-from prefopt.build import make_autocast, prepare_data
 from prefopt.checks import check_schema
 from prefopt.errors import report_user_errors
-from prefopt.evaluation import PassOptions, evaluate
-from prefopt.generate import (
+from prefopt.eval import constraints
+from prefopt.eval.generate import (
     ResultsLog,
     check_settings,
     generate_all,
@@ -55,7 +53,10 @@ from prefopt.generate import (
     settings_of,
 )
 from prefopt.losses import build_loss
-from prefopt.models import load_model
+from prefopt.model import parallel
+from prefopt.model.load import load_model
+from prefopt.train.passes import PassOptions, evaluate
+from prefopt.train.setup import make_autocast, prepare_data
 
 log = logging.getLogger("prefopt")
 TASKS = ("constraints", "preference", "lengths", "judge")
@@ -163,7 +164,7 @@ def preference(cfg: DictConfig, hf_model, tok) -> dict[str, float]:
 
 
 def judge(cfg: DictConfig) -> dict[str, Any]:
-    from prefopt.judge import load_reward_model, score, win_rates
+    from prefopt.eval.judge import load_reward_model, score, win_rates
 
     j = cfg.judge
     if not (j.outputs and j.baseline):
@@ -229,7 +230,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return results
 
 
-@hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")
+@hydra.main(config_path="../../conf", config_name="evaluate", version_base="1.3")
 @report_user_errors
 def main(cfg: DictConfig) -> None:
     check_schema(cfg)

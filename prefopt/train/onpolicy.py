@@ -12,8 +12,8 @@ from transformers import PreTrainedModel
 
 from prefopt.data.collate import collate
 from prefopt.data.tokenize import TokenizedGroup
-from prefopt.parallel import StatsModel, unsharded
-from prefopt.sampling import decoding_config, generate_ids
+from prefopt.model.parallel import StatsModel, unsharded
+from prefopt.model.sampling import decoding_config, generate_ids
 
 Sample = tuple[list[int], list[int]]  # (prompt ids, sampled response ids)
 

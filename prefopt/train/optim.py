@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 
 from prefopt.config import TrainerConfig
 
-STOCHASTIC_ROUNDING = ("prefopt.optim.adamw_bf16_sr",)
+STOCHASTIC_ROUNDING = ("prefopt.train.optim.adamw_bf16_sr",)
 
 
 def build_optimizer(cfg: DictConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from prefopt.parallel import all_reduce_sum, size
+from prefopt.model.parallel import all_reduce_sum, size
 from prefopt.types import LossOutput
 
 COUNTS = ("valid_groups", "groups", "tokens")

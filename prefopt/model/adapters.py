@@ -233,7 +233,7 @@ class _Off(nn.Module):
 
 
 class _OffModel:
-    """What ``prefopt.stats`` reads from a model (``config``, ``dtype``, ``get_decoder``,
+    """What ``prefopt.model.logprobs`` reads from a model (``config``, ``dtype``, ``get_decoder``,
     ``get_output_embeddings``), with every call made as the base model."""
 
     def __init__(self, model: peft.PeftModel) -> None:

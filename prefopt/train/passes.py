@@ -9,44 +9,15 @@ import datasets
 import torch
 from torch import Tensor
 
-from prefopt import parallel
-from prefopt.data.collate import Batch
-from prefopt.data.loading import View, group_at
-from prefopt.data.packing import collate_layout
+from prefopt.data.loading import View
+from prefopt.data.packing import batches
 from prefopt.losses import LossSpec
 from prefopt.losses.registry import LossFn, LossState
-from prefopt.metrics import MetricSums
-from prefopt.mismatched import kl_estimate
-from prefopt.parallel import StatsModel, rank_slice
-from prefopt.types import LossOutput
-
-
-def forward_loss(
-    policy: StatsModel,
-    ref: StatsModel | None,
-    batch: Batch,
-    spec: LossSpec,
-    loss_fn: LossFn,
-    chunk_size: int,
-    loss_state: LossState | None = None,
-    extra: dict[str, Tensor] | None = None,
-) -> LossOutput:
-    """The batch's statistics (and the reference's), then the loss. ``extra``: per-step inputs a
-    loss declares (KTO's ``kl_estimate``), computed once for the whole step."""
-    stats = policy(batch, chunk_size)
-    ref_stats = None
-    if spec.needs_reference and batch.ref_logps is not None:  # trainer.reference=precompute
-        ref_stats = stats._replace(
-            logps=batch.ref_logps.to(stats.logps.dtype),
-            eos_logps=batch.ref_eos_logps.to(stats.logps.dtype),
-        ).detach()
-    elif spec.needs_reference:
-        with torch.no_grad():
-            ref_stats = ref(batch, chunk_size)
-    kwargs = dict(extra or {})
-    if spec.state is not None:
-        kwargs["state"] = loss_state
-    return loss_fn(stats, ref_stats, batch.scores, **kwargs)
+from prefopt.model import parallel
+from prefopt.model.parallel import StatsModel, rank_slice
+from prefopt.train.metrics import MetricSums
+from prefopt.train.mismatched import kl_estimate
+from prefopt.train.step import forward_loss
 
 
 class PassOptions(NamedTuple):
@@ -89,22 +60,6 @@ def step_inputs(
     if not spec.needs_mismatched:
         return {}
     return {"kl_estimate": kl_estimate(policy, ref, data, views, order, opts)}
-
-
-def batches(
-    data: datasets.Dataset,
-    views: list[View],
-    order: list[int],
-    size: int,
-    pad_id: int,
-    device: torch.device | str,
-    layout: str = "padded",
-):
-    """Collated batches of ``size`` views taken in ``order``, in ``layout``."""
-    for start in range(0, len(order), size):
-        chunk = [views[i] for i in order[start : start + size]]
-        groups = [(group_at(data, row), idx) for row, idx in chunk]
-        yield collate_layout(groups, pad_id, layout).to(device)
 
 
 @torch.no_grad()

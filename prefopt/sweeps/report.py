@@ -1,6 +1,6 @@
 """Summarise a Hydra multirun sweep: Markdown and CSV tables and PNG plots (offline, files only).
 
-    python -m prefopt.report <sweep dir> [--out DIR] [--metric eval/rewards/accuracy]
+    python -m prefopt.sweeps.report <sweep dir> [--out DIR] [--metric eval/rewards/accuracy]
 
 A job is any dir under the sweep dir holding ``.hydra/overrides.yaml``; its status is the
 ``status`` of its ``summary.json`` (``ok``, or ``failed`` with an ``error``), or ``missing`` without

@@ -26,10 +26,10 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from prefopt.adapters import quantization_kwargs
 from prefopt.atomic import publish_dir
 from prefopt.config import ModelConfig, TinyModelConfig
-from prefopt.parallel import is_main
+from prefopt.model.adapters import quantization_kwargs
+from prefopt.model.parallel import is_main
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +58,9 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 def resolve_attn_implementation(name: str, layout: str | None = None) -> str:
     """``model.attn_implementation`` for ``trainer.layout`` (None: any layout); ``auto``: the
-    fastest exact kernel (``prefopt.attention.choose_kernel``: flash-attn varlen for padded or
+    fastest exact kernel (``prefopt.model.attention.choose_kernel``: flash-attn varlen for padded or
     packed rows where installed, else the tile-skipping ``prefopt_docs``)."""
-    from prefopt.attention import choose_kernel  # registers prefopt_docs with transformers
+    from prefopt.model.attention import choose_kernel  # registers prefopt_docs with transformers
 
     return choose_kernel(name, layout)
 
@@ -180,7 +180,7 @@ def model_config(
 
 def empty_model(cfg: ModelConfig, config: PretrainedConfig) -> PreTrainedModel:
     """The model on the meta device: parameters without storage, buffers (RoPE frequencies)
-    real. ``prefopt.parallel.shard`` allocates only this rank's shards; ``load_weights`` fills
+    real. ``prefopt.model.parallel.shard`` allocates only this rank's shards; ``load_weights`` fills
     them. No process ever holds the whole model."""
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(
@@ -197,7 +197,7 @@ def empty_model(cfg: ModelConfig, config: PretrainedConfig) -> PreTrainedModel:
 def initial_weights(
     cfg: ModelConfig, cache_dir: str, tokenizer: PreTrainedTokenizerBase, seed: int
 ) -> Path | dict[str, torch.Tensor]:
-    """Where the starting weights come from, for ``prefopt.parallel.load_weights``: a local
+    """Where the starting weights come from, for ``prefopt.model.parallel.load_weights``: a local
     directory of safetensors files (each rank reads its own slices), or, on rank 0 only, a full
     state dict (the seeded random tiny model; a checkpoint without safetensors)."""
     if cfg.source == "tiny":

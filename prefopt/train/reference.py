@@ -17,8 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from prefopt.atomic import publish_dir
 from prefopt.data.loading import make_views
-from prefopt.evaluation import PassOptions, batches
-from prefopt.parallel import (
+from prefopt.data.packing import batches
+from prefopt.model.parallel import (
     StatsModel,
     all_gather_objects,
     barrier,
@@ -26,6 +26,7 @@ from prefopt.parallel import (
     rank_slice,
     reshard,
 )
+from prefopt.train.passes import PassOptions
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Batched generation from token ids: left padding, explicit decoding settings, cut at EOS.
 
-One function serves benchmark outputs (``prefopt.generate``), on-policy datasets
-(``prefopt.datagen``) and SPO's on-policy KL samples, so all of them stop, pad and seed alike.
+One function serves benchmark outputs (``prefopt.eval.generate``), on-policy datasets
+(``prefopt.eval.datagen``) and SPO's on-policy KL samples, so all of them stop, pad and seed alike.
 """
 
 from __future__ import annotations

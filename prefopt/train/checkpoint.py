@@ -32,10 +32,10 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import set_state_dict
 
-from prefopt.adapters import checkpoint_state_dicts
 from prefopt.atomic import file_sha256
 from prefopt.errors import CheckpointError
-from prefopt.parallel import all_gather_objects, barrier, is_main
+from prefopt.model.adapters import checkpoint_state_dicts
+from prefopt.model.parallel import all_gather_objects, barrier, is_main
 
 log = logging.getLogger(__name__)
 _STEP_DIR = re.compile(r"^step_(\d+)$")

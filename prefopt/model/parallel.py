@@ -32,9 +32,9 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from transformers import PreTrainedModel
 
-from prefopt.adapters import base_checkpoint_key, quantized_params
 from prefopt.data.collate import Batch
-from prefopt.stats import group_stats, sequence_kl
+from prefopt.model.adapters import base_checkpoint_key, quantized_params
+from prefopt.model.logprobs import group_stats, sequence_kl
 from prefopt.types import GroupStats
 
 
@@ -143,12 +143,13 @@ def shard(
 ) -> StatsModel:
     """``fully_shard`` each decoder block, then the wrapper (root), and allocate the shards.
 
-    ``model`` may live on the meta device (``prefopt.models.empty_model``): then only this rank's
-    shards are ever allocated, on ``world.device``, and ``load_weights`` fills them. The trainable
-    policy is sharded in ``precision.master`` (fp32 master weights whatever the dtype on disk),
-    gathered in ``precision.compute`` for the forward and its gradients reduced in fp32; the
-    frozen reference is held in ``precision.reference``. Frozen parameters of the policy (a LoRA
-    base) are held in the compute dtype: they need no master copy; a quantized base is left as is.
+    ``model`` may live on the meta device (``prefopt.model.load.empty_model``): then only this
+    rank's shards are ever allocated, on ``world.device``, and ``load_weights`` fills them. The
+    trainable policy is sharded in ``precision.master`` (fp32 master weights whatever the dtype
+    on disk), gathered in ``precision.compute`` for the forward and its gradients reduced in fp32;
+    the frozen reference is held in ``precision.reference``. Frozen parameters of the policy (a
+    LoRA base) are held in the compute dtype: they need no master copy; a quantized base is left
+    as is.
     """
     dtype = precision.master if trainable else precision.reference
     skip = quantized_params(model)

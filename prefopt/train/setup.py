@@ -17,18 +17,18 @@ import torch
 from omegaconf import DictConfig
 from transformers import PreTrainedTokenizerBase
 
-from prefopt import adapters, parallel
-from prefopt.banner import verdict
 from prefopt.checks import validate, validate_batching  # noqa: F401  (the loop imports them here)
 from prefopt.data.loading import DataSplits, build_splits, make_views
 from prefopt.data.tokenize import TokenizeOptions, Tokenizer
-from prefopt.evaluation import PassOptions
-from prefopt.freeze import freeze_below_top_blocks
 from prefopt.losses import LossSpec
-from prefopt.models import empty_model, initial_weights, load_model, model_config
-from prefopt.parallel import StatsModel
-from prefopt.reference import precompute_reference, reference_key
-from prefopt.stats import compile_blocks
+from prefopt.model import adapters, parallel
+from prefopt.model.freeze import freeze_below_top_blocks
+from prefopt.model.load import empty_model, initial_weights, load_model, model_config
+from prefopt.model.logprobs import compile_blocks
+from prefopt.model.parallel import StatsModel
+from prefopt.train.banner import verdict
+from prefopt.train.passes import PassOptions
+from prefopt.train.reference import precompute_reference, reference_key
 
 log = logging.getLogger("prefopt")
 

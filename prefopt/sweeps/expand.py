@@ -1,9 +1,9 @@
 """Expand a Hydra sweep into its jobs, for SLURM array jobs (one array task = one job).
 
-    python -m prefopt.sweep count +sweep=refa model=tiny          # how many jobs
-    python -m prefopt.sweep list  +sweep=refa loss.lam=0          # one line per job
-    python -m prefopt.sweep point 7 +sweep=refa                   # the overrides of job 7
-    python -m prefopt.sweep submit --sbatch "--time=2:00:00" -- +sweep=refa model=mistral7b
+    python -m prefopt.sweeps.expand count +sweep=refa model=tiny          # how many jobs
+    python -m prefopt.sweeps.expand list  +sweep=refa loss.lam=0          # one line per job
+    python -m prefopt.sweeps.expand point 7 +sweep=refa                   # the overrides of job 7
+    python -m prefopt.sweeps.expand submit --sbatch "--time=2:00:00" -- +sweep=refa model=mistral7b
 
 The grid is the one ``python -m prefopt.train -m ...`` runs: a preset's ``hydra.sweeper.params``
 (``conf/sweep/*.yaml``) extended or replaced by comma-separated values on the command line, in
@@ -25,8 +25,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 import prefopt.config  # noqa: F401  (registers the config schemas)
 import prefopt.losses  # noqa: F401  (registers loss schemas before composition)
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
-ARRAY_SCRIPT = Path(__file__).resolve().parents[1] / "slurm" / "sweep_array.sbatch"
+CONF = Path(__file__).resolve().parents[2] / "conf"
+ARRAY_SCRIPT = Path(__file__).resolve().parents[2] / "slurm" / "sweep_array.sbatch"
 
 
 def expand(overrides: list[str]) -> list[list[str]]:
@@ -44,7 +44,7 @@ def expand(overrides: list[str]) -> list[list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m prefopt.sweep",
+        prog="python -m prefopt.sweeps.expand",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     index = None
     if args.command == "point":
         if not args.overrides or not args.overrides[0].isdigit():
-            ap.error("point needs a job index first: python -m prefopt.sweep point 3 ...")
+            ap.error("point needs a job index first: python -m prefopt.sweeps.expand point 3 ...")
         index, args.overrides = int(args.overrides[0]), args.overrides[1:]
     jobs = expand(args.overrides)
     if args.command == "count":

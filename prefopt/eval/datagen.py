@@ -1,9 +1,8 @@
 """Build an on-policy multi-response dataset: sample K responses per prompt, score them.
 
-    python -m prefopt.datagen                                   # SmolLM2 on 240 train constraint
-                                                                # tasks, verifier-scored, CPU
-    python -m prefopt.datagen prompts=constraints prompts.split=heldout prompts.n=64
-    python -m prefopt.datagen model=checkpoint model.name_or_path=... prompts=local \\
+    python -m prefopt.eval.datagen   # SmolLM2, 240 train constraint tasks, verifier-scored, CPU
+    python -m prefopt.eval.datagen prompts=constraints prompts.split=heldout prompts.n=64
+    python -m prefopt.eval.datagen model=checkpoint model.name_or_path=... prompts=local \\
         prompts.path=instructions.jsonl scorer.kind=reward_model \\
         scorer.reward_model=Skywork/Skywork-Reward-Llama-3.1-8B-v0.2 generation.num_samples=4
 
@@ -28,10 +27,10 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from prefopt import constraints
 from prefopt.checks import check_schema
 from prefopt.errors import report_user_errors
-from prefopt.generate import (
+from prefopt.eval import constraints
+from prefopt.eval.generate import (
     Prompt,
     Record,
     ResultsLog,
@@ -58,7 +57,7 @@ def verifier_scorer(prompts: list[Prompt], records: list[Record]) -> None:
 
 
 def reward_model_scorer(cfg: DictConfig, device: str):
-    from prefopt.judge import load_reward_model, score
+    from prefopt.eval.judge import load_reward_model, score
 
     if not cfg.reward_model:
         raise ValueError("scorer.reward_model is required when scorer.kind=reward_model")
@@ -153,7 +152,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
-@hydra.main(config_path="../conf", config_name="datagen", version_base="1.3")
+@hydra.main(config_path="../../conf", config_name="datagen", version_base="1.3")
 @report_user_errors
 def main(cfg: DictConfig) -> None:
     check_schema(cfg)

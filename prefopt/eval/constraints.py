@@ -13,7 +13,7 @@ graded 0..10 so a group of sampled responses rarely ties:
 
 Splits are decided by a hash of the prompt text, so train and heldout never share a prompt.
 
-    python -m prefopt.constraints --split heldout --n 64 --seed 0 --out tasks.jsonl
+    python -m prefopt.eval.constraints --split heldout --n 64 --seed 0 --out tasks.jsonl
 """
 
 from __future__ import annotations
@@ -549,6 +549,7 @@ def make_tasks(
     if n < 0:
         raise ValueError(f"n={n}: expected n >= 0")
     # one stream per family, so choosing other families does not change this family's tasks
+    # the seed string keeps the module's old name: changing it would change every task
     rngs = {f: random.Random(f"prefopt.constraints:{seed}:{f}") for f in names}
     seen: set[str] = set()
     tasks = []

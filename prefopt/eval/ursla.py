@@ -1,9 +1,9 @@
 """URSLA measurement of the REFA paper (§6.3, App. F, Table 2): average per-token NLL vs length.
 
-    python -m prefopt.ursla                                    # SmolLM2-135M, shipped dataset
-    python -m prefopt.ursla model=tiny dataset.max_train_examples=8 lengths=[1,5,10,20]
-    python -m prefopt.ursla model=mistral7b outputs=path/to/model_outputs.json device=cuda
-    python -m prefopt.ursla responses=best reading=length window=5 lengths=[5,15,25]
+    python -m prefopt.eval.ursla                                    # SmolLM2-135M, shipped dataset
+    python -m prefopt.eval.ursla model=tiny dataset.max_train_examples=8 lengths=[1,5,10,20]
+    python -m prefopt.eval.ursla model=mistral7b outputs=path/to/model_outputs.json device=cuda
+    python -m prefopt.eval.ursla responses=best reading=length window=5 lengths=[5,15,25]
 
 URSLA (Conjecture 1 = Conjecture 2) says that for some responses the average per-token negative
 log-probability ``LP̄(y) = -(1/len(y)) Σ_t log π(y_t | x, y_<t)`` (Eq. 25) falls as ``len(y)``
@@ -50,8 +50,8 @@ from prefopt.data.example import DataError, Message
 from prefopt.data.loading import iter_rows
 from prefopt.data.schemas import ParseOptions, parse_row
 from prefopt.data.tokenize import TokenizeOptions, Tokenizer
-from prefopt.models import load_model, load_tokenizer
-from prefopt.stats import token_logps
+from prefopt.model.load import load_model, load_tokenizer
+from prefopt.model.logprobs import token_logps
 
 log = logging.getLogger(__name__)
 PAPER_LENGTHS = (1, 201, 401, 801, 1001)
@@ -361,7 +361,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return result
 
 
-@hydra.main(config_path="../conf", config_name="ursla", version_base="1.3")
+@hydra.main(config_path="../../conf", config_name="ursla", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

@@ -15,11 +15,11 @@ import datasets
 import torch
 from torch import Tensor
 
-from prefopt import parallel
 from prefopt.data.collate import collate
 from prefopt.data.loading import View, group_at
 from prefopt.data.tokenize import TokenizedGroup
-from prefopt.parallel import StatsModel, rank_slice
+from prefopt.model import parallel
+from prefopt.model.parallel import StatsModel, rank_slice
 
 
 def mismatched_pairs(data: datasets.Dataset, views: list[View], order: list[int]) -> list:
@@ -45,7 +45,7 @@ def kl_estimate(
 ) -> Tensor:
     """() float64: mean log-ratio over the mismatched pairs of ``order``, every rank taking a
     slice (padded to the same number of forwards; padding is not counted), reduced over ranks.
-    ``opts``: ``prefopt.evaluation.PassOptions`` (batch size, padding id, chunk, autocast)."""
+    ``opts``: ``prefopt.train.passes.PassOptions`` (batch size, padding id, chunk, autocast)."""
     pairs = mismatched_pairs(data, views, order)
     mine, own = rank_slice(len(pairs), parallel.rank(), parallel.size())
     batch_groups, chunk_size = opts.batch_groups, opts.chunk_size

@@ -1,7 +1,7 @@
 """The memory plan of a training run: bytes per GPU (and host memory per rank) for the composed
 config and world size, before anything is allocated.
 
-    python -m prefopt.plan model=llama3_8b_instruct dataset=ultrafeedback trainer=gpu \
+    python -m prefopt.train.plan model=llama3_8b_instruct dataset=ultrafeedback trainer=gpu \
         --world-size 8 --gpu-memory-gib 80
 
 It counts what the code keeps: the policy's sharded master parameters, gradients and optimizer
@@ -38,7 +38,7 @@ class Shape:
     @staticmethod
     def of(model) -> Shape:
         """From a model (on the meta device is enough): exact counts."""
-        from prefopt.parallel import decoder_blocks
+        from prefopt.model.parallel import decoder_blocks
 
         blocks = decoder_blocks(model)
         params = sum(p.numel() for p in model.parameters())
@@ -175,8 +175,8 @@ def shape_and_inputs(cfg, world_size: int, device_type: str) -> tuple[Shape, Pla
     """Exact counts from the model built on the meta device (only its config.json is read: from
     the Hub, a local directory, or built in code for ``model=tiny``) and the plan's inputs; with
     LoRA, the adapters are the trainable parameters and the reference is the policy itself."""
-    from prefopt.adapters import count_adapter_parameters
-    from prefopt.models import empty_model, model_config, tiny_tokenizer
+    from prefopt.model.adapters import count_adapter_parameters
+    from prefopt.model.load import empty_model, model_config, tiny_tokenizer
 
     tok = tiny_tokenizer() if cfg.model.source == "tiny" else None
     config = model_config(cfg.model, cfg.cache_dir, tok)
@@ -202,7 +202,7 @@ def plan_for_run(cfg, world) -> MemoryPlan:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m prefopt.plan", description=__doc__.split("\n")[0]
+        prog="python -m prefopt.train.plan", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--world-size", type=int, default=1, help="GPUs (ranks) in the job")
     parser.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU")
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     import prefopt.config  # noqa: F401  (schemas)
     import prefopt.losses  # noqa: F401
 
-    conf = Path(__file__).resolve().parents[1] / "conf"
+    conf = Path(__file__).resolve().parents[2] / "conf"
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         cfg = compose("train", overrides=[*args.overrides, "run_dir=/nonexistent"])
     shape, inputs = shape_and_inputs(cfg, args.world_size, "cuda")

@@ -11,7 +11,7 @@ from typing import IO, Any, NamedTuple, Protocol
 
 from omegaconf import DictConfig, OmegaConf
 
-from prefopt.parallel import is_main
+from prefopt.model.parallel import is_main
 
 log = logging.getLogger(__name__)
 
