@@ -62,8 +62,9 @@ from prefopt.model.attention import kernel_description  # noqa: E402
 from prefopt.model.load import resolve_attn_implementation, tiny_tokenizer  # noqa: E402
 from prefopt.model.logprobs import compile_blocks  # noqa: E402
 from prefopt.train.optim import build_optimizer  # noqa: E402
-from prefopt.train.setup import git_commit, make_autocast  # noqa: E402
+from prefopt.train.setup import make_autocast  # noqa: E402
 from prefopt.train.step import StepContext, step_micro_batches, train_step  # noqa: E402
+from prefopt.train.summary import git_commit  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {

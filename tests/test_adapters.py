@@ -19,6 +19,7 @@ from conftest import REPO
 from safetensors.torch import load_file
 from test_train import _cfg as train_cfg
 
+from prefopt.checks import validate
 from prefopt.config import LoraConfig
 from prefopt.data.loading import group_at
 from prefopt.data.packing import collate_layout
@@ -29,7 +30,7 @@ from prefopt.model.logprobs import group_stats
 from prefopt.train.loop import run
 from prefopt.train.optim import build_optimizer
 from prefopt.train.passes import PassOptions
-from prefopt.train.setup import build_models, prepare_data, validate
+from prefopt.train.setup import build_models, prepare_data
 from prefopt.train.step import StepContext, step_micro_batches, train_step
 
 LORA = ("+model/lora=default", "model.lora.rank=4", "model.lora.alpha=8")

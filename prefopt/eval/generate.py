@@ -43,7 +43,7 @@ from prefopt.errors import report_user_errors
 from prefopt.eval import constraints
 from prefopt.model.load import DTYPES, load_model, load_tokenizer
 from prefopt.model.sampling import decoding_config, eos_ids, generate_ids
-from prefopt.train.setup import git_commit
+from prefopt.train.summary import git_commit
 
 log = logging.getLogger("prefopt")
 Record = dict[str, Any]

@@ -23,6 +23,7 @@ import os
 import random
 import re
 import shutil
+import signal
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -328,3 +329,16 @@ def load_checkpoint(
         state.rng, state.kl_samples = own["rng"], own["kl_samples"]
     set_rng_state(state.rng)
     return state
+
+
+class Preemption:
+    """SIGTERM/SIGUSR1 (SLURM's warning before the time limit) -> checkpoint and exit cleanly."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        log.warning("received signal %d: will checkpoint after this step and exit", signum)
+        self.requested = True

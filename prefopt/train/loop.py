@@ -26,12 +26,14 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 import prefopt.losses  # noqa: F401  (registers loss schemas before composition)
+from prefopt.checks import validate, validate_batching
 from prefopt.data.collate import views_at
 from prefopt.losses import build_loss
 from prefopt.model import parallel
 from prefopt.model.load import load_tokenizer
 from prefopt.train.banner import announce, run_facts, show_first_batch
 from prefopt.train.checkpoint import (
+    Preemption,
     TrainState,
     load_checkpoint,
     resolve_resume,
@@ -46,20 +48,9 @@ from prefopt.train.passes import (
     step_inputs,
 )
 from prefopt.train.plan import format_plan, plan_for_run
-from prefopt.train.setup import (
-    Preemption,
-    best_of,
-    build_models,
-    export,
-    git_commit,
-    make_autocast,
-    peak_memory_gib,
-    prepare_data,
-    print_eval,
-    validate,
-    validate_batching,
-)
+from prefopt.train.setup import build_models, make_autocast, prepare_data
 from prefopt.train.step import StepContext, step_micro_batches, train_step
+from prefopt.train.summary import best_of, export, git_commit, peak_memory_gib, print_eval
 
 log = logging.getLogger("prefopt")
 MAX_CONSECUTIVE_SKIPS = 10

@@ -1,14 +1,11 @@
-"""Everything the training loop builds before its first step: config checks, data, sharded
-models and the reference, precision, and the small utilities around a run (preemption, export,
-summary). ``prefopt/train/loop.py`` keeps the loop itself."""
+"""What the training loop builds before its first step: the tokenized data and its views, the
+sharded policy and the reference (a model, or cached log-probs), and the autocast context.
+``prefopt/train/loop.py`` keeps the loop itself."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
-import signal
-import subprocess
 from contextlib import AbstractContextManager
 from pathlib import Path
 
@@ -17,7 +14,6 @@ import torch
 from omegaconf import DictConfig
 from transformers import PreTrainedTokenizerBase
 
-from prefopt.checks import validate, validate_batching  # noqa: F401  (the loop imports them here)
 from prefopt.data.loading import DataSplits, build_splits, make_views
 from prefopt.data.tokenize import TokenizeOptions, Tokenizer
 from prefopt.losses import LossSpec
@@ -26,24 +22,10 @@ from prefopt.model.freeze import freeze_below_top_blocks
 from prefopt.model.load import empty_model, initial_weights, load_model, model_config
 from prefopt.model.logprobs import compile_blocks
 from prefopt.model.parallel import StatsModel
-from prefopt.train.banner import verdict
 from prefopt.train.passes import PassOptions
 from prefopt.train.reference import precompute_reference, reference_key
 
 log = logging.getLogger("prefopt")
-
-
-class Preemption:
-    """SIGTERM/SIGUSR1 (SLURM's warning before the time limit) -> checkpoint and exit cleanly."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, _frame: object) -> None:
-        log.warning("received signal %d: will checkpoint after this step and exit", signum)
-        self.requested = True
 
 
 def build_models(
@@ -110,80 +92,12 @@ def build_models(
     return policy, ref, data
 
 
-def export(
-    policy: StatsModel, tok: PreTrainedTokenizerBase, path: Path, merged: bool = False
-) -> None:
-    """Hugging Face format (``from_pretrained``-able) gathered from the shards onto rank 0.
-    LoRA: the adapter in PEFT format, and with ``merged`` the merged model in ``<path>_merged``."""
-    if adapters.is_adapted(policy):  # LoRA
-        merged_path = path.with_name(f"{path.name}_merged") if merged else None
-        adapters.export(policy, tok, path, merged_path, parallel.is_main())
-        return
-    full = parallel.full_state_dict(policy)  # a collective: every rank takes part
-    if parallel.is_main():
-        policy.model.save_pretrained(path, state_dict=full)
-        tok.save_pretrained(path)
-
-
 def make_autocast(precision: parallel.Precision, device: torch.device) -> AbstractContextManager:
     """bf16 autocast when computing in bf16 (FSDP2 already gathers bf16 parameters; autocast
     covers the ops between them); nothing in fp32."""
     if precision.bf16:
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def best_of(*evals: dict[str, float] | None) -> dict[str, float] | None:
-    """The eval with the lowest held-out loss (the latest on ties)."""
-    done = [m for m in evals if m]
-    return min(reversed(done), key=lambda m: m["loss"]) if done else None
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            cwd=Path(__file__).parent,
-            timeout=5,
-        )
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def print_eval(title: str, before: dict[str, float] | None, after: dict[str, float] | None) -> None:
-    """Held-out metrics side by side (only one column when the run had no "before")."""
-    if before is None:
-        before, after = after, None
-    keys = [
-        "loss",
-        "rewards/accuracy",
-        "rewards/margin",
-        "avg_logps/chosen",
-        "avg_logps/rejected",
-        "lengths/chosen",
-        "lengths/rejected",
-        "valid_groups",
-    ]
-    lines = [f"{title:<22}{'before':>12}" + (f"{'after':>12}" if after else "")]
-    for k in keys:
-        row = f"{k:<22}{before.get(k, math.nan):>12.4f}"
-        lines.append(row + (f"{after.get(k, math.nan):>12.4f}" if after else ""))
-    if after:
-        lines.append(verdict(before, after))
-    print("\n".join(lines), flush=True)
-
-
-def peak_memory_gib(device: torch.device) -> dict[str, float]:
-    """This process's peak host memory (resident set) and, on a GPU, peak allocated memory."""
-    import resource
-
-    out = {"host_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2}
-    if device.type == "cuda":
-        out["gpu_allocated"] = torch.cuda.max_memory_allocated(device) / 1024**3
-    return out
 
 
 def prepare_data(cfg: DictConfig, tok: PreTrainedTokenizerBase, spec: LossSpec) -> DataSplits:

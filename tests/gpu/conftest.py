@@ -43,7 +43,7 @@ def pytest_runtest_logreport(report) -> None:
 def pytest_sessionfinish(session, exitstatus) -> None:
     if not torch.cuda.is_available() or not _outcomes:
         return
-    from prefopt.train.setup import git_commit
+    from prefopt.train.summary import git_commit
 
     lines = [
         "# GPU tests",
