@@ -14,15 +14,8 @@ from tokenizers import processors
 
 from prefopt.data.example import DataError
 from prefopt.eval import generate
-from prefopt.eval.generate import (
-    Prompt,
-    ResultsLog,
-    check_settings,
-    encode_prompts,
-    load_prompts,
-    prompt_from_row,
-    settings_of,
-)
+from prefopt.eval.generate import ResultsLog, check_settings, settings_of
+from prefopt.eval.prompts import Prompt, encode_prompts, load_prompts, prompt_from_row
 from prefopt.model.load import tiny_tokenizer
 
 # Untied embeddings: the tied tiny model greedily repeats "\n", which decodes to "".
