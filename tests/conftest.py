@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+from transformers import LlamaConfig, LlamaForSequenceClassification
 
 import prefopt.losses  # noqa: F401  (registers loss schemas in the ConfigStore)
 from prefopt.model.load import tiny_tokenizer
@@ -18,6 +24,56 @@ REPO = Path(__file__).resolve().parents[1]
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    # Split on "\n" only: str.splitlines() also breaks at U+2028, which json.dumps(
+    # ensure_ascii=False) leaves unescaped inside model outputs.
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line]
+
+
+def compose_config(name: str, *overrides: str, out_dir: Path | None = None) -> DictConfig:
+    """conf/<name>.yaml with Hydra overrides, as its CLI composes it; ``out_dir`` also sets
+    ``out_dir`` and a ``cache_dir`` beside it (shared by the runs of one test)."""
+    if out_dir is not None:
+        overrides = (f"out_dir={out_dir}", f"cache_dir={out_dir.parent / 'cache'}", *overrides)
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose(name, overrides=list(overrides))
+
+
+def run_cli(module: str, *overrides: str, run_dir: Path, timeout: float = 300):
+    """``python -m <module> <overrides> hydra.run.dir=<run_dir>`` from the repository root with a
+    model cache beside ``run_dir``; fails the test (with stderr's tail) unless it exits 0."""
+    env = {**os.environ, "PREFOPT_CACHE": str(run_dir.parent / "cache")}
+    cmd = [sys.executable, "-m", module, *overrides, f"hydra.run.dir={run_dir}"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def save_tiny_rm(path: Path, *, num_labels: int = 1, with_pad: bool = True) -> str:
+    """A tiny random LlamaForSequenceClassification reward model (seed 0) and its tokenizer."""
+    tok = tiny_tokenizer()
+    if not with_pad:
+        tok.pad_token = None
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+        num_labels=num_labels,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    with torch.random.fork_rng():  # the same weights without reseeding the tests that follow
+        torch.manual_seed(0)
+        LlamaForSequenceClassification(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
 
 
 def arithmetic_rows(n: int, seed: int, k: int = 4) -> list[dict]:

@@ -19,7 +19,6 @@ from prefopt.eval.constraints import (
     Task,
     Verdict,
     ideal_response,
-    main,
     make_tasks,
     satisfaction,
     split_of,
@@ -27,6 +26,7 @@ from prefopt.eval.constraints import (
     task_row,
     verify,
 )
+from prefopt.eval.constraints.__main__ import main
 
 OCEAN = {"topic": "the ocean", "key": "ocean"}
 FRUITS = {"category": "fruits", "n": 3, "items": ["apple", "pear", "plum"]}
@@ -308,5 +308,15 @@ def test_cli_writes_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
 
 
 def test_module_is_stdlib_only() -> None:
-    code = "import sys, prefopt.eval.constraints; assert 'torch' not in sys.modules"
+    code = "import sys, prefopt.eval.constraints.__main__; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_python_m_writes_rows_to_stdout() -> None:
+    # The package's __main__ runs as a module; the count line goes to stderr, so stdout is JSONL.
+    cmd = [sys.executable, "-m", "prefopt.eval.constraints", "--split", "train", "--n", "3"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    rows = [task_from_row(json.loads(line)) for line in proc.stdout.splitlines()]
+    assert rows == make_tasks("train", 3)
+    assert [r.family for r in rows] == ["arithmetic", "larger", "case"]
+    assert proc.stderr.startswith("3 train tasks -> stdout")

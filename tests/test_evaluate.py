@@ -5,18 +5,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, write_jsonl
-from hydra import compose, initialize_config_dir
-from transformers import LlamaConfig, LlamaForSequenceClassification
+from conftest import compose_config, read_jsonl, run_cli, save_tiny_rm, write_jsonl
 
 from prefopt.data.schemas import ParseOptions, parse_row
 from prefopt.eval import constraints, datagen, evaluate
@@ -28,48 +23,12 @@ DATAGEN = ("prompts.n=12", "generation.max_new_tokens=6", "generation.batch_size
 
 
 def _compose(name: str, out_dir: Path, *overrides: str):
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose(
-            name,
-            overrides=[
-                f"out_dir={out_dir}",
-                f"cache_dir={out_dir.parent / 'cache'}",
-                "model=tiny",
-                *overrides,
-            ],
-        )
-
-
-def _lines(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-
-
-def _save_rm(path: Path) -> str:
-    """A tiny random LlamaForSequenceClassification reward model (as in tests/test_judge.py)."""
-    tok = tiny_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=512,
-        num_labels=1,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        LlamaForSequenceClassification(config).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
+    return compose_config(name, "model=tiny", *overrides, out_dir=out_dir)
 
 
 @pytest.fixture(scope="module")
 def rm_dir(tmp_path_factory) -> str:
-    return _save_rm(tmp_path_factory.mktemp("rm"))
+    return save_tiny_rm(tmp_path_factory.mktemp("rm"))
 
 
 # ------------------------------------------------------------------ datagen
@@ -123,7 +82,7 @@ def datagen_straight(tmp_path_factory) -> tuple[Path, dict]:
 
 def test_datagen_rows_are_canonical_and_verifier_scored(datagen_straight):
     out, summary = datagen_straight
-    recs = _lines(out / "generations.jsonl")
+    recs = read_jsonl(out / "generations.jsonl")
     tasks = constraints.make_tasks("train", 12, 0)
     assert sorted(r["id"] for r in recs) == [t.id for t in tasks]  # each prompt exactly once
     for r in recs:
@@ -131,7 +90,7 @@ def test_datagen_rows_are_canonical_and_verifier_scored(datagen_straight):
         verdicts = [constraints.verify(r["meta"], text) for text in r["outputs"]]
         assert r["scores"] == [v.score for v in verdicts]
         assert r["passed"] == [v.passed for v in verdicts]
-    rows = _lines(Path(summary["out_file"]))
+    rows = read_jsonl(Path(summary["out_file"]))
     assert summary["out_file"] == str(out / "dataset.jsonl")
     by_task = {t.id: t for t in tasks}
     for i, row in enumerate(rows):
@@ -169,13 +128,13 @@ def test_datagen_resumes_after_interruption(datagen_straight, tmp_path, monkeypa
     out = tmp_path / "resumed"
     with pytest.raises(KeyboardInterrupt):
         datagen.run(_compose("datagen", out, *DATAGEN))
-    assert len(_lines(out / "generations.jsonl")) == 4 and not (out / "dataset.jsonl").exists()
+    assert len(read_jsonl(out / "generations.jsonl")) == 4 and not (out / "dataset.jsonl").exists()
     monkeypatch.undo()
     summary = datagen.run(_compose("datagen", out, *DATAGEN))
     assert summary["generation"]["generated_now"] == 8
-    recs = _lines(out / "generations.jsonl")
+    recs = read_jsonl(out / "generations.jsonl")
     assert len(recs) == 12 == len({r["id"] for r in recs})  # each prompt exactly once
-    assert recs == _lines(straight / "generations.jsonl")
+    assert recs == read_jsonl(straight / "generations.jsonl")
     assert (out / "dataset.jsonl").read_bytes() == (straight / "dataset.jsonl").read_bytes()
 
 
@@ -201,12 +160,12 @@ def test_datagen_with_a_reward_model(tmp_path, rm_dir):
         )
     )
     rm, rm_tok = load_reward_model(rm_dir)
-    for r in _lines(out / "generations.jsonl"):
+    for r in read_jsonl(out / "generations.jsonl"):
         assert "passed" not in r and len(r["scores"]) == 3
         alone = [score(rm, rm_tok, [r["prompt"]], [t])[0] for t in r["outputs"]]
         torch.testing.assert_close(r["scores"], alone, rtol=0, atol=1e-4)
     assert "sample_pass_rate" not in summary
-    for i, row in enumerate(_lines(out / "dataset.jsonl")):
+    for i, row in enumerate(read_jsonl(out / "dataset.jsonl")):
         parse_row("canonical", row, f"row {i}", ParseOptions())
         assert "family" not in row
 
@@ -224,24 +183,14 @@ def test_datagen_config_errors(tmp_path):
 
 def test_datagen_cli_smoke(tmp_path):
     run_dir = tmp_path / "cli"
-    env = {**os.environ, "PREFOPT_CACHE": str(tmp_path / "cache")}
-    cmd = [
-        sys.executable,
-        "-m",
-        "prefopt.eval.datagen",
-        "model=tiny",
-        "prompts.n=4",
-        "generation.max_new_tokens=4",
-        f"hydra.run.dir={run_dir}",
-    ]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    overrides = ("model=tiny", "prompts.n=4", "generation.max_new_tokens=4")
+    proc = run_cli("prefopt.eval.datagen", *overrides, run_dir=run_dir)
     assert f"-> {run_dir / 'dataset.jsonl'}" in proc.stdout
     summary = json.loads((run_dir / "datagen_summary.json").read_text())
     assert summary["out_file"] == str(run_dir / "dataset.jsonl")
     kept = sum(summary.get(k, 0) for k in ("kept", "dropped_fewer_than_2", "dropped_all_equal"))
-    assert kept == 4 == len(_lines(run_dir / "generations.jsonl"))
-    assert len(_lines(run_dir / "dataset.jsonl")) == summary.get("kept", 0)
+    assert kept == 4 == len(read_jsonl(run_dir / "generations.jsonl"))
+    assert len(read_jsonl(run_dir / "dataset.jsonl")) == summary.get("kept", 0)
     settings = json.loads((run_dir / "generation_settings.json").read_text())
     assert settings["prompts"]["split"] == "train" and settings["generation"]["num_samples"] == 4
     assert (run_dir / ".hydra" / "config.yaml").is_file()
@@ -347,9 +296,9 @@ def test_default_tasks_generate_with_the_tiny_model(tmp_path):
         f"satisfaction/{t.family}" for t in tasks
     }
     assert rep["lengths"]["n"] == 6 and rep["lengths"]["tokens/mean"] <= 4
-    ordered = _lines(out / "constraints" / "generations_ordered.jsonl")
+    ordered = read_jsonl(out / "constraints" / "generations_ordered.jsonl")
     assert [r["id"] for r in ordered] == [t.id for t in tasks]
-    assert len(_lines(out / "constraints" / "generations.jsonl")) == 6
+    assert len(read_jsonl(out / "constraints" / "generations.jsonl")) == 6
     assert res["preference"]["loss_name"] == "simpo" and res["preference"]["valid_groups"] == 8
     assert res["model"] == "tiny-llama" and set(res) == {"model", "constraints", "preference"}
     assert json.loads((out / "evaluation.json").read_text()) == res

@@ -7,22 +7,14 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import REPO, write_jsonl
-from hydra import compose, initialize_config_dir
+from conftest import compose_config, read_jsonl, write_jsonl
 from omegaconf import OmegaConf
 from tokenizers import processors
 
 from prefopt.data.example import DataError
 from prefopt.eval import generate
-from prefopt.eval.generate import (
-    Prompt,
-    ResultsLog,
-    check_settings,
-    encode_prompts,
-    load_prompts,
-    prompt_from_row,
-    settings_of,
-)
+from prefopt.eval.generate import ResultsLog, check_settings, settings_of
+from prefopt.eval.prompts import Prompt, encode_prompts, load_prompts, prompt_from_row
 from prefopt.model.load import tiny_tokenizer
 
 # Untied embeddings: the tied tiny model greedily repeats "\n", which decodes to "".
@@ -58,27 +50,13 @@ ARENA = [
 
 
 def _cfg(out_dir: Path, *overrides: str, name: str = "generate"):
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose(
-            name,
-            overrides=[
-                f"out_dir={out_dir}",
-                f"cache_dir={out_dir.parent / 'cache'}",
-                *TINY,
-                "generation.max_new_tokens=6",
-                *overrides,
-            ],
-        )
+    return compose_config(name, *TINY, "generation.max_new_tokens=6", *overrides, out_dir=out_dir)
 
 
 def _prompts_cfg(path: Path, **kw):
     return OmegaConf.create(
         {"name": "local", "source": "file", "path": str(path), "limit": None, **kw}
     )
-
-
-def _lines(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
 # ------------------------------------------------------------------ prompt shapes
@@ -257,7 +235,7 @@ def test_alpaca_eval_outputs_format(tmp_path):
     assert settings["prompts"]["path"] == str(src) and settings["prompts"]["name"] == "alpaca_eval"
     assert settings["seed"] == 0 and settings["run"]["prompts"] == 5
     assert settings["run"]["generated_now"] == 5
-    recs = _lines(out / "generations.jsonl")
+    recs = read_jsonl(out / "generations.jsonl")
     assert sorted(r["id"] for r in recs) == ["0", "1", "2", "3", "4"]
     for r in recs:
         assert len(r["outputs"]) == len(r["output_tokens"]) == len(r["ended"]) == 1
@@ -272,9 +250,9 @@ def test_arena_hard_answers_format(tmp_path):
         )
     )
     # model_id from the model: name_or_path, made file-name safe
-    answers = _lines(out / "arena_hard" / "tiny-llama.jsonl")
+    answers = read_jsonl(out / "arena_hard" / "tiny-llama.jsonl")
     assert [a["question_id"] for a in answers] == [q["question_id"] for q in ARENA]
-    recs = {r["id"]: r for r in _lines(out / "generations.jsonl")}
+    recs = {r["id"]: r for r in read_jsonl(out / "generations.jsonl")}
     for a in answers:
         assert set(a) == {"question_id", "answer_id", "model_id", "choices", "tstamp"}
         assert isinstance(a["answer_id"], str) and a["answer_id"]
@@ -355,17 +333,17 @@ def test_encode_prompts_keeps_the_end_of_long_prompts_and_counts_them():
 def test_greedy_runs_are_identical(tmp_path):
     a = generate.run(_cfg(tmp_path / "a", "prompts.n=6", "generation.batch_size=4"))
     b = generate.run(_cfg(tmp_path / "b", "prompts.n=6", "generation.batch_size=4"))
-    ra, rb = _lines(a / "generations.jsonl"), _lines(b / "generations.jsonl")
+    ra, rb = read_jsonl(a / "generations.jsonl"), read_jsonl(b / "generations.jsonl")
     assert ra == rb and len(ra) == 6 and any(r["outputs"][0] for r in ra)
     assert (a / "model_outputs.json").read_text() == (b / "model_outputs.json").read_text()
     # answer ids are stable across reruns; only the timestamp differs
     strip = [
         {k: v for k, v in x.items() if k != "tstamp"}
-        for x in _lines(a / "arena_hard" / "tiny-llama.jsonl")
+        for x in read_jsonl(a / "arena_hard" / "tiny-llama.jsonl")
     ]
     assert strip == [
         {k: v for k, v in x.items() if k != "tstamp"}
-        for x in _lines(b / "arena_hard" / "tiny-llama.jsonl")
+        for x in read_jsonl(b / "arena_hard" / "tiny-llama.jsonl")
     ]
 
 
@@ -378,13 +356,13 @@ def test_sampling_num_samples(tmp_path):
         "generation.batch_size=2",
     )
     out = generate.run(_cfg(tmp_path / "s", *common))
-    recs = _lines(out / "generations.jsonl")
+    recs = read_jsonl(out / "generations.jsonl")
     assert len(recs) == 4
     for r in recs:
         assert len(r["outputs"]) == len(r["output_tokens"]) == len(r["ended"]) == 3
     assert any(len(set(r["outputs"])) > 1 for r in recs)  # really sampled
     again = generate.run(_cfg(tmp_path / "s2", *common))
-    assert _lines(again / "generations.jsonl") == recs  # seeded per batch
+    assert read_jsonl(again / "generations.jsonl") == recs  # seeded per batch
     items = json.loads((out / "model_outputs.json").read_text())
     by_id = {r["id"]: r for r in recs}
     assert [i["output"] for i in items] == [
@@ -447,11 +425,11 @@ def _kill_and_resume(tmp_path: Path, lost: int) -> tuple[list[dict], list[dict],
     )
     out = generate.run(_cfg(tmp_path / "run", *common))
     path = out / "generations.jsonl"
-    straight = _lines(path)
+    straight = read_jsonl(path)
     lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
     path.write_text("".join(lines[:-lost]), encoding="utf-8")  # these never landed
     generate.run(_cfg(tmp_path / "run", *common))
-    resumed = _lines(path)
+    resumed = read_jsonl(path)
     assert len(resumed) == 8 == len({r["id"] for r in resumed})  # every prompt exactly once
     assert {r["id"] for r in resumed} == {r["id"] for r in straight}
     items = json.loads((out / "model_outputs.json").read_text())

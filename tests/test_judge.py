@@ -10,8 +10,8 @@ import statistics
 
 import pytest
 import torch
+from conftest import save_tiny_rm
 from tokenizers import processors
-from transformers import LlamaConfig, LlamaForSequenceClassification
 
 from prefopt.eval.judge import encode, load_reward_model, score, win_rates
 from prefopt.model.load import tiny_tokenizer
@@ -36,32 +36,10 @@ RESPONSES = [
 ]
 
 
-def _save_rm(path, *, num_labels: int = 1, with_pad: bool = True) -> None:
-    tok = tiny_tokenizer()
-    if not with_pad:
-        tok.pad_token = None
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=512,
-        num_labels=num_labels,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    torch.manual_seed(0)
-    LlamaForSequenceClassification(config).save_pretrained(path)
-    tok.save_pretrained(path)
-
-
 @pytest.fixture(scope="module")
 def rm(tmp_path_factory):
     path = tmp_path_factory.mktemp("rm")
-    _save_rm(path)
+    save_tiny_rm(path)
     return load_reward_model(str(path))
 
 
@@ -91,7 +69,7 @@ def test_scores_do_not_depend_on_batching(rm, monkeypatch):
 
 
 def test_rm_without_pad_token_gets_one(tmp_path):
-    _save_rm(tmp_path, with_pad=False)
+    save_tiny_rm(tmp_path, with_pad=False)
     model, tok = load_reward_model(str(tmp_path))
     assert tok.pad_token_id == tok.eos_token_id == model.config.pad_token_id
     alone = [score(model, tok, [p], [r])[0] for p, r in zip(PROMPTS, RESPONSES, strict=True)]
@@ -99,7 +77,7 @@ def test_rm_without_pad_token_gets_one(tmp_path):
 
 
 def test_num_labels_other_than_one_is_rejected(tmp_path):
-    _save_rm(tmp_path, num_labels=2)
+    save_tiny_rm(tmp_path, num_labels=2)
     with pytest.raises(ValueError, match="num_labels=2"):
         load_reward_model(str(tmp_path))
 

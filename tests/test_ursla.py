@@ -5,14 +5,10 @@ on the tiny model (dataset and AlpacaEval outputs), and the notebook executed he
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import REPO
-from hydra import compose, initialize_config_dir
+from conftest import REPO, compose_config, run_cli
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
@@ -111,25 +107,18 @@ def test_bad_arguments(model, tok):
 
 
 def _cfg(*overrides: str):
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose("ursla", overrides=["model=tiny", *overrides])
+    return compose_config("ursla", "model=tiny", *overrides)
 
 
 def test_cli_on_the_tiny_model_writes_ursla_json(tmp_path):
     run_dir = tmp_path / "run"
-    env = {**os.environ, "PREFOPT_CACHE": str(tmp_path / "cache")}
-    cmd = [
-        sys.executable,
-        "-m",
-        "prefopt.eval.ursla",
+    overrides = (
         "model=tiny",
         "dataset.max_train_examples=4",
         "lengths=[1,10,2000]",
         "num_threads=1",
-        f"hydra.run.dir={run_dir}",
-    ]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    )
+    proc = run_cli("prefopt.eval.ursla", *overrides, run_dir=run_dir, timeout=120)
     assert "LP(y)_2000" in proc.stdout and "(n=16)" in proc.stdout
     assert "note: L=2000: no response has >= 2000 tokens" in proc.stdout
     out = json.loads((run_dir / "ursla.json").read_text())

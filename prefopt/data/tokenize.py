@@ -64,9 +64,28 @@ class TokenizedGroup:
     ref_eos_logps: list[float] | None = None
 
 
-def _adds_bos(tok: PreTrainedTokenizerBase) -> bool:
+def adds_bos(tok: PreTrainedTokenizerBase) -> bool:
+    """Whether the tokenizer puts a BOS in front of text it encodes with its special tokens."""
     bos = tok.bos_token_id
     return bos is not None and tok("a", add_special_tokens=True).input_ids[:1] == [bos]
+
+
+def encode_with_bos(
+    tok: PreTrainedTokenizerBase, text: str, add_bos: bool | None = None
+) -> list[int]:
+    """Ids of chat-template ``text`` with exactly one leading BOS when the tokenizer uses one.
+
+    The text is tokenized without special tokens (some tokenizers would also append an EOS the
+    template lacks); a BOS the template wrote is kept, a missing one added, a doubled one dropped.
+    ``add_bos`` is ``adds_bos(tok)``, which callers encoding many texts pass once.
+    """
+    ids = tok(text, add_special_tokens=False).input_ids
+    bos = tok.bos_token_id
+    if (adds_bos(tok) if add_bos is None else add_bos) and ids[:1] != [bos]:
+        ids = [bos, *ids]
+    while bos is not None and ids[:2] == [bos, bos]:
+        ids = ids[1:]
+    return ids
 
 
 def keep_end(ids: list[int], limit: int, bos: int | None) -> list[int]:
@@ -80,7 +99,7 @@ def tokenizer_fingerprint(tok: PreTrainedTokenizerBase) -> str:
     parts = [
         tok.backend_tokenizer.to_str() if hasattr(tok, "backend_tokenizer") else repr(tok),
         str(tok.chat_template),
-        str((tok.bos_token_id, tok.eos_token_id, _adds_bos(tok))),
+        str((tok.bos_token_id, tok.eos_token_id, adds_bos(tok))),
     ]
     return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:16]
 
@@ -93,19 +112,14 @@ class Tokenizer:
             raise ValueError("the tokenizer has no EOS token; responses must end with one")
         self.tok, self.opts = tok, opts
         self.bos, self.eos = tok.bos_token_id, tok.eos_token_id
-        self.add_bos = _adds_bos(tok)
+        self.add_bos = adds_bos(tok)
         self.counts: Counter[str] = Counter()
 
     def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
         if self.opts.system_prompt and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": self.opts.system_prompt}, *messages]
         text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        ids = self.tok(text, add_special_tokens=False).input_ids
-        if self.add_bos and ids[:1] != [self.bos]:
-            ids = [self.bos, *ids]
-        while self.bos is not None and ids[:2] == [self.bos, self.bos]:
-            ids = ids[1:]
-        return ids
+        return encode_with_bos(self.tok, text, self.add_bos)
 
     def response_ids(self, text: str) -> list[int]:
         if self.tok.eos_token and text.endswith(self.tok.eos_token):

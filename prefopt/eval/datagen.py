@@ -31,17 +31,15 @@ from prefopt.checks import check_schema
 from prefopt.errors import report_user_errors
 from prefopt.eval import constraints
 from prefopt.eval.generate import (
-    Prompt,
-    Record,
     ResultsLog,
     check_settings,
     generate_all,
     load_for_inference,
-    load_prompts,
     model_id_of,
     ordered,
     settings_of,
 )
+from prefopt.eval.prompts import Prompt, Record, load_prompts
 
 
 def verifier_scorer(prompts: list[Prompt], records: list[Record]) -> None:

@@ -44,14 +44,12 @@ from prefopt.eval.generate import (
     check_settings,
     generate_all,
     inference_device,
-    last_user,
     load_for_inference,
-    load_prompts,
     model_id_of,
     ordered,
-    read_records,
     settings_of,
 )
+from prefopt.eval.prompts import last_user, load_prompts, read_records
 from prefopt.losses import build_loss
 from prefopt.model import parallel
 from prefopt.model.load import load_model

@@ -14,6 +14,9 @@ greedily by default, and batched by prompt length. Each run directory gets:
 - ``model_outputs.json``: AlpacaEval's format (instruction, output, generator, dataset);
 - ``arena_hard/<model_id>.jsonl``: Arena-Hard-Auto v0.1's model_answer format;
 - ``generation_settings.json``: model, decoding settings, prompt set, counts, throughput.
+
+Prompt sets are read and encoded in ``prefopt.eval.prompts``; the two benchmark files are written
+by ``prefopt.eval.submissions``.
 """
 
 from __future__ import annotations
@@ -23,13 +26,10 @@ import logging
 import os
 import re
 import time
-import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import datasets
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -37,116 +37,17 @@ from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from prefopt.checks import check_schema
-from prefopt.data.example import DataError, Message
-from prefopt.data.tokenize import TokenizeOptions, Tokenizer, keep_end
 from prefopt.errors import report_user_errors
-from prefopt.eval import constraints
+from prefopt.eval.prompts import Prompt, Record, encode_prompts, load_prompts
+from prefopt.eval.submissions import write_submissions
 from prefopt.model.load import DTYPES, load_model, load_tokenizer
 from prefopt.model.sampling import decoding_config, eos_ids, generate_ids
 from prefopt.train.summary import git_commit
 
 log = logging.getLogger("prefopt")
-Record = dict[str, Any]
 
 
-@dataclass(frozen=True)
-class Prompt:
-    id: str
-    messages: list[Message]  # ends with the user turn to answer
-    meta: dict[str, Any] = field(default_factory=dict)  # source fields the output files keep
-
-
-# ------------------------------------------------------------------ prompt sets
-def read_records(path: str) -> Iterator[tuple[str, dict]]:
-    """(where, row) from a JSON list or JSONL file, local or ``hf://`` (datasets' json loader)."""
-    if not path.startswith("hf://"):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"prompts.path: {path} does not exist")
-        text = Path(path).read_text(encoding="utf-8")
-        if text.lstrip().startswith("["):
-            rows = json.loads(text)
-            yield from ((f"{path} item {i}", row) for i, row in enumerate(rows))
-            return
-        for n, line in enumerate(text.split("\n"), start=1):  # not splitlines(): see ResultsLog
-            if line.strip():
-                try:
-                    yield f"{path} line {n}", json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path} line {n}: invalid JSON ({e.msg})") from e
-        return
-    for i, row in enumerate(datasets.load_dataset("json", data_files=path, split="train")):
-        yield f"{path} row {i}", row
-
-
-def prompt_from_row(row: Any, index: int, where: str) -> Prompt:
-    """One prompt from an AlpacaEval (``instruction``), Arena-Hard v0.1 (``question_id``,
-    ``turns``), Arena-Hard v2 (``uid``, ``prompt``) or prefopt (``id``, ``prompt``) row."""
-    if not isinstance(row, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    meta = {k: row[k] for k in ("dataset", "category", "cluster", "family", "params") if k in row}
-    pid = str(next((row[k] for k in ("question_id", "uid", "id") if row.get(k) is not None), index))
-    if "instruction" in row:
-        content, key = row["instruction"], "instruction"
-    elif "turns" in row:
-        turns = row["turns"]
-        if not isinstance(turns, list) or len(turns) != 1 or not isinstance(turns[0], dict):
-            raise DataError(
-                f"{where}: key 'turns': expected one turn ({{'content': ...}}); "
-                "multi-turn prompt sets are not supported"
-            )
-        content, key = turns[0].get("content"), "turns[0].content"
-    elif "prompt" in row:
-        content, key = row["prompt"], "prompt"
-        if isinstance(content, list):
-            ok = all(
-                isinstance(m, dict)
-                and isinstance(m.get("role"), str)
-                and isinstance(m.get("content"), str)
-                for m in content
-            )
-            if not (content and ok and content[-1]["role"] == "user"):
-                raise DataError(f"{where}: key 'prompt': chat messages must end with a user turn")
-            if not content[-1]["content"].strip():
-                raise DataError(f"{where}: key 'prompt': the last user message is empty")
-            return Prompt(pid, [dict(m) for m in content], meta)
-    else:
-        raise DataError(f"{where}: no prompt: expected key 'instruction', 'turns' or 'prompt'")
-    if not isinstance(content, str) or not content.strip():
-        raise DataError(f"{where}: key {key!r}: expected a non-empty string")
-    return Prompt(pid, [{"role": "user", "content": content}], meta)
-
-
-def load_prompts(cfg: DictConfig) -> list[Prompt]:
-    """The prompt set ``prompts`` names (``limit`` keeps the first N); ids must be unique."""
-    if cfg.source == "constraints":
-        tasks = constraints.make_tasks(cfg.split, cfg.n, cfg.seed)
-        prompts = [
-            Prompt(
-                t.id,
-                [{"role": "user", "content": t.prompt}],
-                {"family": t.family, "params": t.params},
-            )
-            for t in tasks
-        ]
-    elif cfg.source == "file":
-        if not cfg.path:
-            raise ValueError("prompts.path is required when prompts.source=file")
-        prompts = [
-            prompt_from_row(row, i, where) for i, (where, row) in enumerate(read_records(cfg.path))
-        ]
-    else:
-        raise ValueError(f"prompts.source must be 'file' or 'constraints', got {cfg.source!r}")
-    prompts = prompts[: cfg.limit] if cfg.limit else prompts
-    seen: set[str] = set()
-    for p in prompts:
-        if p.id in seen:
-            raise DataError(f"prompts {cfg.name!r}: prompt id {p.id!r} appears twice")
-        seen.add(p.id)
-    if not prompts:
-        raise DataError(f"prompts {cfg.name!r}: no prompts")
-    return prompts
-
-
+# ------------------------------------------------------------------ resumable results
 # ------------------------------------------------------------------ resumable results
 class ResultsLog:
     """An append-only JSONL of records keyed by ``id``. Each batch is one write + fsync, so a
@@ -194,27 +95,11 @@ def check_settings(path: Path, settings: dict[str, Any]) -> None:
         path.write_text(json.dumps(settings, indent=2))
 
 
+def ordered(prompts: list[Prompt], results: ResultsLog) -> list[Record]:
+    return [results.records[p.id] for p in prompts]
+
+
 # ------------------------------------------------------------------ generation
-def encode_prompts(
-    tok: PreTrainedTokenizerBase, prompts: list[Prompt], gen: DictConfig
-) -> tuple[list[list[int]], int]:
-    """Chat-templated prompt ids (one BOS, as in training); over-long prompts keep their end."""
-    opts = TokenizeOptions(
-        max_length=gen.max_prompt_length + 1,
-        max_prompt_length=gen.max_prompt_length,
-        system_prompt=gen.system_prompt,
-    )
-    tokenizer = Tokenizer(tok, opts)
-    ids, cut = [], 0
-    for p in prompts:
-        x = tokenizer.prompt_ids(p.messages)
-        if len(x) > gen.max_prompt_length:
-            x = keep_end(x, gen.max_prompt_length, tok.bos_token_id)
-            cut += 1
-        ids.append(x)
-    return ids, cut
-
-
 def generate_all(
     model: PreTrainedModel,
     tok: PreTrainedTokenizerBase,
@@ -292,48 +177,7 @@ def generate_all(
     }
 
 
-# ------------------------------------------------------------------ output formats
-def ordered(prompts: list[Prompt], results: ResultsLog) -> list[Record]:
-    return [results.records[p.id] for p in prompts]
-
-
-def last_user(record: Record) -> str:
-    return next(m["content"] for m in reversed(record["prompt"]) if m["role"] == "user")
-
-
-def alpaca_eval_outputs(records: list[Record], model_id: str, dataset: str) -> list[Record]:
-    """AlpacaEval's model_outputs.json: one object per instruction, in the prompt set's order."""
-    return [
-        {
-            "instruction": last_user(r),
-            "output": r["outputs"][0],
-            "generator": model_id,
-            "dataset": r["meta"].get("dataset", dataset),
-        }
-        for r in records
-    ]
-
-
-def arena_hard_answers(records: list[Record], model_id: str) -> list[Record]:
-    """Arena-Hard-Auto v0.1 model_answer rows (answer ids are stable across reruns)."""
-    now = time.time()
-    return [
-        {
-            "question_id": r["id"],
-            "answer_id": uuid.uuid5(uuid.NAMESPACE_URL, f"{model_id}/{r['id']}").hex,
-            "model_id": model_id,
-            "choices": [
-                {
-                    "index": 0,
-                    "turns": [{"content": r["outputs"][0], "token_len": r["output_tokens"][0]}],
-                }
-            ],
-            "tstamp": now,
-        }
-        for r in records
-    ]
-
-
+# ------------------------------------------------------------------ the run
 def model_id_of(cfg: DictConfig) -> str:
     if cfg.model_id:
         return cfg.model_id
@@ -386,18 +230,7 @@ def run(cfg: DictConfig) -> Path:
     results = ResultsLog(out / "generations.jsonl")
     stats = generate_all(model, tok, prompts, cfg.generation, results, cfg.seed)
     records = ordered(prompts, results)
-    (out / "model_outputs.json").write_text(
-        json.dumps(
-            alpaca_eval_outputs(records, model_id, cfg.prompts.name), indent=2, ensure_ascii=False
-        )
-    )
-    arena = out / "arena_hard" / f"{model_id}.jsonl"
-    arena.parent.mkdir(exist_ok=True)
-    arena.write_text(
-        "".join(
-            json.dumps(a, ensure_ascii=False) + "\n" for a in arena_hard_answers(records, model_id)
-        )
-    )
+    arena = write_submissions(out, records, model_id, cfg.prompts.name)
     settings["run"] = stats
     (out / "generation_settings.json").write_text(json.dumps(settings, indent=2))
     log.info("%d prompts -> %s (%s)", len(prompts), out, stats)

@@ -36,7 +36,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from prefopt.data.tokenize import _adds_bos
+from prefopt.data.tokenize import encode_with_bos
 from prefopt.model.load import DTYPES
 
 log = logging.getLogger(__name__)
@@ -107,14 +107,7 @@ def encode(
     messages = _messages(prompt)
     if tok.chat_template:
         chat = [*messages, {"role": "assistant", "content": response}]
-        text = tok.apply_chat_template(chat, tokenize=False)
-        # Not add_special_tokens=True: some tokenizers also append an EOS the template lacks.
-        ids = tok(text, add_special_tokens=False).input_ids
-        bos = tok.bos_token_id
-        if _adds_bos(tok) and ids[:1] != [bos]:
-            ids = [bos, *ids]
-        while bos is not None and ids[:2] == [bos, bos]:
-            ids = ids[1:]
+        ids = encode_with_bos(tok, tok.apply_chat_template(chat, tokenize=False))
     else:
         text = "\n\n".join([*(m["content"] for m in messages), response])
         ids = tok(text, add_special_tokens=True).input_ids
