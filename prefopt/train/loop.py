@@ -6,11 +6,12 @@
         trainer=gpu logger=wandb
     python -m prefopt.train hydra.run.dir=outputs/refa_dynamic/<run>   # resume that run
 
-One step: take ``global_batch_groups`` views from the endless, seeded epoch stream; for each
-micro-batch run one forward over all its responses (and the frozen reference when the loss needs
-it), compute per-group losses, backward their sum; then divide the gradients by the number of
-valid groups of the whole step, clip, and step. A step whose loss or gradient is not finite is
-dropped before the optimizer sees it.
+One step: take ``global_batch_groups`` views from the endless, seeded epoch stream; let the loss's
+step extras (``prefopt.train.extras``: KTO's KL baseline, SPO's KL term) see the whole step once;
+for each micro-batch run one forward over all its responses (and the frozen reference when the
+loss needs it), compute per-group losses, backward their sum; then divide the gradients by the
+number of valid groups of the whole step, add the extras' regularizer, clip, and step. A step
+whose loss or gradient is not finite is dropped before the optimizer sees it.
 """
 
 from __future__ import annotations

@@ -90,19 +90,19 @@ class OnPolicyKL(StepExtra):
                     eos_id=self.env.eos_id,
                     pad_id=self.env.passes.pad_id,
                 )
-        samples, ref = state["samples"], self.env.ref
-        pad_id, eos_id, chunk_size = (
-            self.env.passes.pad_id,
-            self.env.eos_id,
-            self.env.passes.chunk_size,
-        )
+        samples, ref, passes = state["samples"], self.env.ref, self.env.passes
 
         def regularize() -> Tensor:
             """Backpropagate kl_weight x KL on every rank, finite or not (the step decides once,
             from the gradient norm every rank shares); return its detached value."""
             with unsharded(ref):  # gathered through the backward, which recomputes chunks
                 kl = self.weight * kl_on_samples(
-                    policy, ref, samples, pad_id=pad_id, eos_id=eos_id, chunk_size=chunk_size
+                    policy,
+                    ref,
+                    samples,
+                    pad_id=passes.pad_id,
+                    eos_id=self.env.eos_id,
+                    chunk_size=passes.chunk_size,
                 )
                 kl.backward()
             return kl.detach()
