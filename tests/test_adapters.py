@@ -190,7 +190,7 @@ def test_spo_kl_and_precomputed_reference_with_lora(tmp_path, tiny_data):
 
 
 @pytest.mark.parametrize(
-    "loss", sorted(n for n, s in LOSSES.items() if s.needs_reference or s.needs_mismatched)
+    "loss", sorted(n for n, s in LOSSES.items() if s.needs_reference or "mismatched_kl" in s.extras)
 )
 def test_every_reference_based_loss_trains_with_lora(tmp_path, tiny_data, loss):
     final = run(_cfg(tmp_path / "run", tiny_data, *LORA, f"loss={loss}", "trainer.max_steps=2"))

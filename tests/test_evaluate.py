@@ -330,6 +330,25 @@ def test_preference_with_a_reference_loss(tmp_path):
     assert res["loss"] == pytest.approx(math.log(2), abs=1e-5)
 
 
+def test_preference_runs_the_loss_extras_inputs(tmp_path):
+    """KTO's kl_estimate (its mismatched_kl extra) needs the reference in evaluation too; SPO's
+    KL term (a regularizer) does not run there, so SPO needs none. With the reference a copy of
+    the policy, z0 = 0 and r = 0: each labelled response costs lambda - lambda sigmoid(0) = 1/2."""
+    with pytest.raises(ValueError, match="ref_model"):
+        evaluate.run(_compose("evaluate", tmp_path / "a", *PREFERENCE, "loss=kto"))
+    spo = evaluate.run(_compose("evaluate", tmp_path / "s", *PREFERENCE, "loss=spo"))
+    assert spo["preference"]["valid_groups"] == 8
+    ref = tmp_path / "ref"
+    cfg = _compose("evaluate", tmp_path / "b", *PREFERENCE, "loss=kto", f"ref_model={ref}")
+    tok = tiny_tokenizer()
+    load_model(cfg.model, cfg.cache_dir, tok, cfg.seed).save_pretrained(ref)
+    tok.save_pretrained(ref)
+    res = evaluate.run(cfg)["preference"]
+    assert res["loss_name"] == "kto" and res["valid_groups"] == 8
+    assert res["kto/z0"] == pytest.approx(0, abs=1e-5)
+    assert res["loss"] == pytest.approx(0.5, abs=1e-5)
+
+
 # ------------------------------------------------------------------ evaluate: judge, errors
 INSTRUCTIONS = ["Name a fruit.", "Write a haiku.", "What is 2 + 2?", "Explain rain briefly."]
 

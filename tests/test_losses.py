@@ -553,22 +553,29 @@ def capability_inputs(spec, cfg, B: int) -> dict:
     """The extra keyword inputs the loop passes for a loss's capabilities."""
     extra = {}
     if spec.state is not None:
-        extra["state"] = spec.state.init(**spec.hparams(cfg))
-    if spec.needs_mismatched:
+        extra["state"] = spec.init_state(cfg)
+    if "mismatched_kl" in spec.extras:
         extra["kl_estimate"] = torch.zeros((), dtype=F64)
     return extra
 
 
 CONF_LOSS = Path(__file__).resolve().parents[1] / "conf" / "loss"
 CAPABILITY_INPUTS = {"state", "kl_estimate"}  # passed by the loop, never from the config
-SPO_LOOP_FIELDS = {"kl_weight", "kl_every", "kl_num_samples", "kl_max_new_tokens"}
+# Config fields the loss function does not take: read by its extra (SPO's on_policy_kl) or by
+# its state's init (alpha-DPO's and LMPO's stats_init).
+READ_OUTSIDE_THE_FUNCTION = {
+    "spo": {"kl_weight", "kl_every", "kl_num_samples", "kl_max_new_tokens"},
+    "alpha_dpo": {"stats_init"},
+    "lmpo": {"stats_init"},
+}
 
 
 @pytest.mark.parametrize("name", sorted(LOSSES))
 def test_registry_yaml_dataclass_and_signature_agree(name):
     """conf/loss/<name>.yaml repeats its dataclass's defaults, and build_loss binds exactly the
     function's keyword-only hyperparameters with those values; the other fields are read by the
-    loop (``name``; SPO's ``kl_*``), and capability inputs match the registered capabilities."""
+    loop (``name``), an extra (SPO's ``kl_*``) or the state (``stats_init``), and capability
+    inputs match the registered capabilities."""
     spec = get_spec(name)
     defaults = {f.name: f.default for f in dataclasses.fields(spec.config_cls)}
     yaml = OmegaConf.to_container(OmegaConf.load(CONF_LOSS / f"{name}.yaml"))
@@ -581,10 +588,10 @@ def test_registry_yaml_dataclass_and_signature_agree(name):
     built, fn = build_loss(OmegaConf.structured(spec.config_cls))
     assert built is spec and fn.func is spec.fn and fn.args == ()
     assert fn.keywords == {k: defaults[k] for k in hparams}
-    loop_read = SPO_LOOP_FIELDS if spec.on_policy_kl else set()
-    assert set(defaults) - hparams == {"name"} | loop_read
+    read_elsewhere = READ_OUTSIDE_THE_FUNCTION.get(name, set())
+    assert set(defaults) - hparams == {"name"} | read_elsewhere
     assert ("state" in keyword_only) == (spec.state is not None)
-    assert ("kl_estimate" in keyword_only) == spec.needs_mismatched
+    assert ("kl_estimate" in keyword_only) == ("mismatched_kl" in spec.extras)
 
 
 @pytest.mark.parametrize("name", sorted(LOSSES))

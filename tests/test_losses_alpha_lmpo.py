@@ -71,7 +71,6 @@ ALPHA = dict(
     zscore_stats="running",
     momentum=0.9,
     eps=1e-6,
-    stats_init="batch",
 )
 
 
@@ -249,11 +248,11 @@ def test_alpha_dpo_all_invalid_is_zero_and_finite():
 def test_alpha_dpo_registration():
     spec = get_spec("alpha_dpo")
     assert spec.needs_reference and spec.k == 2 and spec.state is not None
-    st = spec.state.init(**spec.hparams(spec.config_cls()))
+    st = spec.init_state(spec.config_cls())
     assert st.keys() == {"mean", "std", "initialized"}
     assert all(v.dtype == F64 and v.shape == () for v in st.values())
     with pytest.raises(ValueError, match="convention"):
-        spec.state.init(**(spec.hparams(spec.config_cls()) | {"convention": "nope"}))
+        spec.init_state(spec.config_cls(convention="nope"))
     with pytest.raises(ValueError, match="zscore_stats"):
         alpha(stats(POLICY, LENGTHS), stats(REF, LENGTHS), t(SCORES), UNINIT, zscore_stats="x")
 
@@ -341,7 +340,6 @@ LMPO = dict(
     zscore_stats="running",
     ema_decay=0.9,
     eps=1e-6,
-    stats_init="batch",
 )
 
 
@@ -518,7 +516,7 @@ def test_lmpo_registration_is_reference_free():
     """No reference model; the loss runs with ref=None."""
     spec = get_spec("lmpo")
     assert not spec.needs_reference and spec.k == 2 and spec.state is not None
-    st = spec.state.init(**spec.hparams(spec.config_cls()))
+    st = spec.init_state(spec.config_cls())
     assert float(st["initialized"]) == 0.0
 
 

@@ -8,7 +8,7 @@ import torch
 from loss_helpers import sigmoid, stats
 
 from prefopt.losses.kto import kto_loss
-from prefopt.train.mismatched import mismatched_pairs
+from prefopt.train.extras.mismatched_kl import mismatched_pairs
 
 KW = dict(beta=0.5, lambda_d=1.0, lambda_u=2.0, labels="best_worst")
 

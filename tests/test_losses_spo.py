@@ -450,7 +450,7 @@ def test_token_kl_summed_over_positions_is_the_sequence_kl():
 def test_registration_and_kl_fields_stay_out_of_the_function():
     spec = LOSSES["spo"]
     assert not spec.needs_reference and spec.k is None and spec.state is not None
-    assert spec.on_policy_kl  # the loop adds kl_weight * KL on on-policy samples
+    assert spec.extras == ("on_policy_kl",)  # the loop adds kl_weight * KL on samples
     cfg = OmegaConf.structured(SPOConfig())
     hp = spec.hparams(cfg)
     assert set(hp) == {"form", "weighting", "alpha", "gamma", "eta"}

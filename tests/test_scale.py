@@ -15,7 +15,8 @@ from prefopt.data.packing import batches
 from prefopt.losses import build_loss
 from prefopt.model import parallel
 from prefopt.model.load import load_model
-from prefopt.train.passes import PassOptions, step_inputs
+from prefopt.train.extras import ExtraEnv, StepExtras, StepRows
+from prefopt.train.passes import PassOptions
 from prefopt.train.setup import prepare_data
 from prefopt.train.step import StepContext, step_micro_batches, train_step
 
@@ -96,9 +97,10 @@ def _kto_grads(tmp_path, micro: int):
     data = prepare_data(cfg, tok, spec)
     views = views_at(len(data.train_views), 0, 0, 4)
     opts = PassOptions(2, tok.pad_token_id, 64, contextlib.nullcontext())
-    extra = step_inputs(policy, ref, data.train, data.train_views, views, spec, opts)
+    extras = StepExtras.build(spec, cfg.loss, ExtraEnv(ref, opts, tok.eos_token_id))
+    inputs = extras.inputs(policy, StepRows(data.train, data.train_views, views))
     mbs = list(batches(data.train, data.train_views, views, micro, tok.pad_token_id, "cpu"))
-    ctx = StepContext(spec, loss_fn, contextlib.nullcontext(), 64, 1e9, extra=extra)
+    ctx = StepContext(spec, loss_fn, contextlib.nullcontext(), 64, 1e9, inputs=inputs)
     result = train_step(policy, ref, mbs, ctx)
     grads = full_grads(policy)
     policy.zero_grad(set_to_none=True)
@@ -126,11 +128,11 @@ def test_zero_init_with_running_zscores_is_refused():
         spec = get_spec(name)
         cfg = OmegaConf.structured(spec.config_cls(stats_init="zero", zscore_stats="running"))
         with pytest.raises(ValueError, match="stats_init=zero with loss.zscore_stats=running"):
-            spec.state.init(**spec.hparams(cfg))
+            spec.init_state(cfg)
         ok = OmegaConf.structured(
             spec.config_cls(stats_init="zero", zscore_stats="running_and_batch")
         )
-        spec.state.init(**spec.hparams(ok))
+        spec.init_state(ok)
 
 
 def _one_sharded_step(world, dtype: torch.dtype, make_optimizer):

@@ -53,6 +53,7 @@ from prefopt.eval.prompts import last_user, load_prompts, read_records
 from prefopt.losses import build_loss
 from prefopt.model import parallel
 from prefopt.model.load import load_model
+from prefopt.train.extras import ExtraEnv, StepExtras, reference_model_needed
 from prefopt.train.passes import PassOptions, evaluate
 from prefopt.train.setup import make_autocast, prepare_data
 
@@ -144,7 +145,7 @@ def preference(cfg: DictConfig, hf_model, tok) -> dict[str, float]:
     autocast = make_autocast(precision, world.device)
     policy = parallel.shard(hf_model, world, precision, trainable=False)
     ref = None
-    if spec.needs_reference or spec.needs_mismatched:
+    if reference_model_needed(spec, cfg.loss, "model", training=False):
         if not cfg.ref_model:
             raise ValueError(
                 f"loss {spec.name!r} needs a reference model: set ref_model=<the "
@@ -154,10 +155,13 @@ def preference(cfg: DictConfig, hf_model, tok) -> dict[str, float]:
         ref_cfg = OmegaConf.merge(cfg.model, {"name_or_path": cfg.ref_model, "source": "hub"})
         ref_hf = load_model(ref_cfg, cfg.cache_dir, tok, cfg.seed)
         ref = parallel.shard(ref_hf, world, precision, trainable=False)
-    state = spec.state.init(**spec.hparams(cfg.loss)) if spec.state else None
+    state = spec.init_state(cfg.loss) if spec.state else None
     t = cfg.trainer
     passes = PassOptions.of(t, tok.pad_token_id, autocast, world)
-    metrics = evaluate(policy, ref, data.eval, data.eval_views, spec, loss_fn, passes, state)
+    extras = StepExtras.build(spec, cfg.loss, ExtraEnv(ref, passes, tok.eos_token_id))
+    metrics = evaluate(
+        policy, ref, data.eval, data.eval_views, spec, loss_fn, passes, state, extras
+    )
     return {"loss_name": spec.name, **metrics}
 
 

@@ -90,15 +90,14 @@ def alpha_dpo_loss(
     zscore_stats: str,
     momentum: float,
     eps: float,
-    stats_init: str,
     state: dict[str, Tensor] | None = None,
 ) -> LossOutput:
     """alpha-DPO, Eq. 12: -log sigmoid(u - sg[gamma + alpha * M*]).
 
     u = beta * (l_bar_w - l_bar_l);  M* = (M - mu_M) / (sigma_M + eps) (Eq. 11).
     The whole margin is detached, so no gradient reaches the reference or flows through M:
-    the loss is SimPO with a per-pair constant margin. ``stats_init`` is read by the state;
-    ``state=None`` (outside the loop) normalises with the batch's own statistics.
+    the loss is SimPO with a per-pair constant margin. ``state=None`` (outside the loop)
+    normalises with the batch's own statistics (``stats_init`` is read by the state's init).
     """
     valid = has_preference(scores, policy.mask) & (scores[:, 0] > scores[:, 1])  # (B,)
     rewards = beta * policy.avg_logps  # (B, 2)

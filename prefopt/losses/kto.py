@@ -48,7 +48,7 @@ def _labels(scores: Tensor, mask: Tensor, mode: str) -> tuple[Tensor, Tensor]:
     raise ValueError(f"kto labels must be 'best_worst' or 'mean_split', got {mode!r}")
 
 
-@register_loss("kto", KTOConfig, needs_reference=True, needs_mismatched=True)
+@register_loss("kto", KTOConfig, needs_reference=True, extras=("mismatched_kl",))
 def kto_loss(
     policy: GroupStats,
     ref: GroupStats,
@@ -67,7 +67,7 @@ def kto_loss(
     r = log pi(y|x) - log ref(y|x) (summed), and the KL baseline z0 = max(0, ``kl_estimate``),
     detached: the paper's batch estimate, mean log pi(y'|x) - log ref(y'|x) over mismatched
     pairs, taken over the whole optimizer step (every micro-batch and rank; see
-    ``prefopt.train.mismatched``), so it does not depend on how the step is split.
+    ``prefopt.train.extras.mismatched_kl``), so it does not depend on how the step is split.
     """
     valid = has_preference(scores, policy.mask)
     desirable, undesirable = _labels(scores, policy.mask, labels)

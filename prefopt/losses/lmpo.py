@@ -84,15 +84,14 @@ def lmpo_loss(
     zscore_stats: str,
     ema_decay: float,
     eps: float,
-    stats_init: str,
     state: dict[str, Tensor] | None = None,
 ) -> LossOutput:
     """LMPO, Eqs. 10-11: -log(1 / (1 + h exp(-d))) = softplus(log h - d).
 
     d = beta * (avg_w - avg_l) - lam * m_bar,  m_bar = (m - a) / (b + eps) (Eq. 9), with a, b
     the running mean and std of m (no gradient, Eq. 24). Reference-free; ``ref`` is ignored.
-    ``stats_init`` is read by the state; ``state=None`` (outside the loop) normalises with the
-    batch's own statistics.
+    ``state=None`` (outside the loop) normalises with the batch's own statistics
+    (``stats_init`` is read by the state's init).
     """
     valid = has_preference(scores, policy.mask) & (scores[:, 0] > scores[:, 1])  # (B,)
     rewards = beta * policy.avg_logps  # (B, 2)

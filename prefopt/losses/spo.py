@@ -9,8 +9,8 @@ that App. D.2 sweeps but never defines, read as the weight of the KL term (the o
 beta on L_pref instead is less plausible). This module holds the preference term, a pure (B, K)
 loss over summed response log-probs l = log pi(y|x) (never length-normalised); the per-position
 piece of the regularizer (Eq. 15) is ``prefopt.model.logprobs.token_kl``. The preference term
-does not use pi_ref; the loop adds the KL term on on-policy samples (the ``kl_*`` config
-fields), which is where pi_ref enters.
+does not use pi_ref; the ``on_policy_kl`` extra (``prefopt.train.extras.on_policy_kl``) adds
+the KL term on on-policy samples (the ``kl_*`` config fields), which is where pi_ref enters.
 
 Every form is built from one term on a set T that holds a response i and its competitors:
     term(i, T) = -(1/alpha) log( pi_i^alpha / sum_{j in T} pi_j^alpha )
@@ -81,7 +81,7 @@ class SPOConfig(LossConfig):
     alpha: float = 0.001  # softmax exponent; fixed point Softmax(r/alpha); swept {1e-3, 1e-2, 1e-1}
     gamma: float = 0.01  # exponent in mu (Eq. 13); 0.01 in every weighted run, never swept
     eta: float = 1.0  # ranked only: decay eta^(k-1) of the k-th term (App. D.2 sweeps {1, 0.5})
-    # Read by the loop, not by the loss function (Algorithm 1 and the estimator of Eq. 15):
+    # Read by the on_policy_kl extra, not by the loss function (Algorithm 1, Eq. 15's estimator):
     kl_weight: float = 0.1  # beta on the token-wise KL (D.2 sweeps {0.01, 0.1}); 0 turns it off
     kl_every: int = 8  # T: regenerate the on-policy sample batch every T optimizer steps
     kl_num_samples: int = 32  # |B|: samples per regeneration, one per recent training prompt
@@ -93,7 +93,7 @@ class SPOConfig(LossConfig):
     SPOConfig,
     needs_reference=False,
     k=None,
-    on_policy_kl=True,
+    extras=("on_policy_kl",),
     state=StateSpec(_init_state, _update_state),
 )
 def spo_loss(

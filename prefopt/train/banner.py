@@ -189,6 +189,7 @@ def run_facts(
     from prefopt.model.attention import kernel_description
     from prefopt.model.load import local_or_hub, resolve_attn_implementation, tiny_llama_config
     from prefopt.model.parallel import resolve_precision
+    from prefopt.train.extras import reference_model_needed
 
     t, d, m = cfg.trainer, cfg.dataset, cfg.model
     if params is None and m.source == "tiny":
@@ -212,7 +213,7 @@ def run_facts(
         devices = f"{world.world_size} x {torch.cuda.get_device_name(world.device)}"
     else:
         devices = f"cpu ({os.cpu_count()} cores, {_threads()} torch threads per rank)"
-    model_needed = spec.reference_model_needed(cfg.loss, t.reference)
+    model_needed = reference_model_needed(spec, cfg.loss, t.reference)
     if not (spec.needs_reference or model_needed):
         reference = "none (reference-free loss)"
     elif lora:

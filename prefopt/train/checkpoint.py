@@ -1,8 +1,9 @@
 """Checkpoints: sharded model + optimizer (torch.distributed.checkpoint) and a small TrainState.
 
 Layout: ``<run_dir>/checkpoints/step_000030/`` with DCP shards (``*.distcp``, ``.metadata``),
-``train_state.pt`` (rank 0: step, data position, counters, loss state, RNG, SPO samples) and
-``rng_rank<r>.pt`` for the other ranks (their RNG and their own SPO samples). Everything is
+``train_state.pt`` (rank 0: step, data position, counters, loss state, RNG, the loss extras'
+state) and ``rng_rank<r>.pt`` for the other ranks (their RNG and their own extras' state, e.g.
+SPO's on-policy samples). Everything is
 written into a hidden temporary directory that rank 0 renames
 when all ranks are done, so a crash mid-write leaves the previous checkpoint as the latest good
 one. The last file written is ``manifest.json`` (the completeness marker): each file's size and
@@ -52,7 +53,9 @@ class TrainState:
     tokens: int = 0
     wall_time: float = 0.0
     loss_state: dict = field(default_factory=dict)  # running statistics of stateful losses
-    kl_samples: list = field(default_factory=list)  # this rank's SPO samples (prompt, response)
+    # this rank's state of the loss's extras, by extra name (``prefopt.train.extras``; SPO's
+    # on-policy samples): each rank saves and restores its own
+    extra_state: dict = field(default_factory=dict)
     world_size: int = 1
     rng: dict = field(default_factory=dict)
 
@@ -172,7 +175,7 @@ def save_checkpoint(
         if is_main():
             torch.save(asdict(state), tmp / "train_state.pt")
         else:
-            own = {"rng": state.rng, "kl_samples": state.kl_samples}  # this rank's own state
+            own = {"rng": state.rng, "extra_state": state.extra_state}  # this rank's own state
             torch.save(own, tmp / f"rng_rank{rank}.pt")
         sums = _sums(tmp, _own_files(tmp, rank), rank)
     except (OSError, RuntimeError, CheckpointException) as e:  # torch.save's, DCP's wrappers
@@ -324,9 +327,9 @@ def load_checkpoint(
         options=opts,
     )
     rank = _rank()
-    if rank > 0:  # every rank draws its own on-policy samples from its own prompts
+    if rank > 0:  # every rank keeps its own RNG and extras' state (SPO: its own samples)
         own = torch.load(path / f"rng_rank{rank}.pt", weights_only=False)
-        state.rng, state.kl_samples = own["rng"], own["kl_samples"]
+        state.rng, state.extra_state = own["rng"], own["extra_state"]
     set_rng_state(state.rng)
     return state
 

@@ -6,11 +6,12 @@
         trainer=gpu logger=wandb
     python -m prefopt.train hydra.run.dir=outputs/refa_dynamic/<run>   # resume that run
 
-One step: take ``global_batch_groups`` views from the endless, seeded epoch stream; for each
-micro-batch run one forward over all its responses (and the frozen reference when the loss needs
-it), compute per-group losses, backward their sum; then divide the gradients by the number of
-valid groups of the whole step, clip, and step. A step whose loss or gradient is not finite is
-dropped before the optimizer sees it.
+One step: take ``global_batch_groups`` views from the endless, seeded epoch stream; let the loss's
+step extras (``prefopt.train.extras``: KTO's KL baseline, SPO's KL term) see the whole step once;
+for each micro-batch run one forward over all its responses (and the frozen reference when the
+loss needs it), compute per-group losses, backward their sum; then divide the gradients by the
+number of valid groups of the whole step, add the extras' regularizer, clip, and step. A step
+whose loss or gradient is not finite is dropped before the optimizer sees it.
 """
 
 from __future__ import annotations
@@ -39,14 +40,10 @@ from prefopt.train.checkpoint import (
     resolve_resume,
     save_checkpoint,
 )
+from prefopt.train.extras import ExtraEnv, StepExtras, StepRows
 from prefopt.train.logger import SweepInfo, build_logger
-from prefopt.train.onpolicy import OnPolicyKL
 from prefopt.train.optim import build_optimizer, lr_at
-from prefopt.train.passes import (
-    PassOptions,
-    evaluate,
-    step_inputs,
-)
+from prefopt.train.passes import PassOptions, evaluate
 from prefopt.train.plan import format_plan, plan_for_run
 from prefopt.train.setup import build_models, make_autocast, prepare_data
 from prefopt.train.step import StepContext, step_micro_batches, train_step
@@ -98,13 +95,14 @@ def run(  # noqa: C901  (one function from build to summary, read top to bottom)
         first_views = views_at(len(data.train_views), cfg.seed, 0, G)
         show_first_batch(step_micro_batches(t, data, first_views, world, tok.pad_token_id))
         return {}
-    # no-grad passes (evaluation, reference log-probs, KTO's baseline): batch, chunk, share
+    # no-grad passes (evaluation, reference log-probs, the loss's extras): batch, chunk, share
     passes = PassOptions.of(t, tok.pad_token_id, autocast, world)
     policy, ref, data = build_models(cfg, spec, tok, data, world, precision, passes)
+    # what the loss declares beyond (policy, ref, scores): per-step inputs and regularizers
+    extras = StepExtras.build(spec, cfg.loss, ExtraEnv(ref, passes, tok.eos_token_id))
     optimizer = build_optimizer(cfg.optimizer, [p for p in policy.parameters() if p.requires_grad])
-    hparams = spec.hparams(cfg.loss)
     state = TrainState(
-        loss_state=spec.state.init(**hparams) if spec.state else {}, world_size=world.world_size
+        loss_state=spec.init_state(cfg.loss) if spec.state else {}, world_size=world.world_size
     )
     resume_from = resolve_resume(t.resume, run_dir)
     if resume_from is not None:
@@ -115,12 +113,11 @@ def run(  # noqa: C901  (one function from build to summary, read top to bottom)
 
     def run_eval() -> dict[str, float]:
         metrics = evaluate(
-            policy, ref, data.eval, data.eval_views, spec, loss_fn, passes, state.loss_state
+            policy, ref, data.eval, data.eval_views, spec, loss_fn, passes, state.loss_state, extras
         )
         logger.log({f"eval/{k}": v for k, v in metrics.items()}, step=state.step)
         return metrics
 
-    kl = OnPolicyKL.build(spec, cfg.loss, ref, tok, t.logps_chunk_size)
     eval_before = run_eval() if state.step == 0 else None
     best_eval = eval_before
     preempt = Preemption()
@@ -140,16 +137,11 @@ def run(  # noqa: C901  (one function from build to summary, read top to bottom)
             group["lr"] = lr
         # Every rank draws the same global order and takes its slice of it.
         step_views = views_at(len(data.train_views), cfg.seed, state.consumed, G)
-        order = step_views[world.rank :: world.world_size]  # this rank's groups
         micro_batches = step_micro_batches(t, data, step_views, world, tok.pad_token_id)
-        extra = step_inputs(policy, ref, data.train, data.train_views, step_views, spec, passes)
-        regularizer = (
-            kl.prepare(
-                policy, state, [data.train[data.train_views[i][0]]["prompt_ids"] for i in order]
-            )
-            if kl
-            else None
-        )
+        # the extras see the whole step (all ranks' views), once, before its first micro-batch
+        rows = StepRows(data.train, data.train_views, step_views, state.step)
+        inputs = extras.inputs(policy, rows)
+        regularizer = extras.regularizer(policy, rows, state.extra_state)
         ctx = StepContext(
             spec,
             loss_fn,
@@ -157,7 +149,7 @@ def run(  # noqa: C901  (one function from build to summary, read top to bottom)
             t.logps_chunk_size,
             t.max_grad_norm,
             state.loss_state,
-            extra,
+            inputs,
             regularizer,
         )
         metrics, applied, stop_signal, stat_sums = train_step(
@@ -166,7 +158,7 @@ def run(  # noqa: C901  (one function from build to summary, read top to bottom)
         if applied:
             optimizer.step()
             if spec.state is not None:
-                state.loss_state = spec.state.update(state.loss_state, stat_sums, **hparams)
+                state.loss_state = spec.update_state(state.loss_state, stat_sums, cfg.loss)
             consecutive_skips = 0
         else:  # never let a NaN reach the weights; the data is consumed all the same
             consecutive_skips = count_skip(state, consecutive_skips)

@@ -1,4 +1,4 @@
-"""Forward + loss for one batch, shared by training and evaluation, and held-out evaluation."""
+"""No-grad passes over a split: their settings (``PassOptions``) and held-out evaluation."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from typing import NamedTuple
 
 import datasets
 import torch
-from torch import Tensor
 
 from prefopt.data.loading import View
 from prefopt.data.packing import batches
@@ -15,13 +14,13 @@ from prefopt.losses import LossSpec
 from prefopt.losses.registry import LossFn, LossState
 from prefopt.model import parallel
 from prefopt.model.parallel import StatsModel, rank_slice
+from prefopt.train.extras import StepExtras, StepRows
 from prefopt.train.metrics import MetricSums
-from prefopt.train.mismatched import kl_estimate
 from prefopt.train.step import forward_loss
 
 
 class PassOptions(NamedTuple):
-    """How a no-grad pass over a split runs (evaluation, reference log-probs, KTO's baseline):
+    """How a no-grad pass over a split runs (evaluation, reference log-probs, step extras):
     groups per forward, padding id, log-prob chunk, precision, this rank's share, layout."""
 
     batch_groups: int
@@ -46,22 +45,6 @@ class PassOptions(NamedTuple):
         )
 
 
-def step_inputs(
-    policy: StatsModel,
-    ref: StatsModel | None,
-    data: datasets.Dataset,
-    views: list[View],
-    order: list[int],
-    spec: LossSpec,
-    opts: PassOptions,
-) -> dict[str, Tensor]:
-    """Loss inputs computed once over a whole step (or evaluation set), not per micro-batch:
-    KTO's ``kl_estimate`` over the mismatched pairs of ``order`` (all ranks together)."""
-    if not spec.needs_mismatched:
-        return {}
-    return {"kl_estimate": kl_estimate(policy, ref, data, views, order, opts)}
-
-
 @torch.no_grad()
 def evaluate(
     policy: StatsModel,
@@ -72,14 +55,17 @@ def evaluate(
     loss_fn: LossFn,
     opts: PassOptions,
     loss_state: LossState | None = None,
+    extras: StepExtras | None = None,
 ) -> dict[str, float]:
     """Mean loss and metrics over every valid held-out group (same definitions as training),
-    each rank taking a slice; the padding that evens out the slices is not counted."""
+    each rank taking a slice; the padding that evens out the slices is not counted. The loss's
+    ``extras`` give their inputs once for the whole split (KTO's ``kl_estimate``)."""
     was_training = policy.training
     policy.eval()
     sums = MetricSums()
     device = next(policy.parameters()).device
-    extra = step_inputs(policy, ref, data, views, list(range(len(views))), spec, opts)
+    rows = StepRows(data, views, list(range(len(views))))
+    inputs = extras.inputs(policy, rows) if extras else {}
     order, own = rank_slice(len(views), opts.rank, opts.world_size)
     size = opts.batch_groups
     for start, batch in zip(
@@ -89,7 +75,7 @@ def evaluate(
     ):
         with opts.autocast:
             out = forward_loss(
-                policy, ref, batch, spec, loss_fn, opts.chunk_size, loss_state, extra
+                policy, ref, batch, spec, loss_fn, opts.chunk_size, loss_state, inputs
             )
         keep = torch.arange(start, start + batch.num_groups, device=out.valid.device) < own
         sums.add(out, batch.num_tokens, keep)

@@ -156,8 +156,9 @@ def inputs_from_config(cfg, world_size: int, device_type: str) -> PlanInputs:
     master = 4 if t.master_dtype == "float32" else 2
     tokens = t.micro_batch_tokens or t.micro_batch_groups * 4 * d.max_length
     from prefopt.losses import get_spec
+    from prefopt.train.extras import reference_model_needed
 
-    needed = get_spec(cfg.loss.name).reference_model_needed(cfg.loss, t.reference)
+    needed = reference_model_needed(get_spec(cfg.loss.name), cfg.loss, t.reference)
     reference = "model" if needed else "none"
     return PlanInputs(
         world_size=world_size,

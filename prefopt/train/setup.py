@@ -22,6 +22,7 @@ from prefopt.model.freeze import freeze_below_top_blocks
 from prefopt.model.load import empty_model, initial_weights, load_model, model_config
 from prefopt.model.logprobs import compile_blocks
 from prefopt.model.parallel import StatsModel
+from prefopt.train.extras import reference_model_needed
 from prefopt.train.passes import PassOptions
 from prefopt.train.reference import precompute_reference, reference_key
 
@@ -49,7 +50,7 @@ def build_models(
     with parallel.main_first():  # rank 0 converts or downloads once; the others reuse it
         config = model_config(cfg.model, cfg.cache_dir, tok, t.layout)
         weights = initial_weights(cfg.model, cfg.cache_dir, tok, cfg.seed)
-    ref_model = spec.reference_model_needed(cfg.loss, t.reference)
+    ref_model = reference_model_needed(spec, cfg.loss, t.reference)
     quantized = cfg.model.quantize != "none"
 
     def sharded(trainable: bool) -> StatsModel:  # one more model from the same files

@@ -1,6 +1,6 @@
 """One optimizer step, top to bottom: this rank's micro-batches, a forward to per-group
 statistics (and the reference's), the loss, one backward per micro-batch, one normalisation by
-the step's valid groups, the per-step regularizer if the loss declares one, clipping, and one
+the step's valid groups, the loss extras' per-step regularizer if any, clipping, and one
 decision all ranks share. ``prefopt/train/loop.py`` calls it once per step."""
 
 from __future__ import annotations
@@ -65,10 +65,10 @@ def forward_loss(
     loss_fn: LossFn,
     chunk_size: int,
     loss_state: LossState | None = None,
-    extra: dict[str, Tensor] | None = None,
+    inputs: dict[str, Tensor] | None = None,
 ) -> LossOutput:
-    """The batch's statistics (and the reference's), then the loss. ``extra``: per-step inputs a
-    loss declares (KTO's ``kl_estimate``), computed once for the whole step."""
+    """The batch's statistics (and the reference's), then the loss. ``inputs``: the loss's
+    keyword inputs from its extras (KTO's ``kl_estimate``), computed once for the whole step."""
     stats = policy(batch, chunk_size)
     ref_stats = None
     if spec.needs_reference and batch.ref_logps is not None:  # trainer.reference=precompute
@@ -79,7 +79,7 @@ def forward_loss(
     elif spec.needs_reference:
         with torch.no_grad():
             ref_stats = ref(batch, chunk_size)
-    kwargs = dict(extra or {})
+    kwargs = dict(inputs or {})
     if spec.state is not None:
         kwargs["state"] = loss_state
     return loss_fn(stats, ref_stats, batch.scores, **kwargs)
@@ -95,9 +95,11 @@ class StepContext:
     chunk_size: int  # response tokens per log-prob chunk
     max_grad_norm: float
     loss_state: LossState | None = None  # running statistics of stateful losses
-    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # per-step loss inputs (KTO)
-    # A per-step term that is not per group (SPO's on-policy KL): it runs its own backward after
-    # the group losses are normalised and returns its detached per-rank value.
+    # The loss extras' keyword inputs for this step (``StepExtras.inputs``: KTO's kl_estimate).
+    inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    # Their per-step term that is not per group (``StepExtras.regularizer``: SPO's on-policy KL):
+    # it runs its own backward after the group losses are normalised and returns its detached
+    # per-rank value.
     regularizer: Callable[[], torch.Tensor] | None = None
 
 
@@ -130,7 +132,14 @@ def train_step(
         parallel.set_gradient_sync(policy, i == len(micro_batches) - 1)
         with ctx.autocast:
             out = forward_loss(
-                policy, ref, batch, ctx.spec, ctx.loss_fn, ctx.chunk_size, ctx.loss_state, ctx.extra
+                policy,
+                ref,
+                batch,
+                ctx.spec,
+                ctx.loss_fn,
+                ctx.chunk_size,
+                ctx.loss_state,
+                ctx.inputs,
             )
         torch.where(out.valid, out.losses, 0.0).sum().backward()
         sums.add(out, batch.num_tokens)

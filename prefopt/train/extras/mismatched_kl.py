@@ -7,6 +7,8 @@ the first response of view j + 1 (the last with the first), every rank takes a s
 pairs, and the sums are reduced over ranks. So z0 is the same number for any rank count, any
 micro-batch size and any token budget, as the single-process run with the same global batch.
 A step of one group pairs its prompt with its own response (no other response exists).
+
+The ``mismatched_kl`` extra (``MismatchedKL``) passes it to the loss as ``kl_estimate``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from prefopt.data.loading import View, group_at
 from prefopt.data.tokenize import TokenizedGroup
 from prefopt.model import parallel
 from prefopt.model.parallel import StatsModel, rank_slice
+from prefopt.train.extras.base import StepExtra, StepRows
 
 
 def mismatched_pairs(data: datasets.Dataset, views: list[View], order: list[int]) -> list:
@@ -61,3 +64,18 @@ def kl_estimate(
     parallel.reshard(policy)
     parallel.all_reduce_sum(total)
     return total[0] / total[1].clamp(min=1)
+
+
+class MismatchedKL(StepExtra):
+    """KTO's ``kl_estimate``: ``kl_estimate`` over the step's (or evaluation split's) views."""
+
+    input_names = ("kl_estimate",)
+    uses_reference = True  # the mismatched pairs are rows no reference cache holds
+
+    def inputs(self, policy: StatsModel, rows: StepRows) -> dict[str, Tensor]:
+        env = self.env
+        return {
+            "kl_estimate": kl_estimate(
+                policy, env.ref, rows.data, rows.views, rows.order, env.passes
+            )
+        }

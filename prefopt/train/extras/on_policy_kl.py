@@ -1,4 +1,5 @@
-"""On-policy samples for regularizers that need them (SPO's KL(pi_theta || pi_ref), paper 002).
+"""On-policy samples and SPO's KL(pi_theta || pi_ref) regularizer (Sharifnassab et al., "Soft
+Preference Optimization", arXiv 2405.00747, Eq. 15 and Algorithm 1): the ``on_policy_kl`` extra.
 
 Samples are drawn from the current policy at temperature 1 with no top-k/top-p, so the token-wise
 KL summed over a sampled sequence is an unbiased estimate of the sequence KL; one per prompt, for
@@ -12,8 +13,10 @@ from transformers import PreTrainedModel
 
 from prefopt.data.collate import collate
 from prefopt.data.tokenize import TokenizedGroup
+from prefopt.model import parallel
 from prefopt.model.parallel import StatsModel, unsharded
 from prefopt.model.sampling import decoding_config, generate_ids
+from prefopt.train.extras.base import ExtraEnv, ExtraState, StepExtra, StepRows
 
 Sample = tuple[list[int], list[int]]  # (prompt ids, sampled response ids)
 
@@ -55,52 +58,51 @@ def kl_on_samples(
     return policy(batch, chunk_size, kl_ref=ref).mean()
 
 
-class OnPolicyKL:
+class OnPolicyKL(StepExtra):
     """SPO's regularizer: ``kl_weight`` x mean KL(pi || ref) on samples regenerated every
-    ``kl_every`` steps from prompts of the current step (Algorithm 1). The samples live in the
-    TrainState, so they are checkpointed and a resumed run uses the same ones."""
+    ``kl_every`` steps from this rank's prompts of the current step (Algorithm 1). The samples
+    live in the extra's state, so they are checkpointed (per rank) and a resumed run uses the
+    same ones."""
 
-    def __init__(
-        self, loss_cfg, ref: StatsModel, *, pad_id: int, eos_id: int, chunk_size: int
-    ) -> None:
+    config_fields = ("kl_weight", "kl_every", "kl_num_samples", "kl_max_new_tokens")
+    uses_reference = True  # the samples are rows no reference cache holds
+
+    def __init__(self, loss_cfg, env: ExtraEnv) -> None:
+        super().__init__(loss_cfg, env)
         self.weight, self.every = loss_cfg.kl_weight, loss_cfg.kl_every
         self.num_samples, self.max_new_tokens = loss_cfg.kl_num_samples, loss_cfg.kl_max_new_tokens
-        self.ref, self.pad_id, self.eos_id, self.chunk_size = ref, pad_id, eos_id, chunk_size
 
     @classmethod
-    def build(cls, spec, loss_cfg, ref, tok, chunk_size: int) -> OnPolicyKL | None:
-        """The regularizer when the loss asks for one (``on_policy_kl`` and kl_weight > 0)."""
-        if not (spec.on_policy_kl and loss_cfg.kl_weight > 0):
-            return None
-        return cls(
-            loss_cfg, ref, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, chunk_size=chunk_size
-        )
+    def active(cls, loss_cfg) -> bool:
+        return loss_cfg.kl_weight > 0  # 0 turns the term (and its reference model) off
 
-    def prepare(self, policy: StatsModel, state, prompts: list[list[int]]):
-        """Refresh ``state.kl_samples`` if due; return the step's regularizer (a closure)."""
-        if not state.kl_samples or state.step % self.every == 0:
+    def regularizer(self, policy: StatsModel, rows: StepRows, state: ExtraState):
+        """Refresh ``state["samples"]`` if due; return the step's regularizer (a closure)."""
+        if not state.get("samples") or rows.step % self.every == 0:
+            mine = rows.order[parallel.rank() :: parallel.size()]  # this rank's groups
+            prompts = [rows.data[rows.views[i][0]]["prompt_ids"] for i in mine]
             chosen = [prompts[i % len(prompts)] for i in range(self.num_samples)]
             with unsharded(policy):  # generate() bypasses the sharded root's forward
-                state.kl_samples = sample_responses(
+                state["samples"] = sample_responses(
                     policy.model,
                     chosen,
                     max_new_tokens=self.max_new_tokens,
-                    eos_id=self.eos_id,
-                    pad_id=self.pad_id,
+                    eos_id=self.env.eos_id,
+                    pad_id=self.env.passes.pad_id,
                 )
-        samples = state.kl_samples
+        samples, ref, passes = state["samples"], self.env.ref, self.env.passes
 
         def regularize() -> Tensor:
             """Backpropagate kl_weight x KL on every rank, finite or not (the step decides once,
             from the gradient norm every rank shares); return its detached value."""
-            with unsharded(self.ref):  # gathered through the backward, which recomputes chunks
+            with unsharded(ref):  # gathered through the backward, which recomputes chunks
                 kl = self.weight * kl_on_samples(
                     policy,
-                    self.ref,
+                    ref,
                     samples,
-                    pad_id=self.pad_id,
-                    eos_id=self.eos_id,
-                    chunk_size=self.chunk_size,
+                    pad_id=passes.pad_id,
+                    eos_id=self.env.eos_id,
+                    chunk_size=passes.chunk_size,
                 )
                 kl.backward()
             return kl.detach()
