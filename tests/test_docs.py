@@ -5,6 +5,7 @@ options that exist, and the README's layout tree has one line per module of ``pr
 
 from __future__ import annotations
 
+import ast
 import importlib
 import re
 import shlex
@@ -266,3 +267,40 @@ def test_layout_tree_has_one_line_per_module():
     for top in tops:
         assert (ROOT / top).is_dir(), f"layout names {top}/, which does not exist"
     assert {"prefopt", "conf", "docs", "tests", "slurm", "notebooks", "experiments"} <= set(tops)
+
+
+def _defines(path: Path, name: str) -> bool:
+    """Whether a module's top level defines ``name`` (read with ast: no torch import)."""
+    for node in ast.parse(path.read_text()).body:
+        defs = (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)
+        if isinstance(node, defs) and node.name == name:
+            return True
+        targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+        if any(isinstance(t, ast.Name) and t.id == name for t in targets):
+            return True
+    return False
+
+
+def _resolves(dotted: str) -> bool:
+    """A module or package of this checkout, or a name defined at the top of one."""
+    parts = dotted.split(".")
+    if ROOT.joinpath(*parts).is_dir() or ROOT.joinpath(*parts).with_suffix(".py").is_file():
+        return True
+    module = ROOT.joinpath(*parts[:-1]).with_suffix(".py")
+    return module.is_file() and _defines(module, parts[-1])
+
+
+@pytest.mark.parametrize("page", [*PAGES, *sorted((ROOT / "experiments").glob("*.md"))], ids=_rel)
+def test_named_modules_names_and_paths_exist(page):
+    text = page.read_text()
+    for dotted in sorted(set(re.findall(r"\bprefopt(?:\.[A-Za-z_]\w*)+", text))):
+        assert _resolves(dotted), f"{_rel(page)}: {dotted} is no module or name of prefopt/"
+    # package paths; ~/.cache/prefopt/... is the cache, and {a,b} a brace list
+    for path in sorted(set(re.findall(r"(?<![\w./~{])prefopt/[\w/.]*\w(?![{\w])", text))):
+        assert (ROOT / path).exists(), f"{_rel(page)}: {path} does not exist"
+
+
+def test_name_resolution_fails_for_missing_names():
+    assert _resolves("prefopt.model.load.empty_model") and _resolves("prefopt.train")
+    assert not _resolves("prefopt.model.load.no_such_function")
+    assert not _resolves("prefopt.evaluation")
