@@ -22,6 +22,7 @@ CONF = ROOT / "conf"
 README = ROOT / "README.md"
 DOCS = sorted((ROOT / "docs").glob("*.md"))
 PAGES = [README, *DOCS]
+EXPERIMENT_PAGES = sorted((ROOT / "experiments").glob("*.md"))
 
 
 def _rel(path: Path) -> str:
@@ -164,7 +165,7 @@ def _links(page: Path) -> list[str]:
     return [t for t in re.findall(r"\]\(([^)\s]+)\)", text) if not re.match(r"\w+://", t)]
 
 
-@pytest.mark.parametrize("page", PAGES, ids=_rel)
+@pytest.mark.parametrize("page", [*PAGES, *EXPERIMENT_PAGES], ids=_rel)
 def test_relative_links_and_anchors_resolve(page):
     for target in _links(page):
         file, _, anchor = target.partition("#")
@@ -290,7 +291,7 @@ def _resolves(dotted: str) -> bool:
     return module.is_file() and _defines(module, parts[-1])
 
 
-@pytest.mark.parametrize("page", [*PAGES, *sorted((ROOT / "experiments").glob("*.md"))], ids=_rel)
+@pytest.mark.parametrize("page", [*PAGES, *EXPERIMENT_PAGES], ids=_rel)
 def test_named_modules_names_and_paths_exist(page):
     text = page.read_text()
     for dotted in sorted(set(re.findall(r"\bprefopt(?:\.[A-Za-z_]\w*)+", text))):
