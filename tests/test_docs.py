@@ -270,6 +270,18 @@ def test_layout_tree_has_one_line_per_module():
     assert {"prefopt", "conf", "docs", "tests", "slurm", "notebooks", "experiments"} <= set(tops)
 
 
+TOP = ["prefopt", "conf", "docs", "experiments", "notebooks", "slurm", "tests"]
+# Named by the docs but not files of the tree: placeholders of the examples, and outputs that
+# the GPU runs write (make gpu-check; results_table.py --device cuda) or --out prefixes.
+NOT_YET_FILES = {
+    "conf/loss/my_loss.yaml",
+    "conf/recipe/X.yaml",
+    "experiments/results/gpu_tests.md",
+    "experiments/results/offline_table",
+    "experiments/results/offline_table_cpu",
+}
+
+
 def _defines(path: Path, name: str) -> bool:
     """Whether a module's top level defines ``name`` (read with ast: no torch import)."""
     for node in ast.parse(path.read_text()).body:
@@ -296,8 +308,9 @@ def test_named_modules_names_and_paths_exist(page):
     text = page.read_text()
     for dotted in sorted(set(re.findall(r"\bprefopt(?:\.[A-Za-z_]\w*)+", text))):
         assert _resolves(dotted), f"{_rel(page)}: {dotted} is no module or name of prefopt/"
-    # package paths; ~/.cache/prefopt/... is the cache, and {a,b} a brace list
-    for path in sorted(set(re.findall(r"(?<![\w./~{])prefopt/[\w/.]*\w(?![{\w])", text))):
+    # repository paths; ~/.cache/prefopt/... is the cache, {a,b} a brace list, * a glob
+    paths = re.findall(rf"(?<![\w./~{{<-])(?:{'|'.join(TOP)})/[\w/.-]*\w(?![{{\w*<])", text)
+    for path in sorted(set(paths) - NOT_YET_FILES):
         assert (ROOT / path).exists(), f"{_rel(page)}: {path} does not exist"
 
 
