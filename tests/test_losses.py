@@ -330,8 +330,8 @@ def test_refa_all_equal_scores_invalid_with_finite_gradients():
 
 
 def test_padding_with_neg_inf_stays_finite():
-    """Empty slots filled with -inf (instead of stats.py's 0) leak neither into values nor
-    gradients, even for a group with no real response at all."""
+    """Empty slots filled with -inf (instead of the 0 of prefopt/model/logprobs.py) leak neither
+    into values nor gradients, even for a group with no real response at all."""
     ninf = float("-inf")
     logps = [[-3.0, -6.0, ninf], [ninf, ninf, ninf], [-2.0, -2.0, ninf]]
     eos = [[-0.5, -1.0, ninf], [ninf, ninf, ninf], [-0.3, -0.3, ninf]]
