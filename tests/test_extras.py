@@ -17,7 +17,7 @@ from test_train import _cfg, _metrics
 from prefopt.losses import LOSSES, build_loss, get_spec
 from prefopt.losses.common import has_preference
 from prefopt.losses.registry import LossConfig, register_loss
-from prefopt.model.parallel import StatsModel
+from prefopt.model.logprobs import StatsModel
 from prefopt.train.extras import (
     EXTRAS,
     ExtraEnv,

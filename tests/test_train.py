@@ -16,7 +16,7 @@ from conftest import REPO, arithmetic_rows, write_jsonl
 from hydra import compose, initialize_config_dir
 
 from prefopt.losses import LOSSES, build_loss
-from prefopt.model.parallel import StatsModel
+from prefopt.model.logprobs import StatsModel
 from prefopt.train.loop import run
 from prefopt.train.step import StepContext, train_step
 

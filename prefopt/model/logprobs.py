@@ -189,6 +189,26 @@ def sequence_kl(
     return kl.new_zeros(len(lengths)).index_add(0, rows, kl)
 
 
+class StatsModel(nn.Module):
+    """A causal LM whose forward returns GroupStats, so FSDP's root hooks cover the output layer."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, batch: Batch, chunk_size: int, kl_ref: StatsModel | None = None
+    ) -> GroupStats | Tensor:
+        """GroupStats of the batch, or with ``kl_ref`` the (N,) per-row KL(self || kl_ref).
+
+        The reference's own (root) parameters must be gathered by the caller, ``unsharded``,
+        until after the backward: the chunked KL recomputes its logits there.
+        """
+        if kl_ref is None:
+            return group_stats(self.model, batch, chunk_size)
+        return sequence_kl(self.model, kl_ref.model, batch, chunk_size)
+
+
 def compile_blocks(model: PreTrainedModel, dynamic: bool = True) -> PreTrainedModel:
     """``torch.compile`` each decoder block in place (before FSDP wrapping, after activation
     checkpointing is enabled), the per-block recipe of torchtitan: small graphs, one compile

@@ -32,10 +32,8 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from transformers import PreTrainedModel
 
-from prefopt.data.collate import Batch
 from prefopt.model.adapters import base_checkpoint_key, quantized_params
-from prefopt.model.logprobs import group_stats, sequence_kl
-from prefopt.types import GroupStats
+from prefopt.model.logprobs import StatsModel
 
 
 @dataclass(frozen=True)
@@ -75,26 +73,6 @@ def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> World:
             )
     mesh = init_device_mesh(dev.type, (dist.get_world_size(),))
     return World(dist.get_rank(), dist.get_world_size(), local_rank, dev, mesh)
-
-
-class StatsModel(nn.Module):
-    """A causal LM whose forward returns GroupStats, so FSDP's root hooks cover the output layer."""
-
-    def __init__(self, model: PreTrainedModel) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(
-        self, batch: Batch, chunk_size: int, kl_ref: StatsModel | None = None
-    ) -> GroupStats | Tensor:
-        """GroupStats of the batch, or with ``kl_ref`` the (N,) per-row KL(self || kl_ref).
-
-        The reference's own (root) parameters must be gathered by the caller, ``unsharded``,
-        until after the backward: the chunked KL recomputes its logits there.
-        """
-        if kl_ref is None:
-            return group_stats(self.model, batch, chunk_size)
-        return sequence_kl(self.model, kl_ref.model, batch, chunk_size)
 
 
 def decoder_blocks(model: PreTrainedModel) -> list[nn.Module]:

@@ -13,7 +13,8 @@ from prefopt.data.packing import batches
 from prefopt.losses import LossSpec
 from prefopt.losses.registry import LossFn, LossState
 from prefopt.model import parallel
-from prefopt.model.parallel import StatsModel, rank_slice
+from prefopt.model.logprobs import StatsModel
+from prefopt.model.parallel import rank_slice
 from prefopt.train.extras import StepExtras, StepRows
 from prefopt.train.metrics import MetricSums
 from prefopt.train.step import forward_loss

@@ -18,8 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 from prefopt.atomic import publish_dir
 from prefopt.data.loading import make_views
 from prefopt.data.packing import batches
+from prefopt.model.logprobs import StatsModel
 from prefopt.model.parallel import (
-    StatsModel,
     all_gather_objects,
     barrier,
     is_main,

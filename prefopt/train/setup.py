@@ -20,8 +20,7 @@ from prefopt.losses import LossSpec
 from prefopt.model import adapters, parallel
 from prefopt.model.freeze import freeze_below_top_blocks
 from prefopt.model.load import empty_model, initial_weights, load_model, model_config
-from prefopt.model.logprobs import compile_blocks
-from prefopt.model.parallel import StatsModel
+from prefopt.model.logprobs import StatsModel, compile_blocks
 from prefopt.train.extras import reference_model_needed
 from prefopt.train.passes import PassOptions
 from prefopt.train.reference import precompute_reference, reference_key

@@ -20,7 +20,7 @@ from prefopt.data.packing import PackedBatch, batches, budget_batches
 from prefopt.losses import LossSpec
 from prefopt.losses.registry import LossFn, LossState
 from prefopt.model import parallel
-from prefopt.model.parallel import StatsModel
+from prefopt.model.logprobs import StatsModel
 from prefopt.train.metrics import MetricSums
 from prefopt.types import LossOutput
 

@@ -12,7 +12,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from prefopt.model import adapters, parallel
-from prefopt.model.parallel import StatsModel
+from prefopt.model.logprobs import StatsModel
 from prefopt.train.banner import verdict
 
 

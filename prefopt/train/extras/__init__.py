@@ -20,7 +20,7 @@ from typing import Any
 from torch import Tensor
 
 from prefopt.losses.registry import LossSpec
-from prefopt.model.parallel import StatsModel
+from prefopt.model.logprobs import StatsModel
 from prefopt.train.extras.base import ExtraEnv, ExtraState, StepExtra, StepRows
 from prefopt.train.extras.mismatched_kl import MismatchedKL
 from prefopt.train.extras.on_policy_kl import OnPolicyKL

@@ -11,7 +11,7 @@ import datasets
 from torch import Tensor
 
 from prefopt.data.loading import View
-from prefopt.model.parallel import StatsModel
+from prefopt.model.logprobs import StatsModel
 
 if TYPE_CHECKING:  # passes imports the extras: only the type here
     from prefopt.train.passes import PassOptions

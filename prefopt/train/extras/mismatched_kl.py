@@ -21,7 +21,8 @@ from prefopt.data.collate import collate
 from prefopt.data.loading import View, group_at
 from prefopt.data.tokenize import TokenizedGroup
 from prefopt.model import parallel
-from prefopt.model.parallel import StatsModel, rank_slice
+from prefopt.model.logprobs import StatsModel
+from prefopt.model.parallel import rank_slice
 from prefopt.train.extras.base import StepExtra, StepRows
 
 

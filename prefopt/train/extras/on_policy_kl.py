@@ -14,7 +14,8 @@ from transformers import PreTrainedModel
 from prefopt.data.collate import collate
 from prefopt.data.tokenize import TokenizedGroup
 from prefopt.model import parallel
-from prefopt.model.parallel import StatsModel, unsharded
+from prefopt.model.logprobs import StatsModel
+from prefopt.model.parallel import unsharded
 from prefopt.model.sampling import decoding_config, generate_ids
 from prefopt.train.extras.base import ExtraEnv, ExtraState, StepExtra, StepRows
 
