@@ -1,6 +1,6 @@
 """Tensor bundles shared by the statistics, the losses and the loop.
 
-Vocabulary (see README): ``logps`` are summed response-token log-probs (EOS included),
+Vocabulary: ``logps`` are summed response-token log-probs (EOS included),
 ``lengths`` count response tokens (EOS included), ``scores`` are scalar rewards, ``mask`` marks
 real responses. Every tensor of a bundle is (B, K): B prompt groups with up to K responses each.
 """
