@@ -84,5 +84,5 @@ def test_registry_error_lists_losses():
 
 def test_the_default_model_brings_the_cpu_demo_and_explicit_values_win():
     # the recipe of model=smollm2_135m (conf/recipe/); tests/test_recipes.py covers the others
-    assert _compose().optimizer.lr == 1e-4
+    assert _compose().optimizer.lr == 3e-4
     assert _compose("optimizer.lr=1e-6").optimizer.lr == 1e-6

@@ -56,10 +56,13 @@ def test_headline_command_composes_the_mistral7b_recipe():
 
 def test_bare_command_is_the_cpu_demo():
     cfg = _compose()
-    assert _choices(cfg) == ("default", "default", "none")
+    assert _choices(cfg) == ("demo", "default", "none")
     assert cfg.model.source == "gguf" and cfg.recipe.name == "smollm2_135m"
     assert Path(cfg.dataset.path).parent == REPO / "prefopt" / "assets"
-    assert cfg.optimizer.lr == cfg.recipe.lr == 1e-4 and cfg.trainer.train_top_blocks == 4
+    # the shipped on-policy samples plus the benchmark's reference answer (a fifth response)
+    assert cfg.dataset.schema == "constraints_reference"
+    assert cfg.optimizer.lr == cfg.recipe.lr == 3e-4 and cfg.trainer.train_top_blocks == 4
+    assert (cfg.trainer.max_steps, cfg.trainer.global_batch_groups) == (24, 8)  # ~1 epoch of 198
     assert cfg.trainer.layout == "shared" and cfg.model.attn_implementation == "auto"
     assert _compose("model=tiny").trainer.layout == "padded"  # the demo's speed choices: SmolLM2's
 
@@ -69,8 +72,9 @@ def test_every_model_has_a_recipe(model):
     cfg = _compose(f"model={model}", "model.name_or_path=some/dir")  # checkpoint needs a path
     assert cfg.recipe.name == model
     dataset, trainer, logger = _choices(cfg)
-    if model in CPU_MODELS:
-        assert (dataset, trainer, logger) == ("default", "default", "none")
+    if model in CPU_MODELS:  # the embedded default's own data adds the reference answers
+        assert (trainer, logger) == ("default", "none")
+        assert dataset == ("demo" if model == "smollm2_135m" else "default")
     else:
         assert (trainer, logger) == ("gpu", "wandb") and cfg.dataset.schema != "canonical"
         assert 3e-7 <= cfg.optimizer.lr <= 1e-6  # the papers' range

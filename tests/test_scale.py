@@ -250,6 +250,29 @@ def test_memory_plan_by_hand_for_8b_on_1_and_8_gpus(tmp_path):
     assert plan_memory(shape_l, inputs_l).total < 32 * GIB  # LoRA: 8B on one 80 GB GPU
 
 
+def test_memory_plan_counts_only_the_top_blocks_when_the_rest_is_frozen(tmp_path):
+    """trainer.train_top_blocks=2 on Llama-3-8B: the optimizer holds two blocks and the final
+    norm; the frozen rest sits in bf16; only the two top blocks keep activations."""
+    from prefopt.train.plan import plan_memory, shape_and_inputs
+
+    path = _llama3_8b_dir(tmp_path)
+    args = ("model=llama3_8b_instruct", f"model.name_or_path={path}", "trainer=gpu", "loss=simpo")
+    args = (*args, "model.gradient_checkpointing=false")  # every kept block keeps all of it
+    full = plan_memory(*shape_and_inputs(compose_cfg(tmp_path / "f", *args), 8, "cuda"))
+    shape, inputs = shape_and_inputs(
+        compose_cfg(tmp_path / "t", *args, "trainer.train_top_blocks=2"), 8, "cuda"
+    )
+    trained = 2 * 218_112_000 + 4096  # two decoder blocks + the final RMSNorm
+    assert inputs.trainable_params == trained and inputs.activation_blocks == 2
+    plan = plan_memory(shape, inputs)
+    assert plan.trainable == trained
+    assert plan.rows["gradients (sharded)"] == trained * 4 // 8
+    assert plan.rows["optimizer state (sharded)"] == trained * 8 // 8
+    frozen = 8_030_261_248 - trained
+    assert plan.rows["parameters (sharded)"] == trained * 4 // 8 + frozen * 2 // 8
+    assert plan.rows["activations"] * 16 == full.rows["activations"]  # 2 of 32 blocks
+
+
 def test_plan_refuses_what_cannot_fit_and_says_what_to_change(tmp_path):
     from prefopt.errors import PlanError
     from prefopt.train.plan import GIB, check_fits, plan_memory, shape_and_inputs

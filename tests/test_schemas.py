@@ -497,3 +497,35 @@ def test_unknown_score_field() -> None:
 def test_unknown_schema() -> None:
     with pytest.raises(ConfigError, match=r"unknown schema 'ultra_feedback'.*'armorm', 'canon"):
         parse_row("ultra_feedback", ultrafeedback_row(), WHERE, OPTS)
+
+
+# --- the embedded default's schema: benchmark rows plus the reference answer --------------------
+
+
+def constraints_row() -> dict[str, Any]:
+    return {
+        "id": "heldout-000000",
+        "prompt": "What is 31 + 26? Answer in a complete sentence.",
+        "responses": ["31 + 26 is 58.", "I like numbers."],
+        "scores": [3.0, 0.5],
+        "family": "arithmetic",
+        "params": {"a": 31, "b": 26, "op": "+", "ans": 57, "style": "sentence"},
+    }
+
+
+def test_constraints_reference_appends_the_verified_reference_answer() -> None:
+    ex = parse_row("constraints_reference", constraints_row(), WHERE, OPTS)
+    assert ex.responses == ["31 + 26 is 58.", "I like numbers.", "The answer is 57."]
+    assert ex.scores == [3.0, 0.5, 10.0]  # the verifier's pass score for the reference
+    assert ex.id == "heldout-000000"
+    assert ex.prompt == [{"role": "user", "content": constraints_row()["prompt"]}]
+
+
+def test_constraints_reference_names_a_row_that_is_not_a_benchmark_task() -> None:
+    row = constraints_row()
+    del row["family"]
+    with pytest.raises(DataError, match=rf"^{WHERE}: missing key 'family' .*constraints_reference"):
+        parse_row("constraints_reference", row, WHERE, OPTS)
+    row = constraints_row() | {"family": "poetry"}
+    with pytest.raises(DataError, match="unknown family 'poetry'"):
+        parse_row("constraints_reference", row, WHERE, OPTS)

@@ -68,6 +68,9 @@ class PlanInputs:
     trainable_params: int | None = None  # None: all (full fine-tune); LoRA: the adapters
     frozen_bytes: float | None = None  # per frozen parameter; None: compute dtype, sharded
     # (a LoRA base); 0.5 or 1: a 4- or 8-bit QLoRA base, which every rank holds whole
+    # trainer.train_top_blocks: the blocks that keep activations for the backward (None: all);
+    # nothing below the first trainable block needs a gradient, so nothing there is kept
+    activation_blocks: int | None = None
 
 
 @dataclass(frozen=True)
@@ -105,10 +108,11 @@ def plan_memory(shape: Shape, p: PlanInputs) -> MemoryPlan:
         rows["reference gathered"] = (shape.block_params + shape.root_params) * p.compute_bytes
     T, H, I = p.micro_batch_tokens, shape.hidden, shape.intermediate  # noqa: E741
     per_block = T * 2 * (8 * H + 3 * I)
+    kept = shape.layers if p.activation_blocks is None else p.activation_blocks
     if p.gradient_checkpointing:
-        rows["activations"] = shape.layers * T * H * 2 + per_block
+        rows["activations"] = kept * T * H * 2 + per_block
     else:
-        rows["activations"] = shape.layers * per_block
+        rows["activations"] = kept * per_block
     rows["log-prob chunk (fp32 logits)"] = 3 * p.chunk_tokens * shape.vocab * 4
     # Loading: each rank reads only its slices of the (bf16) weight files.
     return MemoryPlan(rows, shape.params * 2 // W, shape.params, trainable)
@@ -175,14 +179,21 @@ def inputs_from_config(cfg, world_size: int, device_type: str) -> PlanInputs:
 def shape_and_inputs(cfg, world_size: int, device_type: str) -> tuple[Shape, PlanInputs]:
     """Exact counts from the model built on the meta device (only its config.json is read: from
     the Hub, a local directory, or built in code for ``model=tiny``) and the plan's inputs; with
-    LoRA, the adapters are the trainable parameters and the reference is the policy itself."""
+    LoRA, the adapters are the trainable parameters and the reference is the policy itself; with
+    ``trainer.train_top_blocks``, the top blocks and the final norm, as the loop freezes them."""
     from prefopt.model.adapters import count_adapter_parameters
+    from prefopt.model.freeze import freeze_below_top_blocks
     from prefopt.model.load import empty_model, model_config, tiny_tokenizer
 
     tok = tiny_tokenizer() if cfg.model.source == "tiny" else None
     config = model_config(cfg.model, cfg.cache_dir, tok)
-    shape = Shape.of(empty_model(cfg.model, config))
+    model = empty_model(cfg.model, config)
+    shape = Shape.of(model)
     inputs = inputs_from_config(cfg, world_size, device_type)
+    top = cfg.trainer.get("train_top_blocks", 0)
+    if top > 0:  # the frozen blocks are held in the compute dtype, like a LoRA base
+        trained = freeze_below_top_blocks(model, top)
+        inputs = replace(inputs, trainable_params=trained, activation_blocks=top)
     if cfg.model.get("lora") is not None:
         adapter, _ = count_adapter_parameters(config, cfg.model.lora)
         frozen = {"4bit": 0.5, "8bit": 1.0}.get(cfg.model.get("quantize", "none"))
