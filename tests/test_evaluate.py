@@ -314,16 +314,21 @@ def test_preference_with_a_reference_free_loss(tmp_path):
     assert all(math.isfinite(v) for k, v in res.items() if k != "loss_name")
 
 
+def _preference_against_a_copy(tmp_path, loss: str) -> dict:
+    """Preference metrics of ``loss`` whose reference is a saved copy of the policy (same seed)."""
+    ref = tmp_path / "ref"
+    cfg = _compose("evaluate", tmp_path / "b", *PREFERENCE, f"loss={loss}", f"ref_model={ref}")
+    tok = tiny_tokenizer()
+    load_model(cfg.model, cfg.cache_dir, tok, cfg.seed).save_pretrained(ref)
+    tok.save_pretrained(ref)
+    return evaluate.run(cfg)["preference"]
+
+
 def test_preference_with_a_reference_loss(tmp_path):
     with pytest.raises(ValueError, match="ref_model"):
         evaluate.run(_compose("evaluate", tmp_path / "a", *PREFERENCE, "loss=dpo"))
     # The reference is a saved copy of the policy (same seed): every implicit reward is 0.
-    ref = tmp_path / "ref"
-    cfg = _compose("evaluate", tmp_path / "b", *PREFERENCE, "loss=dpo", f"ref_model={ref}")
-    tok = tiny_tokenizer()
-    load_model(cfg.model, cfg.cache_dir, tok, cfg.seed).save_pretrained(ref)
-    tok.save_pretrained(ref)
-    res = evaluate.run(cfg)["preference"]
+    res = _preference_against_a_copy(tmp_path, "dpo")
     assert res["loss_name"] == "dpo" and res["valid_groups"] == 8
     assert res["rewards/margin"] == pytest.approx(0, abs=1e-5)
     assert res["rewards/chosen"] == pytest.approx(0, abs=1e-5)
@@ -338,12 +343,7 @@ def test_preference_runs_the_loss_extras_inputs(tmp_path):
         evaluate.run(_compose("evaluate", tmp_path / "a", *PREFERENCE, "loss=kto"))
     spo = evaluate.run(_compose("evaluate", tmp_path / "s", *PREFERENCE, "loss=spo"))
     assert spo["preference"]["valid_groups"] == 8
-    ref = tmp_path / "ref"
-    cfg = _compose("evaluate", tmp_path / "b", *PREFERENCE, "loss=kto", f"ref_model={ref}")
-    tok = tiny_tokenizer()
-    load_model(cfg.model, cfg.cache_dir, tok, cfg.seed).save_pretrained(ref)
-    tok.save_pretrained(ref)
-    res = evaluate.run(cfg)["preference"]
+    res = _preference_against_a_copy(tmp_path, "kto")
     assert res["loss_name"] == "kto" and res["valid_groups"] == 8
     assert res["kto/z0"] == pytest.approx(0, abs=1e-5)
     assert res["loss"] == pytest.approx(0.5, abs=1e-5)
