@@ -76,6 +76,15 @@ def save_tiny_rm(path: Path, *, num_labels: int = 1, with_pad: bool = True) -> s
     return str(path)
 
 
+def checkpoint_weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
+    """The model weights of a run's (sharded, DCP) checkpoint at ``step`` as one state dict."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = run_dir / f"weights_{step}.pt"
+    dcp_to_torch_save(run_dir / "checkpoints" / f"step_{step:06d}", out)
+    return torch.load(out, weights_only=False)["model"]
+
+
 def arithmetic_rows(n: int, seed: int, k: int = 4) -> list[dict]:
     """Canonical-schema groups with K graded responses (distinct scores)."""
     r = random.Random(seed)

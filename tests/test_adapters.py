@@ -222,8 +222,7 @@ def test_adapter_checkpoint_resumes_bit_for_bit(tmp_path, tiny_data):
     a = load_file(straight / "final" / "adapter_model.safetensors")
     b = load_file(resumed / "final" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and len(a) == 28
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)  # same keys, bit-identical values
 
 
 def test_merged_export_reproduces_the_adapted_model(tmp_path, tiny_data):
@@ -359,9 +358,7 @@ def test_two_ranks_train_lora_like_one_process(tmp_path, tiny_data):
     assert len(_train_losses(two)) == 4
     a = load_file(one / "final" / "adapter_model.safetensors")
     b = load_file(two / "final" / "adapter_model.safetensors")
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)  # same keys, close values
 
 
 @pytest.mark.slow

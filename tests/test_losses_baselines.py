@@ -277,18 +277,20 @@ def test_rrhf_hand_value():
     assert_close(out.metrics["rrhf/rank"], t([4.75]), **TOL)
 
 
+# K = 4 groups with the edge cases of a ranking loss: distinct scores, two pairs of ties, all
+# tied (no preference), an outlier, tied runners-up (RRHF and InfoNCA both use it)
+TIED_SCORES = [
+    [9.0, 3.0, 5.0, 1.0],
+    [2.0, 2.0, 4.0, 4.0],
+    [6.0, 6.0, 6.0, 6.0],
+    [1.0, 7.0, 0.0, 50.0],
+    [3.0, 9.0, 9.0, 2.0],
+]
+
+
 def test_rrhf_matches_direct_on_random_groups_with_ties_and_padding():
     policy = random_stats(6, 4, seed=4)[0]
-    scores = t(
-        [
-            [9.0, 3.0, 5.0, 1.0],
-            [2.0, 2.0, 4.0, 4.0],
-            [6.0, 6.0, 6.0, 6.0],
-            [1.0, 7.0, 0.0, 50.0],
-            [3.0, 9.0, 9.0, 2.0],
-            [0.0, 1.0, 2.0, 3.0],
-        ]
-    )
+    scores = t([*TIED_SCORES, [0.0, 1.0, 2.0, 3.0]])
     mask = torch.ones(6, 4, dtype=torch.bool)
     mask[3, 3] = False
     mask[5, 1:] = False  # one real response: invalid
@@ -334,15 +336,7 @@ def infonca_direct(policy, ref, scores, beta: float, alpha: float) -> list[float
 
 def infonca_batch(seed: int) -> tuple[GroupStats, GroupStats, torch.Tensor]:
     policy, ref = random_stats(5, 4, seed=seed)[0], random_stats(5, 4, seed=seed + 1)[0]
-    scores = t(
-        [
-            [9.0, 3.0, 5.0, 1.0],
-            [2.0, 2.0, 4.0, 4.0],
-            [6.0, 6.0, 6.0, 6.0],
-            [1.0, 7.0, 0.0, 50.0],
-            [3.0, 9.0, 9.0, 2.0],
-        ]
-    )
+    scores = t(TIED_SCORES)
     mask = torch.ones(5, 4, dtype=torch.bool)
     mask[3, 3] = False
     logps = torch.where(mask, policy.logps, torch.full_like(policy.logps, 40.0))

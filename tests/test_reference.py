@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 
 import torch
-from test_train import _cfg, _metrics, _weights
+from conftest import checkpoint_weights
+from test_train import _cfg, _metrics
 
 from prefopt.train.loop import run
 
@@ -15,9 +16,8 @@ def test_precomputed_reference_equals_reference_model(tmp_path, tiny_data):
     common = ("loss=dpo", "trainer.max_steps=3", "optimizer.lr=1e-3")
     run(_cfg(tmp_path / "model", tiny_data, *common))
     run(_cfg(tmp_path / "pre", tiny_data, *common, "trainer.reference=precompute"))
-    a, b = _weights(tmp_path / "model", 3), _weights(tmp_path / "pre", 3)
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    a, b = checkpoint_weights(tmp_path / "model", 3), checkpoint_weights(tmp_path / "pre", 3)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     la = [m["train/loss"] for m in _metrics(tmp_path / "model") if "train/loss" in m]
     lb = [m["train/loss"] for m in _metrics(tmp_path / "pre") if "train/loss" in m]
     torch.testing.assert_close(torch.tensor(la), torch.tensor(lb), rtol=1e-5, atol=1e-6)

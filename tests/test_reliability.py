@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, arithmetic_rows, write_jsonl
+from conftest import REPO, arithmetic_rows, checkpoint_weights, write_jsonl
 from hydra import compose, initialize_config_dir
 
 from prefopt.checks import validate_config
@@ -341,14 +341,6 @@ def _train_cfg(run_dir: Path, data: tuple[Path, Path], *overrides: str):
     )
 
 
-def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    out = run_dir / "final.pt"
-    dcp_to_torch_save(run_dir / "checkpoints" / "step_000004", out)
-    return torch.load(out, weights_only=False)["model"]
-
-
 def _train_steps(run_dir: Path) -> list[tuple[int, float]]:
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [(m["step"], m["train/loss"]) for m in lines if "train/loss" in m]
@@ -378,7 +370,7 @@ def interrupted(tmp_path_factory):
             stopped, data, "trainer.save_every=1", "trainer.keep_last=3", "trainer.stop_at_step=3"
         )
     )
-    return root, data, _final_weights(root / "straight"), _train_steps(root / "straight")
+    return root, data, checkpoint_weights(root / "straight", 4), _train_steps(root / "straight")
 
 
 def _shard(step_dir: Path) -> Path:
@@ -416,9 +408,7 @@ def test_damaged_checkpoints_fall_back_to_the_last_good_one_bit_identically(
     for skipped in ["step_000004"] * (damage == "flipped") + ["step_000003", "step_000002"]:
         assert f"skipping checkpoint {run_dir / 'checkpoints' / skipped}" in caplog.text
     assert "resumed from" in caplog.text and "step_000001 at step 1" in caplog.text
-    got = _final_weights(run_dir)
-    for k in want:
-        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
+    torch.testing.assert_close(checkpoint_weights(run_dir, 4), want, rtol=0, atol=0)
     kept = list_checkpoints(str(run_dir))  # the damaged ones were replaced as training passed them
     assert [p.name for p in kept] == ["step_000002", "step_000003", "step_000004"]
     assert all(verify_checkpoint(p) is None for p in kept)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, arithmetic_rows, write_jsonl
+from conftest import REPO, arithmetic_rows, checkpoint_weights, write_jsonl
 from hydra import compose, initialize_config_dir
 
 from prefopt.losses import LOSSES, build_loss
@@ -82,15 +82,6 @@ def test_every_loss_trains_three_steps(tmp_path, tiny_data, loss):
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
 
 
-def _weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
-    """The model weights of a (sharded, DCP) checkpoint as one state dict."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    out = run_dir / f"weights_{step}.pt"
-    dcp_to_torch_save(run_dir / "checkpoints" / f"step_{step:06d}", out)
-    return torch.load(out, weights_only=False)["model"]
-
-
 def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, tiny_data):
     common = ("loss=refa_dynamic", "trainer.max_steps=4", "optimizer.lr=1e-3")
     straight = tmp_path / "straight"
@@ -99,11 +90,9 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, tiny_data):
     assert run(_cfg(resumed, tiny_data, *common, "trainer.stop_at_step=2")) == {}
     assert [p.name for p in (resumed / "checkpoints").iterdir()] == ["step_000002"]
     run(_cfg(resumed, tiny_data, *common))  # resume=auto picks up step 2
-    a, b = _weights(straight, 4), _weights(resumed, 4)
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
-    start = _weights(resumed, 2)
+    a, b = checkpoint_weights(straight, 4), checkpoint_weights(resumed, 4)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)  # same keys, bit-identical values
+    start = checkpoint_weights(resumed, 2)
     assert any(not torch.equal(start[k], b[k]) for k in b)  # the resumed half did train
     la = [m["train/loss"] for m in _metrics(straight) if "train/loss" in m]
     lb = [m["train/loss"] for m in _metrics(resumed) if "train/loss" in m]
@@ -242,10 +231,9 @@ def test_layouts_and_token_budgets_train_the_same(tmp_path, tiny_data):
     finals = {
         name: run(_cfg(tmp_path / name, tiny_data, *common, *extra)) for name, extra in runs.items()
     }
-    ref = _weights(tmp_path / "padded", 2)
+    ref = checkpoint_weights(tmp_path / "padded", 2)
     for name in ("packed", "shared_budget"):
         assert finals[name]["loss"] == pytest.approx(finals["padded"]["loss"], rel=1e-5)
         assert finals[name]["tokens"] == finals["padded"]["tokens"]
-        other = _weights(tmp_path / name, 2)
-        for k in ref:
-            torch.testing.assert_close(other[k], ref[k], rtol=1e-4, atol=1e-5)  # fp32 + Adam
+        other = checkpoint_weights(tmp_path / name, 2)
+        torch.testing.assert_close(other, ref, rtol=1e-4, atol=1e-5)  # fp32 + Adam
