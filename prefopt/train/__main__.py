@@ -74,6 +74,10 @@ def train(cfg: DictConfig) -> float:
                 tags=[o[:64] for o in overrides],
             )
         metrics = run(cfg, overrides, sweep)
+        # Every rank ends the run after the same step; leave together, so that no rank tears its
+        # process group down while another still finishes its summary (a 2-rank gloo run once
+        # aborted at exit that way). Only on success: a failed rank would leave the others here.
+        parallel.barrier()
     except Exception as e:
         if hydra_cfg.mode != RunMode.MULTIRUN:
             raise
