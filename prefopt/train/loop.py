@@ -42,7 +42,7 @@ from prefopt.train.checkpoint import (
 )
 from prefopt.train.extras import ExtraEnv, StepExtras, StepRows
 from prefopt.train.logger import SweepInfo, build_logger
-from prefopt.train.optim import build_optimizer, lr_at
+from prefopt.train.optim import build_optimizer, lr_at, set_lr
 from prefopt.train.passes import PassOptions, evaluate
 from prefopt.train.plan import format_plan, plan_for_run
 from prefopt.train.setup import build_models, make_autocast, prepare_data
@@ -133,8 +133,7 @@ def run(  # noqa: C901  (one function from build to summary, read top to bottom)
     while state.step < max_steps:
         t0 = time.perf_counter()
         lr = lr_at(state.step, cfg.optimizer.lr, t, max_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(optimizer, lr)
         # Every rank draws the same global order and takes its slice of it.
         step_views = views_at(len(data.train_views), cfg.seed, state.consumed, G)
         micro_batches = step_micro_batches(t, data, step_views, world, tok.pad_token_id)

@@ -54,6 +54,17 @@ def adamw_bf16_sr(
     )
 
 
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every parameter group's learning rate. torchao's optimizers keep it as a tensor (so
+    that a compiled step does not recompile when it changes) and refuse a float in its place:
+    fill that tensor in place; torch's take a float."""
+    for group in optimizer.param_groups:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+
+
 def lr_at(step: int, base_lr: float, t: TrainerConfig, max_steps: int) -> float:
     """Linear warmup over ``warmup_ratio * max_steps`` steps, then cosine/linear/constant decay
     to ``min_lr_ratio * base_lr``. ``step`` counts completed optimizer steps (0-based)."""
