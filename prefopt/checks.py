@@ -110,6 +110,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "trainer.precision": ("auto", "bf16", "fp32"),
     "trainer.device": ("auto", "cpu", "cuda"),
     "trainer.reference": ("model", "precompute"),
+    "trainer.grad_sync": ("every", "last"),
     "dataset.bad_rows": ("error", "skip"),
     "dataset.pairs": ("best_vs_worst", "best_vs_each", "all_pairs"),
     "dataset.prompt_truncation": ("keep_end", "skip", "error"),

@@ -119,6 +119,11 @@ class TrainerConfig:
     # dtype on disk) | bfloat16 (half the memory; needs optimizer=adamw_bf16_sr, which rounds
     # stochastically so small updates are not lost)
     master_dtype: str = "float32"
+    # when micro-batch gradients are reduce-scattered: every (each micro-batch; they accumulate
+    # sharded, torchtitan's choice) | last (the last micro-batch of a step only: fewer
+    # collectives, but until then FSDP2 holds an unsharded fp32 gradient of every trainable
+    # parameter on every rank, 4 bytes per parameter whatever the world size; docs/scale.md)
+    grad_sync: str = "every"
     logps_chunk_size: int = 1024  # response tokens per log-prob chunk (peak memory ~ chunk x vocab)
     reference: str = "model"  # model: frozen copy in the loop | precompute: one cached pass
     collective_timeout_s: float = 600.0  # a rank that stops answering fails the job after this

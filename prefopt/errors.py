@@ -16,7 +16,8 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TypeVar
 
 EXIT_USER_ERROR = 2  # argparse's convention for "you asked for something that cannot run"
@@ -61,6 +62,65 @@ class PlanError(PrefoptError, ValueError):
     """A run that cannot fit or cannot be scheduled as configured (memory, batch plan)."""
 
     kind = "plan error"
+
+
+class HubError(PrefoptError, OSError):
+    """A model or dataset the run needs is neither in the local Hugging Face cache nor reachable
+    on the Hub (compute nodes without internet). The message names its id."""
+
+    kind = "hub error"
+
+
+class DependencyError(PrefoptError, ImportError):
+    """An installed library older than the version whose API prefopt uses. The message names
+    the package, the installed and the required versions."""
+
+    kind = "dependency error"
+
+
+# What huggingface_hub, transformers and datasets raise (anywhere in the exception chain) when
+# the Hub cannot be reached and the files are not cached, or HF_HUB_OFFLINE=1 forbids asking.
+OFFLINE_ERRORS = frozenset(
+    {"LocalEntryNotFoundError", "OfflineModeIsEnabled", "ConnectError", "ConnectTimeout"}
+)
+
+
+def is_offline_error(e: BaseException | None) -> bool:
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if type(e).__name__ in OFFLINE_ERRORS or "couldn't connect to" in str(e).lower():
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def offline_error(what: str, repo_id: str, repo_type: str = "model") -> HubError:
+    """The one message for a Hub download that cannot happen here, naming ``repo_id``."""
+    flag = " --repo-type dataset" if repo_type == "dataset" else ""
+    home = os.environ.get("HF_HOME", "~/.cache/huggingface")
+    return HubError(
+        f"{what} {repo_id!r} is not in the local Hugging Face cache (HF_HOME={home}) and the "
+        "Hub cannot be reached from here",
+        fix=f"on a machine with internet, download it once: `hf download{flag} {repo_id}` "
+        f"(older huggingface_hub: `huggingface-cli download{flag} {repo_id}`) with HF_HOME on "
+        "storage this machine reads (shared storage for cluster nodes), then run here with "
+        "the same HF_HOME and HF_HUB_OFFLINE=1",
+    )
+
+
+@contextmanager
+def hub_download(what: str, repo_id: str, repo_type: str = "model") -> Iterator[None]:
+    """Turn "not cached and the Hub cannot be reached" inside the block into :func:`offline_error`
+    (``what``: model, tokenizer, dataset...); any other failure keeps its own error."""
+    try:
+        yield
+    except PrefoptError:
+        raise
+    except Exception as e:
+        if not is_offline_error(e):
+            raise
+        raise offline_error(what, repo_id, repo_type) from e
 
 
 def debug_enabled() -> bool:

@@ -112,6 +112,71 @@ def skip_check(tmp: Path) -> None:
         print("ok skip", flush=True)
 
 
+def fsdp_gradient_bytes(model) -> tuple[int, int]:
+    """Gradient bytes this rank holds, by tensor: (unsharded, sharded). Unsharded: what FSDP2
+    keeps per parameter between micro-batches without gradient sync (its fp32 accumulator when
+    the compute dtype differs from the reduce dtype, else the unsharded parameter's .grad);
+    sharded: the local shards of the parameters' .grad."""
+    from torch.distributed.fsdp import FSDPModule
+
+    unsharded = 0
+    modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    groups = [m._get_fsdp_state()._fsdp_param_group for m in modules]
+    for group in (g for g in groups if g is not None):
+        for fsdp_param in group.fsdp_params:
+            grad = fsdp_param.unsharded_accumulated_grad
+            if grad is None:
+                grad = getattr(getattr(fsdp_param, "_unsharded_param", None), "grad", None)
+            unsharded += 0 if grad is None else grad.numel() * grad.element_size()
+    sharded = sum(
+        p.grad.to_local().numel() * p.grad.element_size()
+        for p in model.parameters()
+        if p.grad is not None
+    )
+    return unsharded, sharded
+
+
+def grad_memory_check(tmp: Path) -> None:
+    """The memory plan's gradient rows equal the gradient bytes FSDP2 holds, by tensor, for bf16
+    and fp32 compute (reduce dtype fp32): with ``trainer.grad_sync=last``, after one micro-batch
+    without sync, an unsharded fp32 gradient of every parameter on every rank; after the last
+    (synced) one, the sharded gradients only; with ``every``, the sharded ones after each."""
+    from prefopt.train.plan import ACCUMULATORS, plan_memory, shape_and_inputs
+    from prefopt.train.step import forward_loss
+
+    world = parallel.init_distributed("cpu")
+    for compute in ("bf16", "fp32"):
+        for sync in ("last", "every"):
+            G = 4 * world.world_size  # two micro-batches of 2 groups per rank
+            overrides = (f"trainer.precision={compute}", f"trainer.grad_sync={sync}")
+            overrides = ("loss=simpo", f"trainer.global_batch_groups={G}", *overrides)
+            cfg = compose_cfg(tmp / f"{compute}_{sync}", *overrides)
+            plan = plan_memory(*shape_and_inputs(cfg, world.world_size, "cpu"))
+            precision = parallel.resolve_precision(world.device, compute, "float32")
+            policy, tok = sharded_policy(cfg, world, precision)
+            spec, loss_fn = build_loss(cfg.loss)
+            data = prepare_data(cfg, tok, spec)
+            views = views_at(len(data.train_views), 0, 0, G)
+            first, last = step_micro_batches(cfg.trainer, data, views, world, tok.pad_token_id)
+            autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=compute == "bf16")
+            held = []
+            for batch, synced in ((first, sync == "every"), (last, True)):
+                parallel.set_gradient_sync(policy, synced)
+                with autocast:
+                    out = forward_loss(policy, None, batch, spec, loss_fn, 64)
+                out.losses.sum().backward()
+                held.append(fsdp_gradient_bytes(policy))
+            sharded = plan.rows["gradients (sharded)"]
+            if sync == "last":
+                assert held[0] == (plan.rows[ACCUMULATORS], 0), (compute, held, plan.rows)
+                assert plan.rows[ACCUMULATORS] == 4 * plan.params  # the whole model, any W
+            else:
+                assert ACCUMULATORS not in plan.rows and held[0] == (0, sharded), (compute, held)
+            assert held[1] == (0, sharded), (compute, sync, held, plan.rows)
+    if parallel.is_main():
+        print("ok grad_memory", flush=True)
+
+
 if __name__ == "__main__":
     import tempfile
 
@@ -120,5 +185,5 @@ if __name__ == "__main__":
     base = Path(sys.argv[2]) if len(sys.argv) > 2 else Path(tempfile.mkdtemp())
     tmp = base / f"rank{rank}"
     tmp.mkdir(parents=True, exist_ok=True)
-    {"skip": skip_check}[name](tmp)
+    {"skip": skip_check, "grad_memory": grad_memory_check}[name](tmp)
     parallel.destroy()

@@ -145,25 +145,36 @@ def test_a_dead_rank_ends_the_job(tmp_path, tiny_data):
     assert time.time() - start < 120
 
 
-def test_skipped_step_leaves_no_gradient_behind_on_two_ranks(tmp_path):
-    """A NaN in rank 1's second micro-batch: the step is skipped on both ranks, and the next
-    step's gradients equal a fresh model's (``scale_checks.skip_check``)."""
+def _scale_check(tmp_path: Path, name: str, port: int) -> None:
+    """``tests/scale_checks.py <name>`` on 2 gloo ranks."""
     script = str(REPO / "tests" / "scale_checks.py")
     cmd = [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--nproc_per_node=2",
-        "--master_port=29625",
+        f"--master_port={port}",
         script,
-        "skip",
+        name,
         str(tmp_path),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and "ok skip" in proc.stdout, (
+    assert proc.returncode == 0 and f"ok {name}" in proc.stdout, (
         proc.stdout[-2000:] + proc.stderr[-3000:]
     )
+
+
+def test_skipped_step_leaves_no_gradient_behind_on_two_ranks(tmp_path):
+    """A NaN in rank 1's second micro-batch: the step is skipped on both ranks, and the next
+    step's gradients equal a fresh model's (``scale_checks.skip_check``)."""
+    _scale_check(tmp_path, "skip", 29625)
+
+
+def test_plan_gradient_rows_equal_what_fsdp2_holds_on_two_ranks(tmp_path):
+    """Without gradient sync each rank holds the whole model's fp32 gradient, not half of it
+    (``scale_checks.grad_memory_check``)."""
+    _scale_check(tmp_path, "grad_memory", 29627)
 
 
 def test_signal_to_one_rank_stops_both_after_one_step_and_resumes_exactly(tmp_path, tiny_data):

@@ -8,7 +8,7 @@ import contextlib
 
 import pytest
 import torch
-from scale_checks import compose_cfg, full_grads, sharded_policy, skip_check
+from scale_checks import compose_cfg, full_grads, grad_memory_check, sharded_policy, skip_check
 
 from prefopt.data.collate import views_at
 from prefopt.data.packing import batches
@@ -322,3 +322,8 @@ def test_plan_counts_the_reference_model_the_loop_builds(tmp_path):
     assert reference("loss=spo", "trainer.reference=precompute") == "model"
     assert reference("loss=spo", "loss.kl_weight=0") == "none"
     assert reference("loss=simpo") == "none"
+
+
+def test_plan_gradient_rows_equal_what_fsdp2_holds(tmp_path):
+    """Tensor accounting on 1 rank (2 gloo ranks: tests/test_parallel.py)."""
+    grad_memory_check(tmp_path)

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from typing import IO, Any, NamedTuple
 
 from prefopt.data.example import DataError
+from prefopt.errors import is_offline_error, offline_error
 
 COMPRESSED: dict[str, Callable[..., IO[bytes]]] = {
     ".gz": gzip.open,
@@ -196,6 +197,8 @@ def _hub_rows(path: str, split: str) -> Iterator[RawRow]:
     try:
         data = datasets.load_dataset(path, split=split)
     except Exception as e:  # network, unknown id, unknown split: all say "cannot load this"
+        if is_offline_error(e):  # not cached, and the Hub cannot be reached
+            raise offline_error("dataset", path, "dataset") from e
         raise DataError(
             f"dataset.path={path}: not a local file, and the Hub dataset (split "
             f"{split!r}) cannot be loaded: {type(e).__name__}: {e}",

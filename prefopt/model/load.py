@@ -7,6 +7,7 @@ de-quantized once and cached as safetensors, so later loads take a fraction of a
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import re
@@ -28,6 +29,7 @@ from transformers import (
 
 from prefopt.atomic import publish_dir
 from prefopt.config import ModelConfig, TinyModelConfig
+from prefopt.errors import hub_download
 from prefopt.model.adapters import quantization_kwargs
 from prefopt.model.parallel import is_main
 
@@ -38,6 +40,9 @@ TINY_CHAT_TEMPLATE = (
     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The architecture (config.json's shape keys) of every Hub model a recipe or experiment names,
+# so that the memory plan runs without network (prefopt/assets/model_configs/README.md).
+SHIPPED_CONFIGS = Path(__file__).resolve().parents[1] / "assets" / "model_configs"
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
@@ -131,11 +136,12 @@ def tiny_llama_config(t: TinyModelConfig, tokenizer: PreTrainedTokenizerBase) ->
 def load_tokenizer(cfg: ModelConfig, cache_dir: str) -> PreTrainedTokenizerBase:
     if cfg.source == "tiny":
         return tiny_tokenizer()
-    tok = AutoTokenizer.from_pretrained(
-        local_or_hub(cfg, cache_dir),
-        revision=cfg.revision,
-        trust_remote_code=cfg.trust_remote_code,
-    )
+    with hub_download("the tokenizer of model", cfg.name_or_path):
+        tok = AutoTokenizer.from_pretrained(
+            local_or_hub(cfg, cache_dir),
+            revision=cfg.revision,
+            trust_remote_code=cfg.trust_remote_code,
+        )
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token  # padding is masked out; any id will do
     if tok.chat_template is None:
@@ -154,24 +160,39 @@ def enable_activation_checkpointing(model: PreTrainedModel) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+def shipped_config(cfg: ModelConfig) -> PretrainedConfig | None:
+    """The shipped architecture of a recipe's Hub model (its default revision), or None."""
+    path = SHIPPED_CONFIGS / f"{cfg.name_or_path.replace('/', '--')}.json"
+    if cfg.source != "hub" or cfg.revision is not None or not path.is_file():
+        return None
+    values = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
+    return AutoConfig.for_model(values.pop("model_type"), **values)
+
+
 def model_config(
     cfg: ModelConfig,
     cache_dir: str,
     tokenizer: PreTrainedTokenizerBase | None,
     layout: str | None = None,
+    shapes_only: bool = False,
 ) -> PretrainedConfig:
     """The architecture a config names, without any weights (a GGUF file is converted once).
     ``tokenizer`` sizes the vocabulary of ``model=tiny``; other models read their config.json.
-    ``layout`` (``trainer.layout``) lets ``attn_implementation=auto`` pick its fastest kernel."""
+    ``layout`` (``trainer.layout``) lets ``attn_implementation=auto`` pick its fastest kernel.
+    ``shapes_only`` (the memory plan): a recipe model's shipped shapes, no network."""
     attn = resolve_attn_implementation(cfg.attn_implementation, layout)
-    if cfg.source == "tiny":
+    shipped = shipped_config(cfg) if shapes_only else None
+    if shipped is not None:
+        config = shipped
+    elif cfg.source == "tiny":
         config = tiny_llama_config(cfg.tiny, tokenizer)
     elif cfg.source in ("hub", "gguf"):
-        config = AutoConfig.from_pretrained(
-            local_or_hub(cfg, cache_dir),
-            revision=cfg.revision,
-            trust_remote_code=cfg.trust_remote_code,
-        )
+        with hub_download("the config.json of model", cfg.name_or_path):
+            config = AutoConfig.from_pretrained(
+                local_or_hub(cfg, cache_dir),
+                revision=cfg.revision,
+                trust_remote_code=cfg.trust_remote_code,
+            )
     else:
         raise ValueError(f"model.source must be hub, gguf or tiny, got {cfg.source!r}")
     config._attn_implementation = attn
@@ -208,9 +229,10 @@ def initial_weights(
     if not os.path.isdir(path):
         from huggingface_hub import snapshot_download
 
-        path = snapshot_download(
-            path, revision=cfg.revision, allow_patterns=["*.json", "*.safetensors"]
-        )
+        with hub_download("the weights of model", path):
+            path = snapshot_download(
+                path, revision=cfg.revision, allow_patterns=["*.json", "*.safetensors"]
+            )
     if any(Path(path).glob("*.safetensors")):
         return Path(path)
     log.warning("%s has no safetensors files: rank 0 loads the whole model and broadcasts it", path)
@@ -231,14 +253,15 @@ def load_model(
             torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     elif cfg.source in ("hub", "gguf"):
-        model = AutoModelForCausalLM.from_pretrained(
-            local_or_hub(cfg, cache_dir),
-            revision=cfg.revision,
-            dtype=dtype,
-            attn_implementation=resolve_attn_implementation(cfg.attn_implementation),
-            trust_remote_code=cfg.trust_remote_code,
-            **quantization_kwargs(cfg),  # QLoRA: a bitsandbytes-quantized frozen base
-        )
+        with hub_download("model", cfg.name_or_path):
+            model = AutoModelForCausalLM.from_pretrained(
+                local_or_hub(cfg, cache_dir),
+                revision=cfg.revision,
+                dtype=dtype,
+                attn_implementation=resolve_attn_implementation(cfg.attn_implementation),
+                trust_remote_code=cfg.trust_remote_code,
+                **quantization_kwargs(cfg),  # QLoRA: a bitsandbytes-quantized frozen base
+            )
     else:
         raise ValueError(f"model.source must be hub, gguf or tiny, got {cfg.source!r}")
     if cfg.gradient_checkpointing:

@@ -29,6 +29,7 @@ from tqdm import tqdm
 import prefopt.losses  # noqa: F401  (registers loss schemas before composition)
 from prefopt.checks import validate, validate_batching
 from prefopt.data.collate import views_at
+from prefopt.errors import HubError
 from prefopt.losses import build_loss
 from prefopt.model import parallel
 from prefopt.model.load import load_tokenizer
@@ -78,15 +79,22 @@ def run(  # noqa: C901  (one function from build to summary, read top to bottom)
     precision = parallel.resolve_precision(world.device, t.precision, t.master_dtype)
     autocast = make_autocast(precision, world.device)
 
-    # ---- loss, tokenizer, data, models, optimizer ----
+    # ---- loss, memory plan, tokenizer, data, models, optimizer ----
     spec, loss_fn = build_loss(cfg.loss)
+    # The plan needs only the model's config and the trainer's lengths: it refuses what cannot
+    # fit before the data is tokenized and any weight is allocated (every rank, so all stop).
+    memory = plan_for_run(cfg, world)
+    plan_text = f"memory plan per GPU ({world.world_size} rank(s)):\n{format_plan(memory)}"
     with parallel.main_first():  # rank 0 converts and tokenizes once; the others read the cache
-        tok = load_tokenizer(cfg.model, cfg.cache_dir)
-        data = prepare_data(cfg, tok, spec)
+        try:
+            tok = load_tokenizer(cfg.model, cfg.cache_dir)
+            data = prepare_data(cfg, tok, spec)
+        except HubError:  # offline: a dry run still shows the plan (shipped shapes) before it
+            if t.dry_run and parallel.is_main():
+                print(plan_text, flush=True)
+            raise
     G = t.global_batch_groups
     max_steps = t.max_steps or math.ceil(t.epochs * len(data.train_views) / G)
-    memory = plan_for_run(cfg, world)  # before any weight is allocated; refuses what cannot fit
-    plan_text = f"memory plan per GPU ({world.world_size} rank(s)):\n{format_plan(memory)}"
     # ---- banner (rank 0, summary.json); the dry run stops here, before any weight is read ----
     # the plan counted the parameters on the meta device already: the banner reuses the count
     facts = run_facts(cfg, tok, data, spec, world, max_steps, plan_text, memory.params)
@@ -150,6 +158,7 @@ def run(  # noqa: C901  (one function from build to summary, read top to bottom)
             state.loss_state,
             inputs,
             regularizer,
+            t.grad_sync == "every",
         )
         metrics, applied, stop_signal, stat_sums = train_step(
             policy, ref, micro_batches, ctx, preempt.requested

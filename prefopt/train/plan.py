@@ -6,8 +6,11 @@ config and world size, before anything is allocated.
 
 It counts what the code keeps: the policy's sharded master parameters, gradients and optimizer
 state; the frozen reference's shards; the parameters FSDP gathers for compute (the block running
-and the one prefetched, the root held through backward); activations at the micro-batch token
-budget (saved block inputs with gradient checkpointing, every block's intermediates without);
+and the one prefetched, the root held through backward); with ``trainer.grad_sync=last``, the
+unsharded fp32 gradient of every trainable parameter that FSDP2 accumulates on every rank until
+a step's last micro-batch (4 bytes per parameter, whatever the world size); activations at the
+micro-batch token budget (saved block inputs with gradient checkpointing, every block's
+intermediates without);
 one log-prob chunk's fp32 logits. Activations are an estimate (per token and block: 2 bytes x
 (8 hidden + 3 intermediate), the tensors a Llama-style block keeps for backward); the rest is
 exact for the parameter counts. The run prints it and refuses to start when it exceeds the device.
@@ -21,6 +24,7 @@ from dataclasses import dataclass, replace
 
 GIB = 1024**3
 SAFETY = 0.92  # the share of device memory a plan may fill (allocator fragmentation, kernels)
+ACCUMULATORS = "unsharded gradient accumulators (fp32)"
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,9 @@ class PlanInputs:
     # trainer.train_top_blocks: the blocks that keep activations for the backward (None: all);
     # nothing below the first trainable block needs a gradient, so nothing there is kept
     activation_blocks: int | None = None
+    # trainer.grad_sync=last: until a step's last micro-batch FSDP2 keeps every trainable
+    # parameter's gradient unsharded, in the reduce dtype (fp32), on every rank
+    unsharded_accumulation: bool = False
 
 
 @dataclass(frozen=True)
@@ -103,6 +110,8 @@ def plan_memory(shape: Shape, p: PlanInputs) -> MemoryPlan:
     gathered = (2 * shape.block_params + shape.root_params) * p.compute_bytes
     rows["gathered parameters"] = gathered
     rows["unsharded gradients (one block, fp32)"] = 4 * min(trainable, shape.block_params)
+    if p.unsharded_accumulation:  # not divided by W: each rank holds the whole model's
+        rows[ACCUMULATORS] = 4 * trainable
     if p.reference == "model":
         rows["reference (sharded)"] = shape.params * p.compute_bytes // W
         rows["reference gathered"] = (shape.block_params + shape.root_params) * p.compute_bytes
@@ -137,11 +146,25 @@ def check_fits(plan: MemoryPlan, capacity: int, where: str) -> None:
     raise PlanError(
         f"the memory plan needs {plan.total / GIB:.1f} GiB per GPU but {where} has "
         f"{capacity / GIB:.1f} GiB ({SAFETY:.0%} usable):\n{format_plan(plan, capacity)}",
-        fix="more GPUs (FSDP shards parameters, gradients and optimizer state), "
-        "model.gradient_checkpointing=true, a smaller trainer.micro_batch_tokens or "
-        "trainer.logps_chunk_size, trainer.reference=precompute, a low-memory optimizer "
-        "(optimizer=adamw8bit_torchao, or optimizer=adamw_bf16_sr trainer.master_dtype=bfloat16)",
+        fix=fit_hint(plan),
     )
+
+
+def fit_hint(plan: MemoryPlan) -> str:
+    """What would make a plan fit; every option it names exists (tests/test_scale.py)."""
+    hints = []
+    if ACCUMULATORS in plan.rows:
+        hints.append("trainer.grad_sync=every (gradients accumulate sharded)")
+    hints += [
+        "more GPUs (FSDP shards parameters, gradients and optimizer state)",
+        "model.gradient_checkpointing=true",
+        "a smaller trainer.micro_batch_tokens or trainer.logps_chunk_size",
+        "trainer.reference=precompute",
+        "a low-memory optimizer (optimizer=adamw8bit, or optimizer=adamw_bf16_sr "
+        "trainer.master_dtype=bfloat16)",
+        "LoRA (+model/lora=default)",
+    ]
+    return ", ".join(hints)
 
 
 def optimizer_state_bytes(target: str, master_bytes: int) -> float:
@@ -173,12 +196,14 @@ def inputs_from_config(cfg, world_size: int, device_type: str) -> PlanInputs:
         gradient_checkpointing=cfg.model.gradient_checkpointing,
         micro_batch_tokens=tokens,
         chunk_tokens=min(t.logps_chunk_size, tokens),
+        unsharded_accumulation=t.grad_sync == "last",
     )
 
 
 def shape_and_inputs(cfg, world_size: int, device_type: str) -> tuple[Shape, PlanInputs]:
-    """Exact counts from the model built on the meta device (only its config.json is read: from
-    the Hub, a local directory, or built in code for ``model=tiny``) and the plan's inputs; with
+    """Exact counts from the model built on the meta device (only its config.json is read: the
+    shapes shipped for recipe models, else from the Hub or a local directory; built in code for
+    ``model=tiny``) and the plan's inputs; with
     LoRA, the adapters are the trainable parameters and the reference is the policy itself; with
     ``trainer.train_top_blocks``, the top blocks and the final norm, as the loop freezes them."""
     from prefopt.model.adapters import count_adapter_parameters
@@ -186,7 +211,7 @@ def shape_and_inputs(cfg, world_size: int, device_type: str) -> tuple[Shape, Pla
     from prefopt.model.load import empty_model, model_config, tiny_tokenizer
 
     tok = tiny_tokenizer() if cfg.model.source == "tiny" else None
-    config = model_config(cfg.model, cfg.cache_dir, tok)
+    config = model_config(cfg.model, cfg.cache_dir, tok, shapes_only=True)
     model = empty_model(cfg.model, config)
     shape = Shape.of(model)
     inputs = inputs_from_config(cfg, world_size, device_type)
@@ -201,14 +226,22 @@ def shape_and_inputs(cfg, world_size: int, device_type: str) -> tuple[Shape, Pla
     return shape, inputs
 
 
-def plan_for_run(cfg, world) -> MemoryPlan:
-    """The composed run's plan on this world; on a GPU, refuse it when it does not fit."""
+def device_capacity(device) -> tuple[int, str] | None:
+    """The memory of the device a run trains on and its name; None on CPU (nothing checked)."""
+    if device.type != "cuda":
+        return None
     import torch
 
+    props = torch.cuda.get_device_properties(device)
+    return props.total_memory, f"{props.name} ({device})"
+
+
+def plan_for_run(cfg, world) -> MemoryPlan:
+    """The composed run's plan on this world; on a GPU, refuse it when it does not fit."""
     plan = plan_memory(*shape_and_inputs(cfg, world.world_size, world.device.type))
-    if world.device.type == "cuda":
-        props = torch.cuda.get_device_properties(world.device)
-        check_fits(plan, props.total_memory, f"{props.name} ({world.device})")
+    capacity = device_capacity(world.device)
+    if capacity is not None:
+        check_fits(plan, *capacity)
     return plan
 
 

@@ -101,6 +101,9 @@ class StepContext:
     # it runs its own backward after the group losses are normalised and returns its detached
     # per-rank value.
     regularizer: Callable[[], torch.Tensor] | None = None
+    # trainer.grad_sync=every: reduce-scatter each micro-batch's gradients (they accumulate
+    # sharded); False (``last``): only the last one's (FSDP2 accumulates them unsharded)
+    sync_every_micro_batch: bool = True
 
 
 class StepResult(NamedTuple):
@@ -120,16 +123,19 @@ def train_step(
     """Accumulate gradients over the micro-batches, normalise by the step's valid groups, clip,
     and decide once whether the step may be applied.
 
-    Every micro-batch runs its backward on every rank, finite or not: the last one (with gradient
-    sync on) flushes the gradients FSDP accumulated unsharded into the sharded ones, so a skipped
-    step leaves nothing behind, and no rank leaves a collective the others are in. The decision
+    Every micro-batch runs its backward on every rank, finite or not: with ``grad_sync=last``
+    the last one flushes the gradients FSDP accumulated unsharded into the sharded ones, so a
+    skipped step leaves nothing behind (``zero_grad`` clears the sharded ones), and no rank
+    leaves a collective the others are in. The decision
     (finite loss, finite gradient norm, at least one valid group) and the stop flag come from one
     reduction all ranks share; the host reads the step's numbers once, at the end.
     """
     sums = MetricSums()
     for i, batch in enumerate(micro_batches):
-        # Reduce-scatter gradients once per step; every rank runs the same number of micro-batches.
-        parallel.set_gradient_sync(policy, i == len(micro_batches) - 1)
+        # Reduce-scatter each micro-batch (gradients accumulate sharded), or only the last one
+        # (trainer.grad_sync=last); every rank runs the same number of micro-batches.
+        last = i == len(micro_batches) - 1
+        parallel.set_gradient_sync(policy, ctx.sync_every_micro_batch or last)
         with ctx.autocast:
             out = forward_loss(
                 policy,
