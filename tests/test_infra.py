@@ -128,13 +128,17 @@ def test_unknown_logger_kind_is_rejected(tmp_path):
 
 
 def test_optimizer_from_target_and_clear_error_without_bitsandbytes(monkeypatch):
+    from prefopt import deps
+
     params = [torch.nn.Parameter(torch.zeros(2))]
     opt = build_optimizer(OmegaConf.structured(OptimizerConfig(lr=0.5)), params)
     assert isinstance(opt, torch.optim.AdamW) and opt.param_groups[0]["lr"] == 0.5
     monkeypatch.setitem(__import__("sys").modules, "bitsandbytes", None)
+    monkeypatch.setattr(deps, "installed", lambda p: None if p == "bitsandbytes" else "99")
     cfg = OmegaConf.structured(OptimizerConfig(_target_="bitsandbytes.optim.AdamW8bit"))
-    with pytest.raises(ImportError, match=r"prefopt\[bnb\]"):
+    with pytest.raises(ImportError, match=r"bitsandbytes is not installed") as e:
         build_optimizer(cfg, params)
+    assert "pip install -U 'bitsandbytes>=" in e.value.fix
 
 
 def test_preemption_signal_requests_a_checkpoint():

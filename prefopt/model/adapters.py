@@ -22,7 +22,6 @@ the adapter in PEFT format, and with ``model.lora.export_merged`` the merged mod
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -88,10 +87,9 @@ def check_quantize(cfg: ModelConfig) -> None:
             "kernels, which need a CUDA device; none is visible (on CPU, train "
             "LoRA with model.quantize=none)"
         )
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise ModuleNotFoundError(
-            f"model.quantize={cfg.quantize} needs bitsandbytes: pip install 'prefopt[bnb]'"
-        )
+    from prefopt.deps import check
+
+    check("bitsandbytes")  # installed, and a release transformers 5 quantizes with
     if cfg.source == "tiny":
         raise ValueError(
             "model.quantize needs weights loaded with from_pretrained: save the "

@@ -59,6 +59,13 @@ def train(cfg: DictConfig) -> float:
     overrides = list(hydra_cfg.overrides.task)
     if hydra_cfg.mode != RunMode.MULTIRUN:  # a config mistake fails in seconds: torch not loaded
         validate_config(cfg)
+    from prefopt import deps
+
+    deps.check(*deps.CORE)  # from package metadata: still nothing imported
+    from prefopt.train.optim import uses_torchao
+
+    if not uses_torchao(cfg.optimizer._target_):  # nor its warnings, through transformers
+        deps.keep_torchao_out(lora=cfg.model.lora is not None)
 
     from prefopt.model import parallel
     from prefopt.train.logger import SweepInfo

@@ -9,22 +9,22 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from prefopt.config import TrainerConfig
+from prefopt.deps import check
 
 STOCHASTIC_ROUNDING = ("prefopt.train.optim.adamw_bf16_sr",)
 
 
+def uses_torchao(target: str) -> bool:
+    """Whether an optimizer ``_target_`` is torchao's (directly or through a wrapper here)."""
+    return target.startswith("torchao.") or target in STOCHASTIC_ROUNDING
+
+
 def build_optimizer(cfg: DictConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     target = cfg._target_
-    for package, extra in (("bitsandbytes", "bnb"), ("torchao", "lowmem")):
-        if target.startswith(f"{package}.") or (
-            package == "torchao" and target in STOCHASTIC_ROUNDING
-        ):
-            try:
-                __import__(package)
-            except ImportError as e:
-                raise ImportError(
-                    f"optimizer {target} needs {package}: pip install 'prefopt[{extra}]'"
-                ) from e
+    if uses_torchao(target):
+        check("torchao")  # installed, and a release with torchao.optim
+    elif target.startswith("bitsandbytes."):
+        check("bitsandbytes")
     if any(p.dtype == torch.bfloat16 for p in params) and target not in STOCHASTIC_ROUNDING:
         from prefopt.errors import ConfigError
 

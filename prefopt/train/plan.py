@@ -22,6 +22,8 @@ import argparse
 import sys
 from dataclasses import dataclass, replace
 
+from prefopt.errors import report_user_errors
+
 GIB = 1024**3
 SAFETY = 0.92  # the share of device memory a plan may fill (allocator fragmentation, kernels)
 ACCUMULATORS = "unsharded gradient accumulators (fp32)"
@@ -245,6 +247,7 @@ def plan_for_run(cfg, world) -> MemoryPlan:
     return plan
 
 
+@report_user_errors  # a config, Hub or dependency mistake: one block on stderr, exit 2
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m prefopt.train.plan", description=__doc__.split("\n")[0]
@@ -259,6 +262,10 @@ def main(argv: list[str] | None = None) -> None:
 
     import prefopt.config  # noqa: F401  (schemas)
     import prefopt.losses  # noqa: F401
+    from prefopt import deps
+
+    deps.check(*deps.CORE)
+    deps.keep_torchao_out(lora=False)  # the plan builds the model on the meta device only
 
     conf = Path(__file__).resolve().parents[2] / "conf"
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
