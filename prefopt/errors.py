@@ -81,7 +81,13 @@ class DependencyError(PrefoptError, ImportError):
 # What huggingface_hub, transformers and datasets raise (anywhere in the exception chain) when
 # the Hub cannot be reached and the files are not cached, or HF_HUB_OFFLINE=1 forbids asking.
 OFFLINE_ERRORS = frozenset(
-    {"LocalEntryNotFoundError", "OfflineModeIsEnabled", "ConnectError", "ConnectTimeout"}
+    {
+        "LocalEntryNotFoundError",
+        "OfflineModeIsEnabled",
+        "ConnectError",  # httpx
+        "ConnectTimeout",
+        "ConnectionError",  # datasets: "Couldn't reach '<id>' on the Hub"; requests
+    }
 )
 
 
