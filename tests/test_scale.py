@@ -5,9 +5,11 @@ the weight files, skipped steps that leave nothing behind, KTO's step-wide basel
 from __future__ import annotations
 
 import contextlib
+import re
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from scale_checks import compose_cfg, full_grads, grad_memory_check, sharded_policy, skip_check
 
 from prefopt.data.collate import views_at
@@ -327,3 +329,70 @@ def test_plan_counts_the_reference_model_the_loop_builds(tmp_path):
 def test_plan_gradient_rows_equal_what_fsdp2_holds(tmp_path):
     """Tensor accounting on 1 rank (2 gloo ranks: tests/test_parallel.py)."""
     grad_memory_check(tmp_path)
+
+
+def _hint_options(fix: str) -> list[str]:
+    """The ``key=value`` and ``group=option`` settings a plan's fix names."""
+    return re.findall(r"\+?[a-z_]+(?:[./][a-z_]+)*=[A-Za-z0-9_.]+", fix)
+
+
+def test_plan_refusal_names_only_options_that_exist(tmp_path):
+    """Each setting the refusal suggests composes and passes the config checks (an
+    ``optimizer=adamw8bit_torchao`` that does not exist would fail here)."""
+    from prefopt.checks import validate_config
+    from prefopt.errors import PlanError
+    from prefopt.train.plan import GIB, check_fits, plan_memory, shape_and_inputs
+
+    cfg = compose_cfg(tmp_path / "c", "model=mistral7b", "trainer.grad_sync=last")
+    with pytest.raises(PlanError) as e:
+        check_fits(plan_memory(*shape_and_inputs(cfg, 1, "cuda")), 80 * GIB, "H100")
+    settings = _hint_options(e.value.fix)
+    assert "optimizer=adamw8bit" in settings and "trainer.grad_sync=every" in settings
+    assert len(settings) >= 6, settings
+    for setting in settings:
+        validate_config(compose_cfg(tmp_path / "s", "model=mistral7b", setting))
+    for word in ("trainer.micro_batch_tokens", "trainer.logps_chunk_size"):  # named, no value
+        assert word in e.value.fix and OmegaConf.select(cfg, word) is not None
+
+
+def test_memory_plan_by_hand_for_mistral_7b_on_1_and_8_gpus(tmp_path):
+    """REFA's Mistral-7B recipe (bf16 compute, fp32 master weights, AdamW, gradient checkpointing,
+    16384-token micro-batches, 4096-token log-prob chunks, no reference) from the shipped shapes;
+    with ``trainer.grad_sync=last`` every rank also holds the whole model's fp32 gradient."""
+    from prefopt.train.plan import ACCUMULATORS, plan_memory, shape_and_inputs
+
+    P, B, R = 7_241_732_096, 218_112_000, 262_148_096  # model, one block, root (embed, head, norm)
+    L, H, I, V, T, C = 32, 4096, 14336, 32000, 16384, 4096  # noqa: E741
+    assert 32 * B + R == P
+    gathered = (2 * B + R) * 2  # the running and the prefetched block + the root, bf16
+    one_block = 4 * B  # its fp32 gradient on the way to the reduce-scatter
+    activations = L * T * H * 2 + T * 2 * (8 * H + 3 * I)  # checkpointed inputs + one block
+    logits = 3 * C * V * 4
+    for world in (1, 8):
+        sharded = P * 4 // world + P * 4 // world + P * 8 // world  # weights, grads, AdamW
+        want = sharded + gathered + one_block + activations + logits
+        for sync, extra in (("every", 0), ("last", 4 * P)):
+            args = ("model=mistral7b", "trainer=gpu", f"trainer.grad_sync={sync}")
+            cfg = compose_cfg(tmp_path / sync, *args)
+            shape, inputs = shape_and_inputs(cfg, world, "cuda")
+            assert (shape.params, shape.block_params, shape.root_params) == (P, B, R)
+            plan = plan_memory(shape, inputs)
+            assert plan.total == want + extra, (world, sync, plan.rows)
+            assert plan.rows.get(ACCUMULATORS, 0) == extra
+    # 8 GPUs: 23.38 GiB per GPU syncing every micro-batch, 50.36 GiB syncing only the last
+    assert round((want + 0) / 2**30, 2) == 23.38 and round((want + 4 * P) / 2**30, 2) == 50.36
+
+
+def test_the_plan_refuses_before_the_data_is_tokenized(tmp_path, monkeypatch):
+    """A run whose plan exceeds the device stops before the dataset is read or tokenized."""
+    from prefopt.errors import PlanError
+    from prefopt.train import loop, plan
+
+    monkeypatch.setattr(plan, "device_capacity", lambda device: (1024, "a 1 KiB test device"))
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the data was prepared before the plan refused")
+
+    monkeypatch.setattr(loop, "prepare_data", no_data)
+    with pytest.raises(PlanError, match="but a 1 KiB test device has"):
+        loop.run(compose_cfg(tmp_path, "loss=simpo"))
