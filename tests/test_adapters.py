@@ -23,6 +23,7 @@ from prefopt.checks import validate
 from prefopt.config import LoraConfig
 from prefopt.data.loading import group_at
 from prefopt.data.packing import collate_layout
+from prefopt.errors import ConfigError
 from prefopt.losses import LOSSES, build_loss
 from prefopt.model import adapters, parallel
 from prefopt.model.load import load_model, load_tokenizer
@@ -279,10 +280,11 @@ def test_quantize_without_cuda_is_a_clear_error(tmp_path, tiny_data):
     if torch.cuda.is_available():
         pytest.skip("CUDA is visible: the GPU test covers model.quantize")
     cfg = _cfg(tmp_path / "run", tiny_data, *LORA, "model.quantize=4bit")
-    with pytest.raises(RuntimeError, match=r"model\.quantize=4bit .*CUDA"):
+    with pytest.raises(ConfigError, match=r"model\.quantize=4bit .*CUDA"):
         validate(cfg)
-    with pytest.raises(ValueError, match=r"model\.quantize=8bit .*\+model/lora=default"):
+    with pytest.raises(ConfigError, match=r"model\.quantize=8bit .*needs adapters") as e:
         validate(_cfg(tmp_path / "run", tiny_data, "model.quantize=8bit"))
+    assert e.value.fix == "add +model/lora=default"
     with pytest.raises(ValueError, match=r"model\.quantize must be one of"):
         validate(_cfg(tmp_path / "run", tiny_data, *LORA, "model.quantize=3bit"))
 

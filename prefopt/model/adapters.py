@@ -66,34 +66,36 @@ def peft_config(lora: LoraConfig) -> peft.LoraConfig:
 
 def check_quantize(cfg: ModelConfig) -> None:
     """Fail before loading when ``model.quantize`` cannot work here, naming the option."""
+    from prefopt.errors import ConfigError
+
     if cfg.quantize not in QUANTIZE:
-        raise ValueError(f"model.quantize must be one of {QUANTIZE}, got {cfg.quantize!r}")
+        raise ConfigError(f"model.quantize must be one of {QUANTIZE}, got {cfg.quantize!r}")
     if cfg.quantize == "none":
         return
     if cfg.lora is not None and cfg.lora.export_merged:
-        raise ValueError(
+        raise ConfigError(
             "model.lora.export_merged with model.quantize: merging into quantized "
-            "weights loses precision; merge the exported adapter into the "
-            "unquantized base instead"
+            "weights loses precision",
+            fix="merge the exported adapter into the unquantized base instead",
         )
     if cfg.lora is None:
-        raise ValueError(
-            f"model.quantize={cfg.quantize} freezes the base: it needs adapters "
-            "to train (add +model/lora=default)"
+        raise ConfigError(
+            f"model.quantize={cfg.quantize} freezes the base: it needs adapters to train",
+            fix="add +model/lora=default",
         )
     if not torch.cuda.is_available():
-        raise RuntimeError(
+        raise ConfigError(
             f"model.quantize={cfg.quantize} uses bitsandbytes' {cfg.quantize} "
-            "kernels, which need a CUDA device; none is visible (on CPU, train "
-            "LoRA with model.quantize=none)"
+            "kernels, which need a CUDA device; none is visible",
+            fix="on CPU, train LoRA with model.quantize=none",
         )
     from prefopt.deps import check
 
     check("bitsandbytes")  # installed, and a release transformers 5 quantizes with
     if cfg.source == "tiny":
-        raise ValueError(
-            "model.quantize needs weights loaded with from_pretrained: save the "
-            "tiny model and use model.source=hub model.name_or_path=<dir>"
+        raise ConfigError(
+            "model.quantize needs weights loaded with from_pretrained",
+            fix="save the tiny model and use model=checkpoint model.name_or_path=<dir>",
         )
 
 
