@@ -37,6 +37,7 @@ from transformers import (
 )
 
 from prefopt.data.tokenize import encode_with_bos
+from prefopt.errors import hub_download
 from prefopt.model.load import DTYPES
 
 log = logging.getLogger(__name__)
@@ -59,15 +60,17 @@ def load_reward_model(
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
     # Check the head before loading weights: a classifier with 2+ labels is not a reward model.
-    config = AutoConfig.from_pretrained(name_or_path, **kwargs)
+    with hub_download("reward model", name_or_path):  # offline: one message naming it
+        config = AutoConfig.from_pretrained(name_or_path, **kwargs)
     if config.num_labels != 1:
         raise ValueError(
             f"{name_or_path!r} has num_labels={config.num_labels}; a reward model has one output"
         )
-    model = AutoModelForSequenceClassification.from_pretrained(
-        name_or_path, config=config, dtype=DTYPES[dtype], **kwargs
-    )
-    tok = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+    with hub_download("reward model", name_or_path):
+        model = AutoModelForSequenceClassification.from_pretrained(
+            name_or_path, config=config, dtype=DTYPES[dtype], **kwargs
+        )
+        tok = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
     text_config = model.config.get_text_config()
     pad_id = getattr(text_config, "pad_token_id", None)
     if pad_id is None:

@@ -20,6 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from prefopt.data.example import DataError, Message
 from prefopt.data.tokenize import TokenizeOptions, Tokenizer, keep_end
+from prefopt.errors import hub_download
 from prefopt.eval import constraints
 
 Record = dict[str, Any]  # one generations.jsonl row: a prompt, its samples and their counts
@@ -49,7 +50,10 @@ def read_records(path: str) -> Iterator[tuple[str, dict]]:
                 except json.JSONDecodeError as e:
                     raise DataError(f"{path} line {n}: invalid JSON ({e.msg})") from e
         return
-    for i, row in enumerate(datasets.load_dataset("json", data_files=path, split="train")):
+    repo = "/".join(path.removeprefix("hf://datasets/").split("/")[:2])
+    with hub_download("prompt set", repo, "dataset"):  # offline: one message naming the repo
+        rows = datasets.load_dataset("json", data_files=path, split="train")
+    for i, row in enumerate(rows):
         yield f"{path} row {i}", row
 
 
