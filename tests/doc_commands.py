@@ -28,6 +28,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 DOCS = sorted((ROOT / "docs").glob("*.md"))
@@ -110,8 +112,12 @@ def tiny(line: str, placeholders: dict[str, str]) -> Tiny:
     ranks = 2 if words[0] == "torchrun" else 1  # its --nproc_per_node: 2 gloo ranks
     at = words.index("-m")
     module, args = words[at + 1], words[at + 2 :]
-    if "-m" in args:  # a sweep: the first value of each swept key
+    if "-m" in args:  # a sweep: the first value of each swept key, the preset's grid too
         args = [a.split(",")[0] if "=" in a and "[" not in a else a for a in args]
+        for preset in (a.removeprefix("+sweep=") for a in args if a.startswith("+sweep=")):
+            grid = OmegaConf.load(ROOT / "conf" / "sweep" / f"{preset}.yaml").hydra.sweeper.params
+            args += ["~hydra.sweeper.params"]
+            args += [f"{k}={str(v).split(',')[0]}" for k, v in grid.items() if k not in args]
     args = [*args, *TINY.get(module, [])]
     grep = shlex.split(pipe)[-1] if pipe.startswith("grep") else None
     return Tiny(module, args, ranks, grep)

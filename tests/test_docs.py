@@ -7,41 +7,39 @@ from __future__ import annotations
 
 import ast
 import importlib
+import os
 import re
 import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from doc_commands import (
+    DOCS,
+    EXPERIMENT_PAGES,
+    PAGES,
+    README,
+    ROOT,
+    TINY,
+    Result,
+    Tiny,
+    code_blocks,
+    commands,
+    free_port,
+    rel,
+    run_module,
+    shown,
+    tiny,
+)
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
 from prefopt.checks import validate_config
 
-ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
-README = ROOT / "README.md"
-DOCS = sorted((ROOT / "docs").glob("*.md"))
-PAGES = [README, *DOCS]
-EXPERIMENT_PAGES = sorted((ROOT / "experiments").glob("*.md"))
-
-
-def _rel(path: Path) -> str:
-    return str(path.relative_to(ROOT))
-
-
-def _code_blocks(text: str) -> list[str]:
-    return re.findall(r"^```[a-z]*\n(.*?)^```", text, re.M | re.S)
-
-
-def _commands(text: str) -> list[str]:
-    """Shell lines of the fenced blocks, ``\\`` continuations joined, trailing comments dropped."""
-    lines = []
-    for block in _code_blocks(text):
-        for line in block.replace("\\\n", " ").splitlines():
-            line = re.sub(r"\s+#(?!\{).*$", "", line).strip()
-            if line and not line.startswith("#"):
-                lines.append(line)
-    return lines
+_rel, _code_blocks, _commands = rel, code_blocks, commands  # the extraction lives in doc_commands
 
 
 def _module_file(dotted: str) -> Path | None:
@@ -318,3 +316,154 @@ def test_name_resolution_fails_for_missing_names():
     assert _resolves("prefopt.model.load.empty_model") and _resolves("prefopt.train")
     assert not _resolves("prefopt.model.load.no_such_function")
     assert not _resolves("prefopt.evaluation")
+
+
+# ---- every shown command runs, at tiny scale (the substitution rule: tests/doc_commands.py) ----
+
+
+@dataclass(frozen=True)
+class Ends:
+    """How a shown command ends here under the rule, and why it cannot train on this machine.
+    ``code`` None: not run at all."""
+
+    why: str
+    code: int | None = 2
+    says: str = ""
+
+
+SLURM = Ends("submits to SLURM: tests/test_slurm.py runs the sbatch scripts as shipped", None)
+UF = "prefopt hub error: dataset 'openbmb/UltraFeedback' is not in the local Hugging Face cache"
+LLAMA3_UF = "prefopt hub error: dataset 'princeton-nlp/llama3-ultrafeedback' is not in the local"
+HUB_DATA = "a Hub dataset: offline, the run stops after the plan with the hub error naming it"
+TORCHRUN = "; torchrun reports the failed rank (exit 1)"
+ENDS = {
+    "make install": Ends(
+        "installs packages into this environment: .ci/run runs the same steps", None
+    ),
+    "make gpu-check": Ends("needs CUDA: it is the GPU check itself (tests/gpu)", None),
+    "python -m prefopt.train model=llama3_8b_instruct loss=refa_dynamic dataset=ultrafeedback "
+    "optimizer.lr=5e-7 logger.group=refa-sweep": Ends(HUB_DATA, 2, UF),
+    "python -m prefopt.train dataset=local dataset.path=/data/mine.jsonl "
+    "dataset.schema=armorm": Ends(
+        "a path the user fills in: the run stops with the data error naming it",
+        2,
+        "/data/mine.jsonl",
+    ),
+    "torchrun --nproc_per_node 8 -m prefopt.train experiment=simpo_llama3_instruct": Ends(
+        HUB_DATA + TORCHRUN, 1, LLAMA3_UF
+    ),
+    "torchrun --nproc_per_node 8 -m prefopt.train experiment=refa_mistral7b_base": Ends(
+        HUB_DATA + TORCHRUN, 1, UF
+    ),
+    "python -m prefopt.train experiment=simpo_llama3_instruct": Ends(HUB_DATA, 2, LLAMA3_UF),
+    "python -m prefopt.train model=llama3_8b_instruct +model/lora=default model.quantize=4bit "
+    "loss=dpo trainer=gpu ~experiment": Ends(
+        "QLoRA needs CUDA (bitsandbytes): the config error names it; tests/gpu/test_options_gpu.py",
+        2,
+        "prefopt config error: model.quantize=4bit uses bitsandbytes",
+    ),
+    "python -m prefopt.eval.generate prompts=alpaca_eval model=checkpoint "
+    "model.name_or_path=<run>/final": Ends(
+        "a Hub prompt set: offline, the hub error names it", 2, "'tatsu-lab/alpaca_eval'"
+    ),
+    "python -m prefopt.eval.generate prompts=arena_hard model=checkpoint "
+    "model.name_or_path=<run>/final": Ends(
+        "a Hub prompt set: offline, the hub error names it", 2, "'lmarena-ai/arena-hard-auto'"
+    ),
+    "python -m prefopt.eval.evaluate tasks=[judge] judge.outputs=A/model_outputs.json "
+    "judge.baseline=B/model_outputs.json "
+    "judge.reward_model=Skywork/Skywork-Reward-Llama-3.1-8B-v0.2": Ends(
+        "paths the user fills in (A/, B/): the run stops naming the first", 2, "A/model_outputs"
+    ),
+    'python -m prefopt.sweeps.expand submit --sbatch "--partition=gpu --gpus-per-node=1 '
+    '--time=8:00:00" -- +sweep=refa experiment=refa_mistral7b_base': SLURM,
+    "python -m prefopt.train -m hydra/launcher=slurm hydra.launcher.partition=gpu "
+    "+sweep=refa": SLURM,
+}
+
+
+def _ends(line: str) -> Ends | None:
+    if line.startswith("sbatch "):
+        return SLURM
+    return ENDS.get(line)
+
+
+SHOWN = shown()
+
+
+def test_every_end_in_the_table_is_a_shown_command():
+    lines = {c.line for c in SHOWN}
+    assert set(ENDS) <= lines, set(ENDS) - lines
+    assert len(SHOWN) >= 35
+
+
+@pytest.fixture(scope="module")
+def tiny_outputs(tmp_path_factory):
+    """What the placeholders stand for: a tiny run's export (<run>), its generations (<gen dir>)."""
+    tmp = tmp_path_factory.mktemp("made")
+    os.environ.setdefault("PREFOPT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    made = run_module("prefopt.train", [*TINY["prefopt.train"], "trainer.export_final=true"], tmp)
+    assert made.code == 0, made.out[-2000:]
+    run = next((tmp / "outputs").rglob("summary.json")).parent
+    args = ["model=checkpoint", f"model.name_or_path={run}/final", *TINY["prefopt.eval.generate"]]
+    gen = run_module("prefopt.eval.generate", args, tmp)
+    assert gen.code == 0, gen.out[-2000:]
+    gen_dir = next((tmp / "outputs" / "generate").rglob("model_outputs.json")).parent
+    return {"<run>": str(run), "<gen dir>": str(gen_dir)}
+
+
+def _newest(cwd: Path, line: str) -> dict[str, str]:
+    """``dir/<time>``: the newest entry of ``dir`` an earlier command of the page wrote."""
+    found = {}
+    for parent in re.findall(r"(\S+)/<time>", line):
+        entries = sorted((cwd / parent).iterdir(), key=lambda p: p.stat().st_mtime)
+        found[f"{parent}/<time>"] = str(entries[-1])
+    return found
+
+
+def _run_torchrun(cmd: Tiny, cwd: Path) -> Result:
+    entry = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={cmd.ranks}"]
+    entry += [f"--master_port={free_port()}", "-m", cmd.module, *cmd.args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(entry, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    return Result(proc.returncode, proc.stdout + proc.stderr)
+
+
+@pytest.fixture()
+def hub_offline(monkeypatch):
+    """HF_HUB_OFFLINE=1 for this process (huggingface_hub and datasets read it at import)."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+
+
+@pytest.mark.parametrize("page", sorted({c.page for c in SHOWN}))
+def test_shown_commands_run(page, tmp_path, tiny_outputs, hub_offline):
+    """The page's commands in order, from one directory (as a reader follows the page), each
+    under the substitution rule; each trains (exit 0) or ends as ENDS says."""
+    failures = []
+    for shown_cmd in (c for c in SHOWN if c.page == page):
+        end = _ends(shown_cmd.line)
+        if end is not None and end.code is None:
+            continue
+        if shown_cmd.line.startswith("make "):
+            failures.append(f"{shown_cmd.line}: a make target without an entry in ENDS")
+            continue
+        places = {**tiny_outputs, **_newest(tmp_path, shown_cmd.line)}
+        cmd = tiny(shown_cmd.line, places)
+        if cmd.ranks > 1:
+            result = _run_torchrun(cmd, tmp_path)
+        else:
+            result = run_module(cmd.module, cmd.args, tmp_path)
+        want = 0 if end is None else end.code
+        ok = result.code == want and (end is None or end.says in result.out)
+        if cmd.pipe is not None:
+            ok = ok and cmd.pipe in result.out
+        if end is None or cmd.ranks == 1:  # our own errors: one block, no traceback
+            ok = ok and "Traceback" not in result.out
+        if not ok:
+            failures.append(f"{shown_cmd.line}\n  -> exit {result.code}:\n{result.out[-1500:]}")
+    assert not failures, "\n\n".join(failures)

@@ -192,7 +192,7 @@ def test_load_prompts_errors(tmp_path):
     empty.write_text("\n")
     with pytest.raises(DataError, match="no prompts"):
         load_prompts(_prompts_cfg(empty))
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(DataError, match="does not exist"):
         load_prompts(_prompts_cfg(tmp_path / "missing.jsonl"))
     with pytest.raises(ValueError, match="prompts.path is required"):
         load_prompts(OmegaConf.create({"name": "x", "source": "file", "path": None, "limit": None}))

@@ -37,7 +37,7 @@ def read_records(path: str) -> Iterator[tuple[str, dict]]:
     """(where, row) from a JSON list or JSONL file, local or ``hf://`` (datasets' json loader)."""
     if not path.startswith("hf://"):
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"prompts.path: {path} does not exist")
+            raise DataError(f"{path} does not exist", fix="check the path (a JSON or JSONL file)")
         text = Path(path).read_text(encoding="utf-8")
         if text.lstrip().startswith("["):
             rows = json.loads(text)
