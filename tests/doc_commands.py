@@ -5,8 +5,9 @@ Extraction: the lines of fenced code blocks, ``\\`` continuations joined, traili
 ``make`` or ``sbatch``, with their page.
 
 The substitution rule (README, "Tests"), applied by ``tiny``; nothing else is changed:
-1. each entry point gets its tiny suffix appended (TINY), as the last overrides, so they win over
-   the command's own model, trainer, recipe and experiment; the memory plan needs none;
+1. each entry point gets its tiny suffix (TINY) after the command's own overrides (before flags
+   such as ``--cfg``), so they win over its model, trainer, recipe and experiment; the memory plan
+   needs none;
 2. ``torchrun --nproc_per_node N`` runs 2 gloo ranks on CPU, with a free ``--master_port``;
 3. a sweep (``-m``) runs the first value of each swept key;
 4. a placeholder ``<...>`` becomes what the tests made for it (PLACEHOLDERS: a tiny run's
@@ -116,9 +117,10 @@ def tiny(line: str, placeholders: dict[str, str]) -> Tiny:
         args = [a.split(",")[0] if "=" in a and "[" not in a else a for a in args]
         for preset in (a.removeprefix("+sweep=") for a in args if a.startswith("+sweep=")):
             grid = OmegaConf.load(ROOT / "conf" / "sweep" / f"{preset}.yaml").hydra.sweeper.params
-            args += ["~hydra.sweeper.params"]
-            args += [f"{k}={str(v).split(',')[0]}" for k, v in grid.items() if k not in args]
-    args = [*args, *TINY.get(module, [])]
+            swept = {a.partition("=")[0] for a in args}  # a value on the command line wins
+            args += [f"{k}={str(v).split(',')[0]}" for k, v in grid.items() if k not in swept]
+    flags = next((i for i, a in enumerate(args) if a.startswith("--")), len(args))
+    args = [*args[:flags], *TINY.get(module, []), *args[flags:]]  # overrides before --cfg
     grep = shlex.split(pipe)[-1] if pipe.startswith("grep") else None
     return Tiny(module, args, ranks, grep)
 

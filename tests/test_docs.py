@@ -356,6 +356,18 @@ ENDS = {
         HUB_DATA + TORCHRUN, 1, UF
     ),
     "python -m prefopt.train experiment=simpo_llama3_instruct": Ends(HUB_DATA, 2, LLAMA3_UF),
+    # a sweep records a failed job and goes on (exit 0): its job stops at the Hub dataset
+    "python -m prefopt.train -m experiment=refa_mistral7b_base +sweep=refa": Ends(
+        HUB_DATA + " (the sweep records the failed job)",
+        0,
+        "job 0 failed: dataset 'openbmb/UltraFeedback'",
+    ),
+    "python -m prefopt.train -m experiment=simpo_mistral_base +sweep=simpo "
+    "optimizer.lr=3e-7,5e-7": Ends(
+        HUB_DATA + " (the sweep records the failed job)",
+        0,
+        "job 0 failed: dataset 'HuggingFaceH4/ultrafeedback_binarized'",
+    ),
     "python -m prefopt.train model=llama3_8b_instruct +model/lora=default model.quantize=4bit "
     "loss=dpo trainer=gpu ~experiment": Ends(
         "QLoRA needs CUDA (bitsandbytes): the config error names it; tests/gpu/test_options_gpu.py",
