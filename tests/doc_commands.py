@@ -39,7 +39,14 @@ EXPERIMENT_PAGES = sorted((ROOT / "experiments").glob("*.md"))
 RUNNABLE = re.compile(r"^(python -m prefopt|torchrun |make |sbatch )")
 
 TINY = {
-    "prefopt.train": ["model=tiny", "trainer=debug", "trainer.max_steps=2", "logger=none"],
+    "prefopt.train": [
+        "model=tiny",
+        "trainer=debug",
+        "trainer.max_steps=2",
+        "logger=none",
+        "dataset.max_train_examples=16",
+        "dataset.max_eval_examples=8",
+    ],
     "prefopt.eval.generate": ["prompts.n=2", "generation.max_new_tokens=4"],
     "prefopt.eval.evaluate": ["prompts.n=2", "generation.max_new_tokens=4"],
     "prefopt.eval.datagen": ["model=tiny", "prompts.n=2", "generation.max_new_tokens=4"],
