@@ -177,17 +177,13 @@ def validate_config(cfg: DictConfig) -> None:
 def validate(cfg: DictConfig) -> None:
     """Fail before any work: :func:`validate_config`, then what needs the installed libraries."""
     from prefopt.model.adapters import check_quantize
-    from prefopt.model.load import resolve_attn_implementation
+    from prefopt.model.attention import Target, choose
 
     validate_config(cfg)
     check_quantize(cfg.model)  # LoRA / QLoRA: a clear error before loading
-    t = cfg.trainer
-    attn = resolve_attn_implementation(cfg.model.attn_implementation, t.layout)
-    if t.layout == "shared" and "flash" in attn:  # varlen flash cannot mask response pairs
-        raise ConfigError(
-            f"trainer.layout=shared needs a masked attention, not {attn!r}",
-            fix="set model.attn_implementation=auto (prefopt_docs: tile-skipping document masks)",
-        )
+    # the kernel registry refuses a kernel that cannot run this layout, device or precision
+    # (the model's own needs, a logit softcap, are checked once its config is read)
+    choose(cfg.model.attn_implementation, Target.of_trainer(cfg.trainer))
 
 
 def validate_batching(t: DictConfig, world_size: int) -> None:

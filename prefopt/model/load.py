@@ -29,6 +29,7 @@ from transformers import (
 from prefopt.atomic import publish_dir
 from prefopt.config import ModelConfig, TinyModelConfig
 from prefopt.model.adapters import quantization_kwargs
+from prefopt.model.attention import Target, choose, prepare, softcap_of, this_device
 from prefopt.model.parallel import is_main
 
 log = logging.getLogger(__name__)
@@ -56,13 +57,10 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
-def resolve_attn_implementation(name: str, layout: str | None = None) -> str:
-    """``model.attn_implementation`` for ``trainer.layout`` (None: any layout); ``auto``: the
-    fastest exact kernel (``prefopt.model.attention.choose_kernel``: flash-attn varlen for padded or
-    packed rows where installed, else the tile-skipping ``prefopt_docs``)."""
-    from prefopt.model.attention import choose_kernel  # registers prefopt_docs with transformers
-
-    return choose_kernel(name, layout)
+def resolve_attn_implementation(name: str, target: Target | None = None) -> str:
+    """``model.attn_implementation`` for ``target`` (device, layout, precision, softcap; None:
+    this machine, any layout), as the kernel registry chooses (``prefopt.model.attention``)."""
+    return choose(name, target or Target(this_device()))
 
 
 def _gguf_path(cfg: ModelConfig) -> Path:
@@ -158,12 +156,12 @@ def model_config(
     cfg: ModelConfig,
     cache_dir: str,
     tokenizer: PreTrainedTokenizerBase | None,
-    layout: str | None = None,
+    target: Target | None = None,
 ) -> PretrainedConfig:
     """The architecture a config names, without any weights (a GGUF file is converted once).
     ``tokenizer`` sizes the vocabulary of ``model=tiny``; other models read their config.json.
-    ``layout`` (``trainer.layout``) lets ``attn_implementation=auto`` pick its fastest kernel."""
-    attn = resolve_attn_implementation(cfg.attn_implementation, layout)
+    ``target`` (the run's device, layout and precision; None: this machine, any layout) and the
+    model's own needs (a logit softcap) choose the attention kernel."""
     if cfg.source == "tiny":
         config = tiny_llama_config(cfg.tiny, tokenizer)
     elif cfg.source in ("hub", "gguf"):
@@ -174,7 +172,11 @@ def model_config(
         )
     else:
         raise ValueError(f"model.source must be hub, gguf or tiny, got {cfg.source!r}")
-    config._attn_implementation = attn
+    target = target or Target(this_device(), half=cfg.dtype != "float32")
+    config._attn_implementation = choose(
+        cfg.attn_implementation, target._replace(softcap=softcap_of(config))
+    )
+    prepare(config._attn_implementation)
     return config
 
 
@@ -235,7 +237,8 @@ def load_model(
             local_or_hub(cfg, cache_dir),
             revision=cfg.revision,
             dtype=dtype,
-            attn_implementation=resolve_attn_implementation(cfg.attn_implementation),
+            # the registry's choice for this machine and the model's needs (a logit softcap)
+            attn_implementation=model_config(cfg, cache_dir, tokenizer)._attn_implementation,
             trust_remote_code=cfg.trust_remote_code,
             **quantization_kwargs(cfg),  # QLoRA: a bitsandbytes-quantized frozen base
         )
