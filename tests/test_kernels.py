@@ -89,7 +89,7 @@ def test_shared_varlen_equals_padded_in_fp32(tok, k):
     want, want_grads = _stats_and_grads(_tiny("sdpa"), collate(grps, tok.pad_token_id))
     shared = collate_layout(grps, tok.pad_token_id, "shared")
     assert shared.varlen.kv_index is not None  # responses gather their prompt's keys
-    got, got_grads = _stats_and_grads(_tiny("prefopt_varlen_cpu"), shared)
+    got, got_grads = _stats_and_grads(_tiny("prefopt_varlen_ref"), shared)
     for name in ("logps", "lengths", "eos_logps", "mask"):
         torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-5, atol=1e-5)
     assert want.logps.abs().max() > 10  # sums over whole responses, not a vacuous comparison
@@ -112,9 +112,9 @@ def faked(monkeypatch):
 
 
 def test_auto_picks_per_device_layout_and_model(faked):
-    faked("prefopt_varlen_fa", "prefopt_varlen_torch", "prefopt_flex", "prefopt_varlen_cpu")
+    faked("prefopt_varlen_fa", "prefopt_varlen_torch", "prefopt_flex", "prefopt_varlen_ref")
     for layout in ("padded", "packed", "shared", None):
-        assert choose("auto", Target("cpu", layout)) == "prefopt_varlen_cpu"
+        assert choose("auto", Target("cpu", layout)) == "prefopt_varlen_ref"
         assert choose("auto", Target(layout=layout, **CUDA_BF16)) == "prefopt_varlen_fa"
         gemma = Target(layout=layout, softcap=True, **CUDA_BF16)
         assert choose("auto", gemma) == "prefopt_varlen_fa"  # flash-attn applies the softcap
@@ -124,6 +124,8 @@ def test_auto_picks_per_device_layout_and_model(faked):
     assert choose("auto", gemma) == "prefopt_flex"  # torch's varlen has no softcap
     assert choose("auto", Target("cuda", "shared", half=False)) == "prefopt_flex"  # fp32
     assert choose("prefopt_flex", Target(layout="shared", **CUDA_BF16)) == "prefopt_flex"
+    faked("prefopt_varlen_ref")  # nothing compiled runs: the reference, which reads offsets
+    assert choose("auto", Target(layout="shared", **CUDA_BF16)) == "prefopt_varlen_ref"
 
 
 def test_prefopt_kernel_names_are_custom_to_transformers():
@@ -139,7 +141,7 @@ def test_prefopt_kernel_names_are_custom_to_transformers():
 
 
 def test_kernels_that_cannot_run_are_refused_with_the_reason(faked):
-    faked("prefopt_varlen_cpu")
+    faked("prefopt_varlen_ref")
     with pytest.raises(ConfigError, match="shared layout") as e:
         choose("flash_attention_2", Target(layout="shared", **CUDA_BF16))
     assert "attn_implementation=auto" in e.value.fix
@@ -269,7 +271,7 @@ def test_first_dpo_step_is_ln2_in_every_layout_and_kernel(tok, layout):
     grps = _groups_with_reference(tok, _groups(tok, 2, seed=3, reverse=False))
     spec, loss_fn = build_loss(compose_config("train", "loss=dpo").loss)
     batch = collate_layout(grps, tok.pad_token_id, layout)
-    assert set(CPU_KERNELS) == {"prefopt_varlen_cpu", "sdpa", "eager"}
+    assert set(CPU_KERNELS) == {"prefopt_varlen_ref", "sdpa", "eager"}
     for name in CPU_KERNELS:
         with torch.no_grad():  # the loss's value
             out = forward_loss(StatsModel(_tiny(name)), None, batch, spec, loss_fn, 16)
@@ -314,8 +316,8 @@ def test_gemma2_softcap_in_the_shared_layout_equals_eager_padded(tok):
     shared = collate_layout(grps, tok.pad_token_id, "shared")
     with torch.no_grad():
         want = group_stats(_gemma("eager"), padded)
-        got = group_stats(_gemma("prefopt_varlen_cpu"), shared)
-        uncapped = _gemma("prefopt_varlen_cpu")
+        got = group_stats(_gemma("prefopt_varlen_ref"), shared)
+        uncapped = _gemma("prefopt_varlen_ref")
         uncapped.config.attn_logit_softcapping = None
         for layer in uncapped.model.layers:
             layer.self_attn.attn_logit_softcapping = None

@@ -38,7 +38,7 @@ from prefopt.model.load import load_model, tiny_tokenizer
 from prefopt.model.logprobs import group_stats, sequence_kl
 
 LAYOUTS = ["packed", "shared"]
-ATTN = ["eager", "sdpa", "prefopt_varlen_cpu"]  # dense reference masks, and the varlen CPU kernel
+ATTN = ["eager", "sdpa", "prefopt_varlen_ref"]  # dense reference masks, and the varlen CPU kernel
 TOL = dict(rtol=1e-12, atol=1e-12)
 
 
@@ -486,7 +486,7 @@ def test_no_dense_mask_or_host_sync_at_training_length(tok, layout):
     batch = _training_row(tok, layout)
     L = batch.input_ids.shape[1]
     assert L > 3000
-    for attn, dense in (("prefopt_varlen_cpu", False), ("sdpa", True)):
+    for attn, dense in (("prefopt_varlen_ref", False), ("sdpa", True)):
         cfg = ModelConfig(name_or_path="tiny", source="tiny", attn_implementation=attn)
         model = load_model(OmegaConf.structured(cfg), "/nonexistent", tok, seed=0)
         with _Watch() as watch:

@@ -15,8 +15,8 @@ kernel of ``AUTO`` (fastest first) that serves the run's ``Target``:
 - ``prefopt_varlen_torch``: torch's ``varlen_attn`` (its built-in FlashAttention-2, or
   FlashAttention-4/3 swapped in with ``activate_flash_attention_impl`` where installed); no softcap;
 - ``prefopt_flex``: FlexAttention with a BlockMask from document boundaries (any dtype, softcap);
-- ``prefopt_varlen_cpu``: SDPA per varlen segment, the CPU kernel and the reference of the
-  index plumbing the CUDA kernels share (``kernels/varlen.py``).
+- ``prefopt_varlen_ref``: SDPA per varlen segment, the CPU kernel and the reference of the
+  index plumbing the CUDA kernels share (``kernels/varlen.py``); on CUDA the last resort.
 
 transformers' own implementations remain selectable by name: ``sdpa`` and ``eager`` with a dense
 (L, L) document mask (the reference path of the tests; the memory plan counts their mask and
@@ -171,6 +171,10 @@ def _torch_engine() -> str:
     return f"FlashAttention in torch (varlen_attn, {via})"
 
 
+def _reference_engine() -> str:
+    return "SDPA per varlen segment (the reference; on CUDA it reads the offsets on the host)"
+
+
 def _flex_line(layout: str, device: str) -> str:
     what = {"padded": "a causal BlockMask over right-padded rows"}.get(
         layout, "BlockMask from document boundaries, masked tiles skipped"
@@ -202,9 +206,10 @@ KERNELS: dict[str, Kernel] = {
             attend=_flex,
         ),
         Kernel(
-            "prefopt_varlen_cpu", devices=("cpu",), layouts=ALL, softcap=True, half_only=False,
+            "prefopt_varlen_ref", devices=("cpu", "cuda"), layouts=ALL, softcap=True,
+            half_only=False,
             available=_always, inputs=batch_inputs.varlen_inputs,
-            describe=_segments_line(lambda: "SDPA per varlen segment (the CPU reference)"),
+            describe=_segments_line(_reference_engine),
             attend=_segments(varlen.sdpa_segments),
         ),
         Kernel(
@@ -231,7 +236,7 @@ KERNELS: dict[str, Kernel] = {
         ),
     )
 }  # fmt: skip
-AUTO = ("prefopt_varlen_fa", "prefopt_varlen_torch", "prefopt_flex", "prefopt_varlen_cpu")
+AUTO = ("prefopt_varlen_fa", "prefopt_varlen_torch", "prefopt_flex", "prefopt_varlen_ref")
 
 
 def kernel(name: str) -> Kernel:

@@ -7,7 +7,8 @@ prompt's keys and values are copied once per response, never recomputed), the se
 the CPU reference, which runs SDPA segment by segment, checks the index that the CUDA kernels
 read:
 
-- ``sdpa_segments``: the reference (CPU); applies a logit softcap through explicit scores;
+- ``sdpa_segments``: the reference (CPU; on CUDA it reads the offsets on the host); applies a
+  logit softcap through explicit scores;
 - ``flash_attn_segments``: flash-attn's ``flash_attn_varlen_func`` (FlashAttention-3's interface
   on Hopper where installed, else flash-attn 2.x); applies the softcap;
 - ``torch_segments``: torch's own ``torch.nn.attention.varlen.varlen_attn`` (its built-in
@@ -21,6 +22,7 @@ never of a module name: the flash-attn-4 wheel installs only the namespace ``fla
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 from collections.abc import Callable
 
@@ -184,6 +186,9 @@ def torch_varlen_ready() -> str | None:
         return "no CUDA device is visible"
     if torch_varlen is None:
         return f"torch {torch.__version__} has no torch.nn.attention.varlen"
+    parameters = inspect.signature(torch_varlen.varlen_attn).parameters
+    if not {"window_size", "enable_gqa", "scale"} <= set(parameters):  # torch >= 2.13's API
+        return f"torch {torch.__version__}'s varlen_attn takes no window_size/enable_gqa/scale"
     if not torch.backends.cuda.is_flash_attention_available():
         return "this torch build has no flash attention"
     if torch.cuda.get_device_capability() < (8, 0):
