@@ -75,6 +75,10 @@ def sdpa_segments(
     if groups > 1:  # CPU SDPA takes its fused path without enable_gqa
         k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
     cu_q, cu_k = index.cu_q.tolist(), index.cu_k.tolist()
+    S, (T, H, D) = len(cu_q) - 1, q.shape
+    if index.kv_index is None and S * index.max_q == T:  # equal segments (padded rows): batched
+        q, k, v = (t.view(S, index.max_q, H, D).transpose(1, 2) for t in (q, k, v))
+        return segment_attention(q, k, v, scale, softcap).transpose(1, 2).reshape(T, H, D)
     out = []
     for s in range(len(cu_q) - 1):
         qs = q[cu_q[s] : cu_q[s + 1]].transpose(0, 1)  # (H, Rq, D)
