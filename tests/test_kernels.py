@@ -382,3 +382,20 @@ def test_cuda_kernels_call_their_libraries_as_documented(tok, monkeypatch):
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     with pytest.raises(ValueError, match="softcap|cap"):
         varlen.varlen_attention(varlen.torch_segments, q, k, v, batch.varlen, 0.3, 50.0)
+
+
+@pytest.mark.parametrize("choice", ["model=gemma2_9b_it", "experiment=alpha_dpo_gemma2_9b_it"])
+def test_gemma2_recipes_run_a_softcap_kernel_not_eager(faked, choice):
+    """The Gemma-2 recipes leave the kernel to the registry (they pinned eager: an (L, L) mask and
+    scores per layer over 16K-token shared rows): on CUDA without flash-attn that is FlexAttention,
+    which applies the softcap; the plan counts no dense workspace for them."""
+    cfg = compose_config("train", choice)
+    assert cfg.trainer.layout == "shared" and cfg.model.attn_implementation == "auto"
+    faked("prefopt_varlen_torch", "prefopt_flex")
+    target = Target.of_trainer(cfg.trainer, "cuda")._replace(softcap=True)
+    assert choose(cfg.model.attn_implementation, target) == "prefopt_flex"
+    heads, tokens = 16, cfg.trainer.micro_batch_tokens  # Gemma-2-9B: 16 query heads
+    width = cfg.dataset.max_length
+    assert attention.workspace_bytes("auto", "shared", tokens, width, heads, 2) == 0
+    eager = attention.workspace_bytes("eager", "shared", tokens, width, heads, 2)
+    assert eager > 16 * tokens**2 * 4  # what the pinned eager kernel would have held
