@@ -67,17 +67,12 @@ Span = tuple[int, int, int, int]
 
 
 class VarlenIndex(NamedTuple):
-    """A row as FlashAttention's variable-length call sees it: S segments, each a run of queries
-    of the row and the keys they attend to, causal aligned at the bottom right (the last query of
-    a segment sees all its keys; with more keys than queries, the extra keys come first and every
-    query sees them).
-
-    Segment s: queries ``[cu_q[s], cu_q[s + 1])`` of the row (the segments cover it in order, so
-    queries need no gather) and keys ``kv_index[cu_k[s]:cu_k[s + 1]]``: a shared prompt is one
-    segment over itself; response k one segment over [its prompt; itself], so the prompt's keys
-    and values are copied once per response (gathered, never recomputed). ``kv_index`` is None
-    when every segment's keys are its queries (``packed``, padded rows): no gather at all.
-    """
+    """A row as FlashAttention's variable-length call sees it: segment s has the queries
+    ``[cu_q[s], cu_q[s + 1])`` of the row (the segments cover it in order: no gather) and the keys
+    ``kv_index[cu_k[s]:cu_k[s + 1]]``, causal aligned at the bottom right (extra keys come first
+    and every query sees them). A shared prompt is one segment over itself, response k one over
+    [its prompt; itself]: the prompt's keys and values are copied per response, not recomputed.
+    ``kv_index`` is None when every segment's keys are its queries (packed, padded rows)."""
 
     cu_q: Tensor  # (S + 1,) int32
     cu_k: Tensor  # (S + 1,) int32

@@ -57,12 +57,6 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
-def resolve_attn_implementation(name: str, target: Target | None = None) -> str:
-    """``model.attn_implementation`` for ``target`` (device, layout, precision, softcap; None:
-    this machine, any layout), as the kernel registry chooses (``prefopt.model.attention``)."""
-    return choose(name, target or Target(this_device()))
-
-
 def _gguf_path(cfg: ModelConfig) -> Path:
     if cfg.gguf_file is None:
         raise ValueError("model.gguf_file is required when model.source=gguf")
