@@ -17,6 +17,8 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import MISSING, OmegaConf
 
+from prefopt.errors import report_user_errors
+
 
 @dataclass
 class TinyModelConfig:
@@ -286,5 +288,6 @@ register_configs()
 if not OmegaConf.has_resolver("asset"):
     OmegaConf.register_new_resolver("asset", asset_path)
     # cached like Hydra's now: one value per config (a sweep's jobs copy the cache)
-    OmegaConf.register_new_resolver("prefopt.now", job_start, use_cache=True)
+    # report_user_errors: Hydra resolves run dirs outside the task, where its own report is a stack
+    OmegaConf.register_new_resolver("prefopt.now", report_user_errors(job_start), use_cache=True)
     OmegaConf.register_new_resolver("prefopt.run_dir", run_dir)

@@ -38,6 +38,15 @@ def test_cfg_job_resolve_prints_the_resolved_config(monkeypatch, capfd, tmp_path
     assert "\nrun_dir: outputs/simpo/" in out and "${" not in out
 
 
+def test_ranks_without_torchruns_store_are_told_to_name_the_run_dir(monkeypatch, capfd, tmp_path):
+    for name in ("TORCHELASTIC_USE_AGENT_STORE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, _, err = _train(monkeypatch, capfd, tmp_path, "model=tiny", "--cfg", "job", "--resolve")
+    assert code == 2 and "cannot agree on a run dir" in err and "hydra.run.dir=" in err, err
+    assert "Traceback" not in err
+
+
 def test_sweep_submit_takes_a_single_sbatch_flag(capsys):
     argv = ["submit", "--dry-run", "--sbatch", "--cpus-per-task=1", "--", "model=tiny"]
     assert expand(argv) == 0
