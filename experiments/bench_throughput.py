@@ -11,12 +11,15 @@ mean 180 / sd 120 tokens, response ~ 350 / 200, prompt + response <= 1024; ``hal
 step i on the same pairs in the same order, the same pairs per optimizer step, AdamW.
 
 prefopt runs the real recipe: its config is composed by Hydra from ``conf/`` with
-``trainer=gpu`` (layout, token budget, precision, log-prob chunk, compile and clipping as that
-file says; only the layout, budget and device are overridden per row), the attention kernel is
-``model.attn_implementation: auto`` resolved by ``prefopt.model.load.resolve_attn_implementation``,
-micro-batches come from the loop's ``step_micro_batches`` and each step is the loop's
-``train_step`` (``prefopt_step`` below: the one call to adapt when its signature changes). TRL
-runs its trainers (``bench_trl.py``) with their best settings that work here.
+``trainer=gpu`` and the shape's model config (layout, token budget, precision, log-prob chunk,
+compile, clipping and activation checkpointing as those files say; per row only the layout, the
+loss, the attention kernel, the budget and the device are overridden), the kernel is the one the
+registry chooses for that target (``prefopt.model.attention.choose``: ``auto``, or the row's
+kernel; a row whose kernel cannot run here is skipped with the reason), micro-batches come from
+the loop's ``step_micro_batches`` and each step is the loop's ``train_step`` (``prefopt_step``
+below: the one call to adapt when its signature changes). TRL runs its trainers
+(``bench_trl.py``) with their best settings that work here, and the recipe's activation
+checkpointing.
 
 Reported per row, over the timed steps (each timed from the end of the previous one, so data
 preparation is included; seconds are wall time on GPU, and on CPU this process's CPU time, which
@@ -56,10 +59,11 @@ from bench_report import write_results  # noqa: E402
 import prefopt.losses  # noqa: F401,E402  (loss schemas, before composing)
 from prefopt.data.loading import DataSplits  # noqa: E402
 from prefopt.data.tokenize import TokenizedGroup  # noqa: E402
+from prefopt.errors import ConfigError  # noqa: E402
 from prefopt.losses import build_loss  # noqa: E402
 from prefopt.model import parallel  # noqa: E402
-from prefopt.model.attention import kernel_description  # noqa: E402
-from prefopt.model.load import resolve_attn_implementation, tiny_tokenizer  # noqa: E402
+from prefopt.model.attention import Target, choose, kernel_description, prepare  # noqa: E402
+from prefopt.model.load import tiny_tokenizer  # noqa: E402
 from prefopt.model.logprobs import compile_blocks  # noqa: E402
 from prefopt.train.optim import build_optimizer  # noqa: E402
 from prefopt.train.setup import make_autocast  # noqa: E402
@@ -108,21 +112,29 @@ LENGTHS = {
 class Run(NamedTuple):
     system: str  # "prefopt" or "trl"
     layout: str  # prefopt's trainer.layout; TRL pads
-    loss: str  # simpo (reference-free) or dpo (frozen reference model)
+    loss: str  # simpo or refa_dynamic (K = 4), reference-free; dpo: a frozen reference model
     k: int = 2
-    checkpointing: bool = False
+    kernel: str = "auto"  # model.attn_implementation
+    checkpointing: bool | None = None  # None: the recipe's (model.gradient_checkpointing)
 
 
+K4 = "refa_dynamic"  # a group loss over all K = 4 responses
 RUNS = {
     "trl": Run("trl", "padded", "simpo"),
     "padded": Run("prefopt", "padded", "simpo"),
     "packed": Run("prefopt", "packed", "simpo"),
     "shared": Run("prefopt", "shared", "simpo"),
-    "shared-k4": Run("prefopt", "shared", "refa_dynamic", k=4),
+    "shared-fa": Run("prefopt", "shared", "simpo", kernel="prefopt_varlen_fa"),
+    "shared-torch": Run("prefopt", "shared", "simpo", kernel="prefopt_varlen_torch"),
+    "shared-flex": Run("prefopt", "shared", "simpo", kernel="prefopt_flex"),
+    "padded-k4": Run("prefopt", "padded", K4, k=4),
+    "packed-k4": Run("prefopt", "packed", K4, k=4),
+    "shared-k4": Run("prefopt", "shared", K4, k=4),
+    "shared-fa-k4": Run("prefopt", "shared", K4, k=4, kernel="prefopt_varlen_fa"),
+    "shared-torch-k4": Run("prefopt", "shared", K4, k=4, kernel="prefopt_varlen_torch"),
+    "shared-flex-k4": Run("prefopt", "shared", K4, k=4, kernel="prefopt_flex"),
     "trl-dpo": Run("trl", "padded", "dpo"),
     "shared-dpo": Run("prefopt", "shared", "dpo"),
-    "trl-gc": Run("trl", "padded", "simpo", checkpointing=True),
-    "shared-gc": Run("prefopt", "shared", "simpo", checkpointing=True),
 }
 
 
@@ -250,7 +262,7 @@ def compose_recipe(args: argparse.Namespace, run: Run) -> DictConfig:
         f"trainer.layout={run.layout}",
         f"trainer.device={args.device}",
         f"trainer.global_batch_groups={args.pairs_per_step}",
-        f"model.gradient_checkpointing={run.checkpointing}",
+        f"model.attn_implementation={run.kernel}",
         *budget,
         *args.override,
     ]
@@ -270,8 +282,10 @@ def run_prefopt(args, run: Run, groups, tok, world, peak: float) -> dict:
     fresh(args.device)
     cfg = compose_recipe(args, run)
     t = cfg.trainer
-    attn = resolve_attn_implementation(cfg.model.attn_implementation, t.layout)
-    model = build_model(args, attn, tok, cfg.model.gradient_checkpointing)
+    attn = choose(cfg.model.attn_implementation, Target.of_trainer(t, args.device))
+    prepare(attn)
+    run = run._replace(checkpointing=cfg.model.gradient_checkpointing)
+    model = build_model(args, attn, tok, run.checkpointing)
     n_params = sum(p.numel() for p in model.parameters())
     spec, loss_fn = build_loss(cfg.loss)
     ref_hf = copy.deepcopy(model) if spec.needs_reference else None
@@ -391,6 +405,8 @@ def main() -> None:
     for run in (r for r in runs if r.system == "trl"):  # first, before prefopt's process group
         from bench_trl import run_trl
 
+        # the recipe's activation checkpointing, as prefopt's rows run it
+        run = run._replace(checkpointing=compose_recipe(args, run).model.gradient_checkpointing)
         try:
             results.append(run_trl(args, run, groups2, tok, measure_peak_flops(args.device)))
         except Exception as e:  # noqa: BLE001  (a TRL failure must not lose prefopt's numbers)
@@ -401,9 +417,12 @@ def main() -> None:
     world = parallel.init_distributed(args.device)
     for run in (r for r in runs if r.system == "prefopt"):
         row_groups = groups4 if run.k == 4 else groups2
-        results.append(
-            run_prefopt(args, run, row_groups, tok, world, measure_peak_flops(args.device))
-        )
+        try:
+            row = run_prefopt(args, run, row_groups, tok, world, measure_peak_flops(args.device))
+        except ConfigError as e:  # a kernel that cannot run here: one line, the next row
+            print(f"{run.layout} K={run.k} {run.kernel} skipped: {e}", flush=True)
+            continue
+        results.append(row)
         write_results(args, results, peak, commit, *table_of(args))
     print(f"wrote {write_results(args, results, peak, commit, *table_of(args))}.{{json,md}}")
     parallel.destroy()

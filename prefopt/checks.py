@@ -49,7 +49,8 @@ def check_schema(cfg: DictConfig) -> None:
 
 
 def check_loss_schema(loss: DictConfig) -> None:
-    """``loss.name`` must be the loss whose schema the node was built from (``loss=<name>``)."""
+    """``loss.name`` must be the loss whose schema the node was built from (``loss=<name>``), and
+    its values must pass the loss's own ``check``."""
     from prefopt.losses import LOSSES
 
     if loss.name not in LOSSES:
@@ -64,6 +65,7 @@ def check_loss_schema(loss: DictConfig) -> None:
             f"loss.name={loss.name!r}, but the loss config is {owner!r}'s schema ({typ.__name__})",
             fix=f"select the loss with loss={loss.name}, not by setting loss.name",
         )
+    OmegaConf.to_object(loss).check()  # the loss's own constraints (ranges, combinations)
 
 
 Rule = tuple[str, Callable[[Any], bool], str]  # (key, holds for a good value, what is required)
@@ -177,18 +179,23 @@ def validate_config(cfg: DictConfig) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Fail before any work: :func:`validate_config`, then what needs the installed libraries."""
+    import torch
+
     from prefopt.model.adapters import check_quantize
-    from prefopt.model.load import resolve_attn_implementation
+    from prefopt.model.attention import Target, choose
 
     validate_config(cfg)
     check_quantize(cfg.model)  # LoRA / QLoRA: a clear error before loading
     t = cfg.trainer
-    attn = resolve_attn_implementation(cfg.model.attn_implementation, t.layout)
-    if t.layout == "shared" and "flash" in attn:  # varlen flash cannot mask response pairs
+    if t.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError(
-            f"trainer.layout=shared needs a masked attention, not {attn!r}",
-            fix="set model.attn_implementation=auto (prefopt_docs: tile-skipping document masks)",
+            "trainer.device=cuda, but torch sees no CUDA device on this machine",
+            fix="run on a GPU node (CUDA_VISIBLE_DEVICES, the job's GPU request), or set "
+            "trainer.device=auto (the CPU where there is no GPU)",
         )
+    # the kernel registry refuses a kernel that cannot run this layout, device or precision
+    # (the model's own needs, a logit softcap, are checked once its config is read)
+    choose(cfg.model.attn_implementation, Target.of_trainer(t))
 
 
 def validate_batching(t: DictConfig, world_size: int) -> None:

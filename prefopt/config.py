@@ -7,12 +7,17 @@ with a message naming the key.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from datetime import datetime
 from importlib.resources import files
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import MISSING, OmegaConf
+
+from prefopt.errors import report_user_errors
 
 
 @dataclass
@@ -267,6 +272,27 @@ def asset_path(name: str) -> str:
     return str(files("prefopt") / "assets" / name)
 
 
+def job_start(pattern: str) -> str:
+    """``${prefopt.now:%Y-%m-%d_%H-%M-%S}`` in run dir names: Hydra's ``now`` for one process;
+    under torchrun the time the job's first rank started, so that every rank names one dir."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return datetime.now().strftime(pattern)
+    from prefopt.model.parallel import shared_start_time  # torch, only for a multi-rank job
+
+    return shared_start_time().strftime(pattern)
+
+
+def run_dir() -> str:
+    """``run_dir``: the job's output dir; before a job runs (``--cfg job --resolve``), the dir
+    ``hydra.run.dir`` gives."""
+    hydra = HydraConfig.get()
+    return OmegaConf.select(hydra, "runtime.output_dir", default=None) or hydra.run.dir
+
+
 register_configs()
 if not OmegaConf.has_resolver("asset"):
     OmegaConf.register_new_resolver("asset", asset_path)
+    # cached like Hydra's now: one value per config (a sweep's jobs copy the cache)
+    # report_user_errors: Hydra resolves run dirs outside the task, where its own report is a stack
+    OmegaConf.register_new_resolver("prefopt.now", report_user_errors(job_start), use_cache=True)
+    OmegaConf.register_new_resolver("prefopt.run_dir", run_dir)

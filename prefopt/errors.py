@@ -58,6 +58,13 @@ class CacheError(PrefoptError, RuntimeError):
     kind = "cache error"
 
 
+class TrainingError(PrefoptError, FloatingPointError):
+    """A run that cannot go on as configured (step after step not finite). The message names
+    the step and the value to change."""
+
+    kind = "training error"
+
+
 class PlanError(PrefoptError, ValueError):
     """A run that cannot fit or cannot be scheduled as configured (memory, batch plan)."""
 

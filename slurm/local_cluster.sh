@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # Start a one-node SLURM cluster on this machine (for tests and CI): munged + slurmctld + slurmd on
-# localhost, SelectType=select/cons_tres, one node with this machine's CPUs, partition "debug".
+# localhost, SelectType=select/cons_tres, one node, partition "debug".
 #   sudo bash slurm/local_cluster.sh install   # Debian packages slurm-wlm and munge (once)
-#   sudo bash slurm/local_cluster.sh start     # idempotent; waits until the node is idle
+#   sudo bash slurm/local_cluster.sh start     # idempotent; restarts the daemons if the config changed
 #   sudo bash slurm/local_cluster.sh stop
+# The node advertises at least 16 CPUs and two placeholder GPUs (empty files under $STATE/gpu, no
+# device), whatever the machine has (SlurmdParameters=config_overrides), so that the shipped
+# scripts' requests (train.sbatch: 8 CPUs; --gpus-per-node or --gres=gpu:N) are scheduled as they
+# are; jobs see SLURM_GPUS_ON_NODE, torch finds no CUDA and the ranks train on the CPU.
 set -euo pipefail
 STATE=${PREFOPT_SLURM_STATE:-/var/tmp/prefopt-slurm}
 CONF=/etc/slurm/slurm.conf
@@ -15,13 +19,17 @@ install() {
   apt-get install -y -q slurm-wlm munge >/dev/null
 }
 
-write_conf() {
+write_conf() {  # into $1; start() compares it with the running config
   local cpus mem
-  cpus=$(nproc)
+  cpus=$(( $(nproc) > 16 ? $(nproc) : 16 ))
   mem=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 1024 ))
-  mkdir -p "$STATE"/{ctld,d} /etc/slurm /var/log/slurm
-  cat > "$CONF" <<CONF
+  mkdir -p "$STATE"/{ctld,d,gpu} /etc/slurm /var/log/slurm
+  touch "$STATE"/gpu/gpu0 "$STATE"/gpu/gpu1
+  echo "Name=gpu File=$STATE/gpu/gpu[0-1]" > /etc/slurm/gres.conf
+  cat > "$1" <<CONF
 ClusterName=prefopt
+GresTypes=gpu
+SlurmdParameters=config_overrides
 SlurmctldHost=localhost
 SlurmUser=root
 SlurmdUser=root
@@ -48,14 +56,20 @@ InactiveLimit=0
 MinJobAge=300
 KillWait=30
 Waittime=0
-NodeName=localhost CPUs=$cpus RealMemory=$mem State=UNKNOWN
+NodeName=localhost CPUs=$cpus RealMemory=$mem Gres=gpu:2 State=UNKNOWN
 PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 CONF
 }
 
 start() {
   install
-  write_conf
+  write_conf "$CONF.new"
+  if ! cmp -s "$CONF.new" "$CONF"; then
+    mv "$CONF.new" "$CONF"
+    stop  # daemons started with another config (an older version of this script)
+  else
+    rm "$CONF.new"
+  fi
   if [ ! -s /etc/munge/munge.key ]; then
     dd if=/dev/urandom bs=1 count=1024 of=/etc/munge/munge.key status=none
   fi
@@ -78,9 +92,11 @@ start() {
 }
 
 stop() {
-  pkill -x slurmd || true
-  pkill -x slurmctld || true
-  pkill -x munged || true
+  local daemon
+  for daemon in slurmd slurmctld munged; do
+    pkill -x "$daemon" || true
+    for _ in $(seq 30); do pgrep -x "$daemon" >/dev/null || break; sleep 1; done
+  done
 }
 
 "${1:-start}"

@@ -4,9 +4,7 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import functools
-from types import SimpleNamespace
 
 import datasets
 import pytest
@@ -33,12 +31,14 @@ from prefopt.data.packing import (
 )
 from prefopt.data.tokenize import TokenizedGroup
 from prefopt.losses import get_spec
-from prefopt.model.attention import block_mask, span_attention
+from prefopt.model.attention import decoder_inputs
+from prefopt.model.kernels.flex import block_mask
+from prefopt.model.kernels.varlen import sdpa_segments, varlen_attention
 from prefopt.model.load import load_model, tiny_tokenizer
-from prefopt.model.logprobs import group_stats, packed_attention_inputs, sequence_kl
+from prefopt.model.logprobs import group_stats, sequence_kl
 
 LAYOUTS = ["packed", "shared"]
-ATTN = ["eager", "sdpa", "prefopt_docs"]  # dense reference masks, and the CPU span kernel
+ATTN = ["eager", "sdpa", "prefopt_varlen_ref"]  # dense reference masks, and the varlen CPU kernel
 TOL = dict(rtol=1e-12, atol=1e-12)
 
 
@@ -236,13 +236,15 @@ def test_mask_forbids_cross_document_and_cross_response(tok):
 
 
 def test_flash_inputs_are_varlen_and_refuse_shared(tok):
-    stub = SimpleNamespace(config=SimpleNamespace(_attn_implementation="flash_attention_2"))
+    """transformers' own flash_attention_2 reads whole documents (cu_seqlens), so the registry
+    builds those inputs for packed rows and refuses shared ones."""
     packed = collate_layout(groups(tok), tok.pad_token_id, "packed")
-    kw = packed_attention_inputs(stub, packed)
+    kw = decoder_inputs("flash_attention_2", packed, torch.float32)
     assert kw["attention_mask"] is None and kw["cu_seq_lens_q"] is packed.cu_seqlens
     assert kw["max_length_k"] == packed.max_seqlen and "position_ids" in kw
+    shared = collate_layout(groups(tok), tok.pad_token_id, "shared")
     with pytest.raises(ValueError, match="shared"):
-        packed_attention_inputs(stub, collate_layout(groups(tok), tok.pad_token_id, "shared"))
+        decoder_inputs("flash_attention_2", shared, torch.float32)
 
 
 def _check_plan(plan, sizes, budget, layout, splits=1):
@@ -373,12 +375,14 @@ def test_block_mask_is_built_once_per_micro_batch(tok):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_span_attention_equals_dense_mask(tok, layout):
+def test_varlen_segments_equal_dense_mask(tok, layout):
+    """The varlen plumbing (segment offsets, the gathered [prompt; response] keys) through the
+    CPU reference equals one dense-masked SDPA over the row, GQA included."""
     batch = collate_layout(groups(tok), tok.pad_token_id, layout)
     L = batch.doc_ids.numel()
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, h, L, 8, generator=g, dtype=torch.float64) for h in (4, 2, 2))
-    got = span_attention(q, k, v, batch.spans, 0.3)
+    got = varlen_attention(sdpa_segments, q, k, v, batch.varlen, 0.3, None).transpose(1, 2)
     want = torch.nn.functional.scaled_dot_product_attention(
         q,
         k.repeat_interleave(2, 1),
@@ -387,7 +391,8 @@ def test_span_attention_equals_dense_mask(tok, layout):
         scale=0.3,
     )
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    assert sum(qe - qs for qs, qe, *_ in batch.spans) == L
+    assert int(batch.varlen.cu_q[-1]) == L  # the segments cover the row
+    assert (batch.varlen.kv_index is None) == (layout == "packed")  # packed: no gather
 
 
 def test_flex_block_mask_equals_dense_mask(tok):
@@ -421,10 +426,10 @@ def test_flex_block_mask_equals_dense_mask(tok):
 def test_flex_attention_block_mask_matches_padded(tok):
     """transformers' FlexAttention implementation reads the same BlockMask: statistics of a
     tiny model on CPU (forward, fp32) equal the padded layout's."""
-    cfg = ModelConfig(name_or_path="tiny", source="tiny", attn_implementation="flex_attention")
-    flex = load_model(OmegaConf.structured(cfg), "/nonexistent", tok, seed=0)
-    sdpa = dataclasses.replace(cfg, attn_implementation="sdpa")
-    ref = load_model(OmegaConf.structured(sdpa), "/nonexistent", tok, seed=0)
+    cfg = ModelConfig(name_or_path="tiny", source="tiny", attn_implementation="sdpa")
+    ref = load_model(OmegaConf.structured(cfg), "/nonexistent", tok, seed=0)
+    flex = copy.deepcopy(ref)  # the registry serves flex_attention on CUDA only (no CPU backward)
+    flex.config._attn_implementation = "flex_attention"
     grps = groups(tok)
     with torch.no_grad():
         want = group_stats(ref, collate(grps, tok.pad_token_id))
@@ -476,12 +481,12 @@ def _training_row(tok, layout: str):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_no_dense_mask_or_host_sync_at_training_length(tok, layout):
-    """prefopt_docs at a 4K-token row: no tensor of even L^2 / 16 elements is created in forward
-    or backward, and no op syncs with the host; the dense sdpa path (the control) makes (L, L)."""
+    """The varlen CPU kernel at a 4K-token row: no tensor of even L^2 / 16 elements is created in
+    forward or backward, no op syncs with the host; the dense sdpa control makes (L, L)."""
     batch = _training_row(tok, layout)
     L = batch.input_ids.shape[1]
     assert L > 3000
-    for attn, dense in (("prefopt_docs", False), ("sdpa", True)):
+    for attn, dense in (("prefopt_varlen_ref", False), ("sdpa", True)):
         cfg = ModelConfig(name_or_path="tiny", source="tiny", attn_implementation=attn)
         model = load_model(OmegaConf.structured(cfg), "/nonexistent", tok, seed=0)
         with _Watch() as watch:
@@ -491,17 +496,3 @@ def test_no_dense_mask_or_host_sync_at_training_length(tok, layout):
         if not dense:
             assert watch.largest < L * L / 16
             assert watch.syncs == [], sorted(set(watch.syncs))
-
-
-def test_auto_attention_picks_a_tile_skipping_kernel(monkeypatch):
-    from prefopt.model import attention
-
-    monkeypatch.setattr(attention, "flash_attn_installed", lambda: False)
-    assert {attention.choose_kernel("auto", lay) for lay in LAYOUTS} == {"prefopt_docs"}
-    monkeypatch.setattr(attention, "flash_attn_installed", lambda: True)
-    got = [attention.choose_kernel("auto", lay) for lay in ["padded", *LAYOUTS, None]]
-    assert got == ["flash_attention_2", "flash_attention_2", "prefopt_docs", "prefopt_docs"]
-    assert attention.choose_kernel("sdpa", "shared") == "sdpa"  # asked for: kept
-    line = attention.kernel_description("prefopt_docs", "shared", "cuda")
-    assert "FlexAttention" in line and "shared" in line
-    assert "per document" in attention.kernel_description("prefopt_docs", "packed", "cpu")

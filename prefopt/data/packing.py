@@ -14,10 +14,12 @@ The packed layouts describe attention with two integer vectors over the row: ``d
 document a token belongs to) and ``branch_ids`` (0 for tokens every later token of the document
 may see: the prompt, or the whole sequence in ``packed``; k + 1 for response k of a shared
 prompt). Query i may attend to key j iff j <= i, doc[i] == doc[j] and branch[j] in (0, branch[i]).
-Collation also writes that rule in the forms the kernels read, none of them (L, L): ``spans``
-(per-document attention, ``prefopt.model.attention`` on CPU), ``blocks`` (the FlexAttention block
-sparsity, built at 128-token granularity by ``doc_blocks``) and ``cu_seqlens`` (flash-attn
-varlen, ``packed`` only). ``document_mask`` (dense) is the reference the tests compare them with.
+Collation also writes that rule in the forms the kernels read, none of them (L, L): ``varlen``
+(FlashAttention's variable-length interface: one segment per prompt and per response, separate
+query and key offsets, ``VarlenIndex``), ``blocks`` (the FlexAttention block sparsity, built at
+128-token granularity by ``doc_blocks``) and ``cu_seqlens`` (whole documents, for transformers'
+own ``flash_attention_2``, ``packed`` only). ``document_mask`` (dense) is the reference the tests
+compare them with.
 
 Micro-batches are filled to a token budget by ``plan_micro_batches``: a pure function of the
 step's ordered views, so a resumed run (which replays the same views per step) plans the same
@@ -64,6 +66,47 @@ class DocBlocks(NamedTuple):
 Span = tuple[int, int, int, int]
 
 
+class VarlenIndex(NamedTuple):
+    """A row as FlashAttention's variable-length call sees it: segment s has the queries
+    ``[cu_q[s], cu_q[s + 1])`` of the row (the segments cover it in order: no gather) and the keys
+    ``kv_index[cu_k[s]:cu_k[s + 1]]``, causal aligned at the bottom right (extra keys come first
+    and every query sees them). A shared prompt is one segment over itself, response k one over
+    [its prompt; itself]: the prompt's keys and values are copied per response, not recomputed.
+    ``kv_index`` is None when every segment's keys are its queries (packed, padded rows)."""
+
+    cu_q: Tensor  # (S + 1,) int32
+    cu_k: Tensor  # (S + 1,) int32
+    kv_index: Tensor | None  # (Tk,) int64 row positions of the keys, segment after segment
+    max_q: int  # longest segment's queries (host ints: the kernels take them without a sync)
+    max_k: int  # longest segment's keys
+
+    def to(self, device: torch.device | str) -> VarlenIndex:
+        return VarlenIndex(*(t.to(device) if isinstance(t, Tensor) else t for t in self))
+
+    @staticmethod
+    def of_spans(spans: Sequence[Span]) -> VarlenIndex:
+        cu_q, cu_k, keys = [0], [0], []
+        for qs, qe, cs, ce in spans:
+            keys += [*range(cs, ce), *range(qs, qe)]
+            cu_q.append(qe)
+            cu_k.append(len(keys))
+        gather = any(cs != ce for *_, cs, ce in spans)
+        return VarlenIndex(
+            torch.tensor(cu_q, dtype=torch.int32),
+            torch.tensor(cu_k, dtype=torch.int32),
+            torch.tensor(keys) if gather else None,
+            max(qe - qs for qs, qe, *_ in spans),
+            max(ce - cs + qe - qs for qs, qe, cs, ce in spans),
+        )
+
+    @staticmethod
+    def of_rows(rows: int, width: int, device: torch.device | str = "cpu") -> VarlenIndex:
+        """Right-padded rows (the padded layout) as ``rows`` causal segments of ``width``: padding
+        comes after every real token, so causal attention keeps it out of every real position."""
+        cu = torch.arange(0, rows * width + 1, width, dtype=torch.int32, device=device)
+        return VarlenIndex(cu, cu, None, width, width)
+
+
 class PackedBatch(NamedTuple):
     """The groups of a micro-batch in one row (``packed`` or ``shared`` layout).
 
@@ -91,7 +134,7 @@ class PackedBatch(NamedTuple):
     sequence_tokens: int = 0  # prompt + response per row, as the padded layout counts them
     row_index: Tensor | None = None  # (M,) row of each target: sums per row without a host sync
     blocks: DocBlocks | None = None  # FlexAttention block sparsity (``doc_blocks``)
-    spans: tuple[Span, ...] = ()  # per-document attention spans, in row order, covering it
+    varlen: VarlenIndex | None = None  # the varlen kernels' segments (``VarlenIndex``)
 
     @property
     def num_groups(self) -> int:
@@ -110,7 +153,7 @@ class PackedBatch(NamedTuple):
 
     def to(self, device: torch.device | str) -> PackedBatch:
         return PackedBatch(
-            *(t.to(device) if isinstance(t, Tensor | PackedBatch | DocBlocks) else t for t in self)
+            *(t.to(device) if isinstance(t, Tensor | DocBlocks | VarlenIndex) else t for t in self)
         )
 
 
@@ -177,7 +220,7 @@ def collate_packed(groups: Groups, share_prompts: bool) -> PackedBatch:
         sequence_tokens=sum(len(groups[b][0].prompt_ids) + R for b, _, R in rows),
         row_index=torch.tensor([n for n, (*_, R) in enumerate(rows) for _ in range(R)]),
         blocks=doc_blocks(doc_ids, branch_ids),
-        spans=tuple(spans),
+        varlen=VarlenIndex.of_spans(spans),
     )
 
 

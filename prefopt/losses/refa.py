@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from prefopt.errors import ConfigError
 from prefopt.losses.common import (
     best_worst,
     has_preference,
@@ -39,17 +40,31 @@ from prefopt.losses.common import (
 from prefopt.losses.registry import LossConfig, register_loss
 from prefopt.types import GroupStats, LossOutput
 
+DEVIATIONS = ("signed", "abs")
+
+
+def check_deviation(p: float, mode: str) -> None:
+    """``loss.deviation`` and ``loss.p``: a negative deviation to a fractional power is not real."""
+    if mode not in DEVIATIONS:
+        raise ConfigError(f"loss.deviation={mode!r}: expected one of {DEVIATIONS}")
+    if mode == "signed" and p != int(p):
+        raise ConfigError(
+            f"loss.p={p} with loss.deviation=signed: (r - r_bar)^p is not a real number for a "
+            "fractional p and a response below the mean",
+            fix="use an integer loss.p, or loss.deviation=abs (|r - r_bar|^p)",
+        )
+
+
+def check_gamma(gamma: float) -> None:
+    if gamma < 0:
+        raise ConfigError(f"loss.gamma={gamma}: must be >= 0 (the weight of the negative set)")
+
 
 def score_deviation(scores: Tensor, mask: Tensor, p: float, mode: str) -> Tensor:
     """(B, K) dS = (r - r_bar)^p ("signed", App. C.4 literally) or |r - r_bar|^p ("abs", SWEPO)."""
+    check_deviation(p, mode)
     centred = scores - masked_mean(scores, mask)[:, None]
-    if mode == "signed":
-        if p != int(p):
-            raise ValueError(f"deviation='signed' needs an integer p (got {p}); use 'abs'")
-        return centred.pow(p)
-    if mode == "abs":
-        return centred.abs().pow(p)
-    raise ValueError(f"deviation must be 'signed' or 'abs', got {mode!r}")
+    return centred.pow(p) if mode == "signed" else centred.abs().pow(p)
 
 
 def eos_regularizer(policy: GroupStats, lam: float) -> Tensor:
@@ -95,8 +110,7 @@ def set_contrast(z: Tensor, pos: Tensor, neg: Tensor, valid: Tensor, gamma: floa
     filled (other slots' z set to 0) so that the LSEs stay finite and no NaN reaches backward;
     callers zero those rows.
     """
-    if gamma < 0:
-        raise ValueError(f"loss.gamma must be >= 0 (a weight on the negative set), got {gamma}")
+    check_gamma(gamma)
     z = z.masked_fill(~(pos | neg), 0.0)
     pos, neg = pos | ~valid[:, None], neg | ~valid[:, None]
     log_gamma = torch.log(torch.as_tensor(gamma, dtype=z.dtype, device=z.device))
@@ -118,6 +132,10 @@ class REFADynamicConfig(LossConfig):
     deviation: str = "signed"  # signed (r - r_bar)^p as printed | abs |r - r_bar|^p (SWEPO)
     lam: float = 0.05  # EOS regularizer weight, Eq. 33 ("a small constant"; none reported)
     length_normalize: bool = True  # False gives REFABASE-dynamic (Eq. 21)
+
+    def check(self) -> None:
+        check_gamma(self.gamma)
+        check_deviation(self.p, self.deviation)
 
 
 @register_loss("refa_dynamic", REFADynamicConfig)
@@ -196,6 +214,10 @@ class REFA1vsAllConfig(LossConfig):
     deviation: str = "signed"  # signed (r - r_bar)^p as printed | abs |r - r_bar|^p (SWEPO)
     lam: float = 0.05  # EOS regularizer weight, Eq. 33 ("a small constant"; none reported)
     length_normalize: bool = True  # False gives REFABASE-1vsAll exactly as printed (Eq. 20)
+
+    def check(self) -> None:
+        check_gamma(self.gamma)
+        check_deviation(self.p, self.deviation)
 
 
 @register_loss("refa_1vsall", REFA1vsAllConfig)

@@ -98,6 +98,11 @@ class LossConfig:
 
     name: str = "???"
 
+    def check(self) -> None:
+        """Refuse values this loss cannot take that a type cannot express (a range, a choice, a
+        combination of keys) with a ``ConfigError`` naming ``loss.<key>``. The config checks
+        call it before any model is loaded; by default every typed value is accepted."""
+
 
 def register_loss(
     name: str,

@@ -31,6 +31,7 @@ from prefopt.atomic import publish_dir
 from prefopt.config import ModelConfig, TinyModelConfig
 from prefopt.errors import hub_download
 from prefopt.model.adapters import quantization_kwargs
+from prefopt.model.attention import Target, choose, prepare, softcap_of, this_device
 from prefopt.model.parallel import is_main
 
 log = logging.getLogger(__name__)
@@ -59,15 +60,6 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     )
     fast.chat_template = TINY_CHAT_TEMPLATE
     return fast
-
-
-def resolve_attn_implementation(name: str, layout: str | None = None) -> str:
-    """``model.attn_implementation`` for ``trainer.layout`` (None: any layout); ``auto``: the
-    fastest exact kernel (``prefopt.model.attention.choose_kernel``: flash-attn varlen for padded or
-    packed rows where installed, else the tile-skipping ``prefopt_docs``)."""
-    from prefopt.model.attention import choose_kernel  # registers prefopt_docs with transformers
-
-    return choose_kernel(name, layout)
 
 
 def _gguf_path(cfg: ModelConfig) -> Path:
@@ -173,14 +165,14 @@ def model_config(
     cfg: ModelConfig,
     cache_dir: str,
     tokenizer: PreTrainedTokenizerBase | None,
-    layout: str | None = None,
+    target: Target | None = None,
     shapes_only: bool = False,
 ) -> PretrainedConfig:
     """The architecture a config names, without any weights (a GGUF file is converted once).
     ``tokenizer`` sizes the vocabulary of ``model=tiny``; other models read their config.json.
-    ``layout`` (``trainer.layout``) lets ``attn_implementation=auto`` pick its fastest kernel.
-    ``shapes_only`` (the memory plan): a recipe model's shipped shapes, no network."""
-    attn = resolve_attn_implementation(cfg.attn_implementation, layout)
+    ``target`` (the run's device, layout and precision; None: this machine, any layout) and the
+    model's own needs (a logit softcap) choose the attention kernel. ``shapes_only`` (the memory
+    plan): a recipe model's shipped shapes, no network."""
     shipped = shipped_config(cfg) if shapes_only else None
     if shipped is not None:
         config = shipped
@@ -195,7 +187,11 @@ def model_config(
             )
     else:
         raise ValueError(f"model.source must be hub, gguf or tiny, got {cfg.source!r}")
-    config._attn_implementation = attn
+    target = target or Target(this_device(), half=cfg.dtype != "float32")
+    config._attn_implementation = choose(
+        cfg.attn_implementation, target._replace(softcap=softcap_of(config))
+    )
+    prepare(config._attn_implementation)
     return config
 
 
@@ -258,7 +254,8 @@ def load_model(
                 local_or_hub(cfg, cache_dir),
                 revision=cfg.revision,
                 dtype=dtype,
-                attn_implementation=resolve_attn_implementation(cfg.attn_implementation),
+                # the registry's choice for this machine and the model's needs (a logit softcap)
+                attn_implementation=model_config(cfg, cache_dir, tokenizer)._attn_implementation,
                 trust_remote_code=cfg.trust_remote_code,
                 **quantization_kwargs(cfg),  # QLoRA: a bitsandbytes-quantized frozen base
             )

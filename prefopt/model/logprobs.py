@@ -12,16 +12,14 @@ states that predict response tokens, those tokens, and the tokens per row; the r
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
 from prefopt.data.collate import Batch
-from prefopt.data.packing import PackedBatch, document_mask
-from prefopt.model.attention import DOCS, attention_inputs
+from prefopt.data.packing import PackedBatch
+from prefopt.model.attention import decoder_inputs
 from prefopt.types import GroupStats
 
 
@@ -59,48 +57,14 @@ def _to_groups(batch: Batch | PackedBatch, row_values: Tensor, fill: float) -> T
     return out.index_put((batch.row_group, batch.row_slot), row_values)
 
 
-def packed_attention_inputs(model: PreTrainedModel, batch: PackedBatch) -> dict[str, Any]:
-    """Decoder keyword arguments that keep documents (and shared-prompt responses) apart, for
-    the model's attention implementation (``prefopt.model.attention``).
-
-    flash-attn: varlen boundaries (``cu_seqlens``); it cannot express shared prompts.
-    ``prefopt_docs`` and ``flex_attention``: the batch's BlockMask (cached per micro-batch), and
-    on CPU the document spans. ``sdpa``/``eager``: the dense reference mask, (1, 1, L, L).
-    """
-    impl = model.config._attn_implementation
-    kwargs: dict[str, Any] = {"input_ids": batch.input_ids, "position_ids": batch.position_ids}
-    if "flash" in impl:
-        if batch.shared:
-            raise ValueError(
-                f"layout 'shared' needs a masked attention, but {impl!r} only separates "
-                "documents: use prefopt_docs or flex_attention"
-            )
-        length = batch.max_seqlen  # given, so flash-attn does not sync to infer it
-        return kwargs | {
-            "attention_mask": None,
-            "cu_seq_lens_q": batch.cu_seqlens,
-            "cu_seq_lens_k": batch.cu_seqlens,
-            "max_length_q": length,
-            "max_length_k": length,
-        }
-    if impl in (DOCS, "flex_attention"):
-        return kwargs | attention_inputs(impl, batch)
-    L = batch.input_ids.shape[1]
-    if impl == "sdpa":
-        mask = document_mask(batch)[None, None]
-    else:
-        dtype = model.dtype
-        mask = torch.zeros((1, 1, L, L), dtype=dtype, device=batch.input_ids.device)
-        mask.masked_fill_(~document_mask(batch), torch.finfo(dtype).min)
-    return kwargs | {"attention_mask": mask}
-
-
 def _response_hidden(model: PreTrainedModel, batch: Batch | PackedBatch) -> tuple[Tensor, ...]:
     """(M, H) hidden states that predict the M response tokens, the (M,) tokens, in row order,
-    the (N,) tokens per row, and the (M,) row of each token."""
+    the (N,) tokens per row, and the (M,) row of each token. The model's attention kernel says
+    how the batch reaches its decoder (``prefopt.model.attention.decoder_inputs``)."""
+    inputs = decoder_inputs(model.config._attn_implementation, batch, model.dtype)
+    hidden = model.get_decoder()(**inputs, use_cache=False).last_hidden_state
     if isinstance(batch, PackedBatch):
-        inputs = packed_attention_inputs(model, batch)
-        hidden = model.get_decoder()(**inputs, use_cache=False).last_hidden_state[0]  # (L, H)
+        hidden = hidden[0]  # (L, H)
         # A shared prompt's last position appears K times: it predicts every first token.
         # Index gathers with collated indices: no host sync (a boolean mask needs one).
         rows = batch.row_index
@@ -108,11 +72,8 @@ def _response_hidden(model: PreTrainedModel, batch: Batch | PackedBatch) -> tupl
             rows = torch.arange(len(batch.row_lengths), device=hidden.device)
             rows = rows.repeat_interleave(batch.row_lengths)
         return hidden[batch.target_index], batch.targets, batch.row_lengths, rows
-    hidden = model.get_decoder()(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-    ).last_hidden_state  # (N, T, H)
-    # Position t predicts token t + 1: keep the positions whose next token is a response token.
-    # (The padded layout is the reference path: its boolean gathers sync with the host.)
+    # (N, T, H): position t predicts token t + 1: keep the positions whose next token is a
+    # response token. (The padded layout is the reference path: its boolean gathers sync.)
     target_mask = batch.response_mask[:, 1:]  # (N, T-1)
     rows = torch.arange(len(target_mask), device=hidden.device)[:, None].expand_as(target_mask)
     targets = batch.input_ids[:, 1:][target_mask]

@@ -12,11 +12,13 @@ while the chunked log-probs read them (the Liger#332 / trl#6372 failure mode can
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import torch
@@ -32,8 +34,11 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from transformers import PreTrainedModel
 
+from prefopt.errors import ConfigError
 from prefopt.model.adapters import base_checkpoint_key, quantized_params
 from prefopt.model.logprobs import StatsModel
+
+log = logging.getLogger("prefopt")
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,32 @@ def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> World:
             )
     mesh = init_device_mesh(dev.type, (dist.get_world_size(),))
     return World(dist.get_rank(), dist.get_world_size(), local_rank, dev, mesh)
+
+
+def shared_start_time() -> datetime:
+    """The time the first rank of this torchrun job asked, the same on every rank.
+
+    Each rank resolves ``hydra.run.dir`` (``${prefopt.now:...}``) on its own before the process
+    group exists; ranks that start in different seconds would otherwise write their checkpoint
+    shards to different directories. torchrun's agent hosts a store at ``MASTER_ADDR:MASTER_PORT``
+    (``TORCHELASTIC_USE_AGENT_STORE``) from before the workers start: the first rank to ask sets
+    its time there, and every rank reads that one.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        raise ConfigError(
+            f"{os.environ.get('WORLD_SIZE')} ranks started without torchrun's store: they cannot "
+            "agree on a run dir named by the time",
+            fix="pass hydra.run.dir=<dir>, the same on every rank, or launch with torchrun",
+        )
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        is_master=False,
+        timeout=timedelta(seconds=60),
+    )
+    key = f"prefopt/start_time/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    mine = datetime.now().isoformat()
+    return datetime.fromisoformat(store.compare_set(key, "", mine).decode())
 
 
 def decoder_blocks(model: PreTrainedModel) -> list[nn.Module]:
@@ -308,15 +339,46 @@ def all_gather_objects(obj: object) -> list:
     return out
 
 
+WAIT_POLL_S = 0.5  # how often a waiting rank asks the store
+WAIT_LOG_EVERY_S = 60.0  # a rank that waits longer says so this often
+_main_first_calls = 0  # every rank enters the main_first sections in the same order
+
+
 @contextmanager
 def main_first() -> Iterator[None]:
     """Rank 0 runs the block first (converting, downloading, tokenizing into a shared cache);
-    the other ranks wait for it, then run it themselves and find the cache filled."""
+    the other ranks wait for it, then run it themselves and find the cache filled.
+
+    The ranks wait on the process group's store, not in a collective: a 14 GB download or a
+    long tokenization may take longer than ``trainer.collective_timeout_s``, which bounds every
+    collective. A rank that dies meanwhile still ends the job: torchrun's agent stops the others
+    when a worker exits (and a dead rank 0 takes the store with it where it hosts it).
+    """
+    global _main_first_calls
+    if size() == 1:
+        yield
+        return
+    _main_first_calls += 1
+    key = f"prefopt/main_first/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    key += f"/{_main_first_calls}"
     if not is_main():
-        barrier()
+        _wait_for_count(key, 1, "rank 0 (downloading, converting or tokenizing into the cache)")
     yield
-    if is_main():
-        barrier()
+    store = dist.distributed_c10d._get_default_store()
+    store.add(key, 1)
+    _wait_for_count(key, size(), "the other ranks (reading the cache rank 0 filled)")
+
+
+def _wait_for_count(key: str, count: int, whom: str) -> None:
+    """Poll the default store until ``count`` ranks have added 1 to ``key``; no timeout."""
+    store = dist.distributed_c10d._get_default_store()
+    start = time.monotonic()
+    next_log = start + WAIT_LOG_EVERY_S
+    while store.add(key, 0) < count:
+        time.sleep(WAIT_POLL_S)
+        if time.monotonic() >= next_log:
+            log.warning("rank %d: waiting for %s for %.0f s", rank(), whom, next_log - start)
+            next_log += WAIT_LOG_EVERY_S
 
 
 def barrier() -> None:

@@ -42,6 +42,18 @@ def expand(overrides: list[str]) -> list[list[str]]:
     return [job for batch in batches for job in batch]
 
 
+def glue_sbatch_value(argv: list[str]) -> list[str]:
+    """``--sbatch "--cpus-per-task=1"`` as ``--sbatch=--cpus-per-task=1``: argparse takes a value
+    that starts with ``-`` for an option of its own and refuses it."""
+    out = []
+    for arg in argv:
+        if out and out[-1] == "--sbatch":
+            out[-1] = f"--sbatch={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m prefopt.sweeps.expand",
@@ -54,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*")
     argv = sys.argv[1:] if argv is None else argv
     tail = argv[argv.index("--") + 1 :] if "--" in argv else []  # overrides after "--"
-    args = ap.parse_args(argv[: len(argv) - len(tail) - (1 if tail or "--" in argv else 0)])
+    head = argv[: len(argv) - len(tail) - (1 if tail or "--" in argv else 0)]
+    args = ap.parse_args(glue_sbatch_value(head))
     args.overrides += tail
     index = None
     if args.command == "point":

@@ -25,6 +25,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+import prefopt.config  # noqa: F401  (schemas and resolvers; also where a submitit job unpickles)
 from prefopt.checks import validate_config
 from prefopt.errors import PrefoptError, report_user_errors
 
@@ -112,7 +113,6 @@ def main() -> None:
     if any(arg in HELP_FLAGS for arg in sys.argv[1:]):
         print(help_text())
         return
-    import prefopt.config  # noqa: F401  (registers the group schemas before composition)
     import prefopt.losses  # noqa: F401  (registers loss schemas before composition)
 
     train()

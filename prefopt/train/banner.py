@@ -186,8 +186,7 @@ def run_facts(
     """The facts of a composed run: config, tokenizer, tokenized ``data`` (DataSplits), loss
     ``spec``, ``world`` (parallel.World) and the step count. Reads the model config, never
     weights; ``params``, when the caller counted them already (the memory plan), is used as is."""
-    from prefopt.model.attention import kernel_description
-    from prefopt.model.load import local_or_hub, resolve_attn_implementation, tiny_llama_config
+    from prefopt.model.load import local_or_hub, tiny_llama_config
     from prefopt.model.parallel import resolve_precision
     from prefopt.train.extras import reference_model_needed
 
@@ -244,9 +243,7 @@ def run_facts(
         precision=f"{'bf16' if precision.bf16 else 'fp32'} compute, weights on disk {m.dtype}",
         master_dtype=str(precision.master).removeprefix("torch."),
         layout=t.layout,
-        attention=kernel_description(
-            resolve_attn_implementation(m.attn_implementation, t.layout), t.layout, world.device
-        ),
+        attention=attention_line(cfg, tok, world.device.type),
         reference=reference,
         lr=float(cfg.optimizer.lr),
         recipe_lr=recipe.get("lr"),
@@ -254,6 +251,24 @@ def run_facts(
         logger=logger_mode(cfg.logger),
         plan=plan,
     )
+
+
+def attention_line(cfg: DictConfig, tok, device: str) -> str:
+    """The kernel the run's attention uses, as the registry chooses it for this device, layout
+    and precision and for the model's needs (a logit softcap, read from its config.json; when
+    that cannot be read, the choice for a model without one)."""
+    from prefopt.errors import PrefoptError
+    from prefopt.model.attention import Target, choose, kernel_description
+    from prefopt.model.load import model_config
+
+    target = Target.of_trainer(cfg.trainer, device)
+    try:
+        name = model_config(cfg.model, cfg.cache_dir, tok, target)._attn_implementation
+    except PrefoptError:  # the registry's refusal: the user's to fix
+        raise
+    except (OSError, ValueError):  # config.json unreachable (no network, no cache)
+        name = choose(cfg.model.attn_implementation, target)
+    return kernel_description(name, cfg.trainer.layout, device)
 
 
 def _trainable(t, m) -> str:

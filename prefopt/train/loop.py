@@ -29,7 +29,7 @@ from tqdm import tqdm
 import prefopt.losses  # noqa: F401  (registers loss schemas before composition)
 from prefopt.checks import validate, validate_batching
 from prefopt.data.collate import views_at
-from prefopt.errors import HubError
+from prefopt.errors import HubError, TrainingError
 from prefopt.losses import build_loss
 from prefopt.model import parallel
 from prefopt.model.load import load_tokenizer
@@ -54,12 +54,17 @@ log = logging.getLogger("prefopt")
 MAX_CONSECUTIVE_SKIPS = 10
 
 
-def count_skip(state: TrainState, consecutive: int) -> int:
+def count_skip(state: TrainState, consecutive: int, lr: float) -> int:
     """Record a skipped step; stop the run after ``MAX_CONSECUTIVE_SKIPS`` in a row."""
     state.skipped_steps += 1
     log.warning("step %d skipped: no valid group, or a non-finite loss or gradient", state.step)
     if consecutive + 1 >= MAX_CONSECUTIVE_SKIPS:
-        raise FloatingPointError(f"{consecutive + 1} consecutive steps skipped; stopping")
+        raise TrainingError(
+            f"{consecutive + 1} consecutive steps skipped, up to step {state.step + 1} at learning "
+            f"rate {lr:.3g}: the loss or the gradient was not finite, or no group was valid",
+            fix="lower optimizer.lr (diverging weights); if the first steps fail too, check the "
+            "data's scores, or train in fp32 (trainer.precision=fp32)",
+        )
     return consecutive + 1
 
 
@@ -169,7 +174,7 @@ def run(  # noqa: C901  (one function from build to summary, read top to bottom)
                 state.loss_state = spec.update_state(state.loss_state, stat_sums, cfg.loss)
             consecutive_skips = 0
         else:  # never let a NaN reach the weights; the data is consumed all the same
-            consecutive_skips = count_skip(state, consecutive_skips)
+            consecutive_skips = count_skip(state, consecutive_skips, lr)
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
         state.consumed += G

@@ -77,6 +77,7 @@ class PlanInputs:
     # trainer.train_top_blocks: the blocks that keep activations for the backward (None: all);
     # nothing below the first trainable block needs a gradient, so nothing there is kept
     activation_blocks: int | None = None
+    attention_bytes: int = 0  # a dense attention kernel's (L, L) mask and scores (the registry's)
     # trainer.grad_sync=last: until a step's last micro-batch FSDP2 keeps every trainable
     # parameter's gradient unsharded, in the reduce dtype (fp32), on every rank
     unsharded_accumulation: bool = False
@@ -125,6 +126,8 @@ def plan_memory(shape: Shape, p: PlanInputs) -> MemoryPlan:
     else:
         rows["activations"] = kept * per_block
     rows["log-prob chunk (fp32 logits)"] = 3 * p.chunk_tokens * shape.vocab * 4
+    if p.attention_bytes:  # eager/sdpa: memory that grows with the square of the row
+        rows["attention (dense (L, L) mask, scores)"] = p.attention_bytes
     # Loading: each rank reads only its slices of the (bf16) weight files.
     return MemoryPlan(rows, shape.params * 2 // W, shape.params, trainable)
 
@@ -209,14 +212,27 @@ def shape_and_inputs(cfg, world_size: int, device_type: str) -> tuple[Shape, Pla
     LoRA, the adapters are the trainable parameters and the reference is the policy itself; with
     ``trainer.train_top_blocks``, the top blocks and the final norm, as the loop freezes them."""
     from prefopt.model.adapters import count_adapter_parameters
+    from prefopt.model.attention import workspace_bytes
     from prefopt.model.freeze import freeze_below_top_blocks
     from prefopt.model.load import empty_model, model_config, tiny_tokenizer
 
     tok = tiny_tokenizer() if cfg.model.source == "tiny" else None
-    config = model_config(cfg.model, cfg.cache_dir, tok, shapes_only=True)
+    eager = cfg.model.copy()  # the shapes do not depend on the attention kernel: eager
+    eager.attn_implementation = "eager"  # runs on any machine the plan runs on
+    config = model_config(eager, cfg.cache_dir, tok, shapes_only=True)
     model = empty_model(cfg.model, config)
     shape = Shape.of(model)
     inputs = inputs_from_config(cfg, world_size, device_type)
+    t = cfg.trainer
+    attention = workspace_bytes(
+        cfg.model.attn_implementation,
+        t.layout,
+        inputs.micro_batch_tokens,
+        cfg.dataset.max_length,
+        config.num_attention_heads,
+        inputs.compute_bytes,
+    )
+    inputs = replace(inputs, attention_bytes=attention)
     top = cfg.trainer.get("train_top_blocks", 0)
     if top > 0:  # the frozen blocks are held in the compute dtype, like a LoRA base
         trained = freeze_below_top_blocks(model, top)

@@ -18,6 +18,7 @@ from prefopt.data.loading import DataSplits, build_splits, make_views
 from prefopt.data.tokenize import TokenizeOptions, Tokenizer
 from prefopt.losses import LossSpec
 from prefopt.model import adapters, parallel
+from prefopt.model.attention import Target
 from prefopt.model.freeze import freeze_below_top_blocks
 from prefopt.model.load import empty_model, initial_weights, load_model, model_config
 from prefopt.model.logprobs import StatsModel, compile_blocks
@@ -45,9 +46,9 @@ def build_models(
     allocates and reads only its own shards, so host memory per rank stays a small fraction of
     the model. The reference is loaded from the same files, never copied from the policy.
     """
-    t = cfg.trainer
+    t, device = cfg.trainer, world.device.type
     with parallel.main_first():  # rank 0 converts or downloads once; the others reuse it
-        config = model_config(cfg.model, cfg.cache_dir, tok, t.layout)
+        config = model_config(cfg.model, cfg.cache_dir, tok, Target.of_trainer(t, device))
         weights = initial_weights(cfg.model, cfg.cache_dir, tok, cfg.seed)
     ref_model = reference_model_needed(spec, cfg.loss, t.reference)
     quantized = cfg.model.quantize != "none"

@@ -21,10 +21,10 @@ _outcomes: list[tuple[str, str, float]] = []
 def fresh_compile():
     """Each test starts with no compiled graphs: the tests use more dtypes and head shapes than
     one run does, and dynamo's recompile limit (8) counts across them."""
-    from prefopt.model import attention
+    from prefopt.model.kernels import flex
 
     torch._dynamo.reset()
-    attention._compiled_flex = None
+    flex._compiled_flex = None
     yield
 
 

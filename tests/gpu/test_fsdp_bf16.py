@@ -43,7 +43,7 @@ def _changed_fraction(tok, make_optimizer, master: str = "float32") -> float:
         name_or_path="tiny",
         source="tiny",
         dtype="bfloat16",
-        attn_implementation="prefopt_docs",
+        attn_implementation="auto",  # the recipe's: a FlashAttention varlen kernel on CUDA
         tiny=tiny,
     )
     hf = load_model(OmegaConf.structured(cfg), "/nonexistent", tok, seed=0)
