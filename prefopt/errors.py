@@ -52,12 +52,6 @@ class CheckpointError(PrefoptError, RuntimeError):
     kind = "checkpoint error"
 
 
-class CacheError(PrefoptError, RuntimeError):
-    """A cache entry that cannot be read or rebuilt. The message names its directory."""
-
-    kind = "cache error"
-
-
 class TrainingError(PrefoptError, FloatingPointError):
     """A run that cannot go on as configured (step after step not finite). The message names
     the step and the value to change."""

@@ -304,15 +304,6 @@ def summary(policy: nn.Module) -> AdapterSummary | None:
     return AdapterSummary(trainable, sum(_numel(p) for p in params), "adapters off")
 
 
-def reference_mode(policy: nn.Module, uses_reference: bool, precompute: bool) -> str:
-    """The reference in use, for the run banner: ``uses_reference`` is the loss's need (or KTO's
-    baseline, SPO's KL), ``precompute`` is ``trainer.reference=precompute``."""
-    if not uses_reference:
-        return "none (reference-free loss)"
-    base = "adapters off" if is_adapted(policy) else "frozen copy of the starting weights"
-    return f"precomputed log-probs ({base})" if precompute else base
-
-
 def count_adapter_parameters(hf_config: PretrainedConfig, lora: LoraConfig) -> tuple[int, int]:
     """(adapter parameters, base parameters) of ``lora`` on the architecture ``hf_config``
     describes, counted on the meta device (no memory, about a second for 8B): what a memory

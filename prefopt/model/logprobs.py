@@ -151,23 +151,26 @@ def sequence_kl(
 
 
 class StatsModel(nn.Module):
-    """A causal LM whose forward returns GroupStats, so FSDP's root hooks cover the output layer."""
+    """A causal LM whose forward returns GroupStats, so FSDP's root hooks cover the output layer.
+
+    ``kl`` is a second forward (``prefopt.model.parallel.shard`` registers it with FSDP, so the
+    root's parameters are gathered for it as for ``forward``): each returns one type."""
 
     def __init__(self, model: PreTrainedModel) -> None:
         super().__init__()
         self.model = model
 
-    def forward(
-        self, batch: Batch, chunk_size: int, kl_ref: StatsModel | None = None
-    ) -> GroupStats | Tensor:
-        """GroupStats of the batch, or with ``kl_ref`` the (N,) per-row KL(self || kl_ref).
+    def forward(self, batch: Batch | PackedBatch, chunk_size: int) -> GroupStats:
+        """GroupStats of the batch."""
+        return group_stats(self.model, batch, chunk_size)
+
+    def kl(self, batch: Batch | PackedBatch, chunk_size: int, ref: StatsModel) -> Tensor:
+        """(N,) per-row KL(self || ref) over the response tokens (``sequence_kl``).
 
         The reference's own (root) parameters must be gathered by the caller, ``unsharded``,
         until after the backward: the chunked KL recomputes its logits there.
         """
-        if kl_ref is None:
-            return group_stats(self.model, batch, chunk_size)
-        return sequence_kl(self.model, kl_ref.model, batch, chunk_size)
+        return sequence_kl(self.model, ref.model, batch, chunk_size)
 
 
 def compile_blocks(model: PreTrainedModel, dynamic: bool = True) -> PreTrainedModel:

@@ -31,7 +31,12 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
 )
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import (
+    FSDPModule,
+    MixedPrecisionPolicy,
+    fully_shard,
+    register_fsdp_forward_method,
+)
 from transformers import PreTrainedModel
 
 from prefopt.errors import ConfigError
@@ -182,6 +187,7 @@ def shard(
     # backward, so its root is freed after each forward.
     root_reshard = {} if trainable else {"reshard_after_forward": True}
     fully_shard(wrapper, mesh=world.mesh, mp_policy=mp, ignored_params=ignored, **root_reshard)
+    register_fsdp_forward_method(wrapper, "kl")  # SPO's KL: the root gathered as for forward
     for unit in [*units, wrapper]:
         # Sum gradients over ranks instead of averaging: the loop divides by the number of valid
         # groups of the whole step, over all ranks, in one place.

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from prefopt.model.parallel import all_reduce_sum, size
+from prefopt.model.parallel import all_reduce_sum
 from prefopt.types import LossOutput
 
 COUNTS = ("valid_groups", "groups", "tokens")
@@ -40,10 +40,6 @@ class MetricSums:
         for name, value in out.stat_updates.items():
             value = value.detach().double()
             self.stats[name] = self.stats[name] + value if name in self.stats else value
-
-    def add_scalar(self, name: str, value: Tensor) -> None:
-        """A per-rank scalar (SPO's regularizer) that ``finish`` averages over ranks."""
-        self._add(f"rank_mean/{name}", value.detach().double().reshape(()))
 
     def stat_sums(self) -> dict[str, Tensor]:
         """``LossOutput.stat_updates`` summed over micro-batches and ranks."""
@@ -77,20 +73,16 @@ class ReducedMetrics:
         return self.packed[self.names.index(name)]
 
     def read(self, extra: dict[str, Tensor] | None = None) -> dict[str, float]:
-        """One device-to-host transfer: averages over valid groups (per-rank scalars over ranks)
-        plus counts, flags (how many ranks raised them) and ``extra`` scalars as they are."""
+        """One device-to-host transfer: averages over valid groups plus counts, flags (how many ranks raised them) and ``extra`` scalars as they are."""
         extra = extra or {}
         tail = [v.detach().double().reshape(()).to(self.packed.device) for v in extra.values()]
         values = torch.cat([self.packed, torch.stack(tail)]) if tail else self.packed
         host = dict(zip([*self.names, *extra], values.tolist(), strict=True))
         valid = host.get("valid_groups", 0.0)
-        world = size()
         out: dict[str, float] = {}
         for name, value in host.items():
             if name in COUNTS or name.startswith("flag/") or name in extra:
                 out[name] = value
-            elif name.startswith("rank_mean/"):
-                out[name.removeprefix("rank_mean/")] = value / world
             else:
                 out[name] = value / max(valid, 1)
         out["skipped_groups"] = out.pop("groups", 0.0) - valid

@@ -56,7 +56,7 @@ def kl_on_samples(
     """Mean over samples of the per-sequence summed token-wise KL (SPO Eq. 15)."""
     groups = [(TokenizedGroup(p, [r], [r[-1] == eos_id], [0.0]), (0,)) for p, r in samples]
     batch = collate(groups, pad_id).to(next(policy.parameters()).device)
-    return policy(batch, chunk_size, kl_ref=ref).mean()
+    return policy.kl(batch, chunk_size, ref).mean()
 
 
 class OnPolicyKL(StepExtra):
