@@ -67,7 +67,12 @@ from prefopt.model.load import tiny_tokenizer  # noqa: E402
 from prefopt.model.logprobs import compile_blocks  # noqa: E402
 from prefopt.train.optim import build_optimizer  # noqa: E402
 from prefopt.train.setup import make_autocast  # noqa: E402
-from prefopt.train.step import StepContext, step_micro_batches, train_step  # noqa: E402
+from prefopt.train.step import (  # noqa: E402
+    LossContext,
+    StepContext,
+    step_micro_batches,
+    train_step,
+)
 from prefopt.train.summary import git_commit  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -273,7 +278,7 @@ def compose_recipe(args: argparse.Namespace, run: Run) -> DictConfig:
 def prefopt_step(policy, ref, micro_batches, spec, loss_fn, t: DictConfig, autocast) -> float:
     """One optimizer step's gradients by the loop's own ``train_step``; its gradient norm
     (NaN when the loop would skip the step)."""
-    ctx = StepContext(spec, loss_fn, autocast, t.logps_chunk_size, t.max_grad_norm)
+    ctx = StepContext(LossContext(spec, loss_fn, t.logps_chunk_size), autocast, t.max_grad_norm)
     result = train_step(policy, ref, micro_batches, ctx)
     return result.metrics["grad_norm"] if result.applied else math.nan
 

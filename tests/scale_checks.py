@@ -23,7 +23,12 @@ from prefopt.losses import build_loss  # noqa: E402
 from prefopt.model import parallel  # noqa: E402
 from prefopt.model.load import empty_model, initial_weights, load_tokenizer, model_config  # noqa: E402
 from prefopt.train.setup import prepare_data  # noqa: E402
-from prefopt.train.step import StepContext, step_micro_batches, train_step  # noqa: E402
+from prefopt.train.step import (  # noqa: E402
+    LossContext,
+    StepContext,
+    step_micro_batches,
+    train_step,
+)
 
 
 def compose_cfg(tmp: Path, *overrides: str):
@@ -88,7 +93,9 @@ def skip_check(tmp: Path) -> None:
         data = prepare_data(cfg, tok, spec)
         mbs = step_micro_batches(cfg.trainer, data, views, world, tok.pad_token_id)
         assert len(mbs) >= 2
-        ctx = StepContext(spec, fn, contextlib.nullcontext(), 64, cfg.trainer.max_grad_norm)
+        ctx = StepContext(
+            LossContext(spec, fn, 64), contextlib.nullcontext(), cfg.trainer.max_grad_norm
+        )
         return train_step(model, None, mbs, ctx)
 
     step1, step2 = views_at(16, 0, 0, 8), views_at(16, 0, 8, 8)
@@ -163,7 +170,7 @@ def grad_memory_check(tmp: Path) -> None:
             for batch, synced in ((first, sync == "every"), (last, True)):
                 parallel.set_gradient_sync(policy, synced)
                 with autocast:
-                    out = forward_loss(policy, None, batch, spec, loss_fn, 64)
+                    out = forward_loss(policy, None, batch, LossContext(spec, loss_fn, 64))
                 out.losses.sum().backward()
                 held.append(fsdp_gradient_bytes(policy))
             sharded = plan.rows["gradients (sharded)"]

@@ -32,7 +32,7 @@ from prefopt.train.loop import run
 from prefopt.train.optim import build_optimizer
 from prefopt.train.passes import PassOptions
 from prefopt.train.setup import build_models, prepare_data
-from prefopt.train.step import StepContext, step_micro_batches, train_step
+from prefopt.train.step import LossContext, StepContext, step_micro_batches, train_step
 
 LORA = ("+model/lora=default", "model.lora.rank=4", "model.lora.alpha=8")
 
@@ -86,7 +86,9 @@ def test_lora_trains_only_adapters_and_its_reference_is_the_base(
     for step in range(3):
         order = views[4 * step : 4 * step + 4]
         mbs = step_micro_batches(cfg.trainer, data, order, world, tok.pad_token_id)
-        ctx = StepContext(spec, loss_fn, nullcontext(), 1024, cfg.trainer.max_grad_norm)
+        ctx = StepContext(
+            LossContext(spec, loss_fn, 1024), nullcontext(), cfg.trainer.max_grad_norm
+        )
         result = train_step(policy, ref, mbs, ctx)
         assert result.applied and result.metrics["grad_norm"] > 0
         optimizer.step()
@@ -129,7 +131,7 @@ def test_bf16_keeps_the_frozen_base_in_bf16_and_fp32_adapters(tmp_path, tiny_dat
     dtypes = {(p.requires_grad, p.dtype) for p in policy.parameters()}
     assert dtypes == {(True, torch.float32), (False, torch.bfloat16)}
     mbs = step_micro_batches(cfg.trainer, data, [0, 1, 2, 3], world, tok.pad_token_id)
-    ctx = StepContext(spec, loss_fn, autocast, 1024, cfg.trainer.max_grad_norm)
+    ctx = StepContext(LossContext(spec, loss_fn, 1024), autocast, cfg.trainer.max_grad_norm)
     result = train_step(policy, ref, mbs, ctx)
     assert result.applied and 0 < result.metrics["grad_norm"] < float("inf")
     grads = [p.grad for p in policy.parameters() if p.grad is not None]

@@ -27,7 +27,7 @@ from prefopt.train.extras import (
     extra_classes,
     reference_model_needed,
 )
-from prefopt.train.step import StepContext, train_step
+from prefopt.train.step import LossContext, StepContext, train_step
 from prefopt.types import LossOutput
 
 # ----------------------------------------------------------------------------------------------
@@ -162,15 +162,9 @@ def test_toy_extra_input_reaches_the_loss_and_its_gradient_the_parameters(tmp_pa
     views, state = [0, 1, 2], {}
     rows = StepRows(data.train, data.train_views, views)
     mbs = list(batches(data.train, data.train_views, views, 2, tok.pad_token_id, "cpu"))
-    ctx = StepContext(
-        spec,
-        loss_fn,
-        contextlib.nullcontext(),
-        1024,
-        1e9,
-        inputs=extras.inputs(policy, rows),
-        regularizer=extras.regularizer(policy, rows, state),
-    )
+    loss = LossContext(spec, loss_fn, 1024, inputs=extras.inputs(policy, rows))
+    regularizer = extras.regularizer(policy, rows, state)
+    ctx = StepContext(loss, contextlib.nullcontext(), 1e9, regularizer=regularizer)
     result = train_step(policy, None, mbs, ctx)
     assert result.applied and state == {"toy": {"calls": 1}}
     assert result.metrics["toy/step_views"] == 3.0  # every group of the step got len(order)

@@ -32,7 +32,7 @@ from prefopt.model.load import load_model
 from prefopt.model.logprobs import StatsModel, group_stats
 from prefopt.train.banner import attention_line
 from prefopt.train.plan import plan_memory, shape_and_inputs
-from prefopt.train.step import forward_loss
+from prefopt.train.step import LossContext, forward_loss
 
 CUDA_BF16 = dict(device="cuda", half=True)
 
@@ -274,7 +274,7 @@ def test_first_dpo_step_is_ln2_in_every_layout_and_kernel(tok, layout):
     assert set(CPU_KERNELS) == {"prefopt_varlen_ref", "sdpa", "eager"}
     for name in CPU_KERNELS:
         with torch.no_grad():  # the loss's value
-            out = forward_loss(StatsModel(_tiny(name)), None, batch, spec, loss_fn, 16)
+            out = forward_loss(StatsModel(_tiny(name)), None, batch, LossContext(spec, loss_fn, 16))
         valid = out.losses[out.valid]
         assert len(valid) == 4, name  # the single-response group has no pair
         torch.testing.assert_close(valid, torch.full_like(valid, math.log(2)), rtol=0, atol=1e-5)

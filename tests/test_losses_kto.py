@@ -8,6 +8,7 @@ import torch
 from loss_helpers import sigmoid, stats
 
 from prefopt.losses.kto import kto_loss
+from prefopt.train.extras import StepRows
 from prefopt.train.extras.mismatched_kl import mismatched_pairs
 
 KW = dict(beta=0.5, lambda_d=1.0, lambda_u=2.0, labels="best_worst")
@@ -83,7 +84,7 @@ def test_mismatched_pairs_take_the_next_view_of_the_step_cyclically():
     ]
     data = datasets.Dataset.from_list(rows)
     views = [(0, (0, 1)), (1, (1, 0)), (2, (1, 0))]
-    pairs = mismatched_pairs(data, views, [2, 0, 1])  # the step's order: views 2, 0, 1
+    pairs = mismatched_pairs(StepRows(data, views, [2, 0, 1]))  # the step's order: views 2, 0, 1
     got = [(g.prompt_ids, g.response_ids[0], g.has_eos[0]) for g, _ in pairs]
     assert got == [([1, 13], [20, 3], True), ([1, 10], [24, 3], True), ([1, 11, 12], [26], False)]
     assert [idx for _, idx in pairs] == [(0,), (0,), (0,)]

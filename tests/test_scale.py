@@ -20,7 +20,7 @@ from prefopt.model.load import load_model
 from prefopt.train.extras import ExtraEnv, StepExtras, StepRows
 from prefopt.train.passes import PassOptions
 from prefopt.train.setup import prepare_data
-from prefopt.train.step import StepContext, step_micro_batches, train_step
+from prefopt.train.step import LossContext, StepContext, step_micro_batches, train_step
 
 
 def _world():
@@ -43,7 +43,9 @@ def test_bf16_weights_train_as_fp32_master_weights(tmp_path):
     spec, loss_fn = build_loss(cfg.loss)
     data = prepare_data(cfg, tok, spec)
     mbs = step_micro_batches(cfg.trainer, data, views_at(16, 0, 0, 4), world, tok.pad_token_id)
-    ctx = StepContext(spec, loss_fn, torch.autocast("cpu", dtype=torch.bfloat16), 64, 1.0)
+    ctx = StepContext(
+        LossContext(spec, loss_fn, 64), torch.autocast("cpu", dtype=torch.bfloat16), 1.0
+    )
     assert train_step(policy, None, mbs, ctx).applied
     opt = torch.optim.AdamW(policy.parameters(), lr=5e-7, betas=(0.9, 0.95), weight_decay=0.0)
     opt.step()
@@ -102,7 +104,7 @@ def _kto_grads(tmp_path, micro: int):
     extras = StepExtras.build(spec, cfg.loss, ExtraEnv(ref, opts, tok.eos_token_id))
     inputs = extras.inputs(policy, StepRows(data.train, data.train_views, views))
     mbs = list(batches(data.train, data.train_views, views, micro, tok.pad_token_id, "cpu"))
-    ctx = StepContext(spec, loss_fn, contextlib.nullcontext(), 64, 1e9, inputs=inputs)
+    ctx = StepContext(LossContext(spec, loss_fn, 64, inputs=inputs), contextlib.nullcontext(), 1e9)
     result = train_step(policy, ref, mbs, ctx)
     grads = full_grads(policy)
     policy.zero_grad(set_to_none=True)

@@ -18,7 +18,7 @@ from hydra import compose, initialize_config_dir
 from prefopt.losses import LOSSES, build_loss
 from prefopt.model.logprobs import StatsModel
 from prefopt.train.loop import run
-from prefopt.train.step import StepContext, train_step
+from prefopt.train.step import LossContext, StepContext, train_step
 
 
 def _cfg(run_dir: Path, data: tuple[Path, Path], *overrides: str):
@@ -119,7 +119,9 @@ def _step_grads(tmp_path, tiny_data, micro: int) -> list[torch.Tensor]:
     mbs = batches(data.train, data.train_views, [0, 1, 2, 3], micro, tok.pad_token_id, "cpu")
     import contextlib
 
-    ctx = StepContext(spec, loss_fn, contextlib.nullcontext(), 1024, cfg.trainer.max_grad_norm)
+    ctx = StepContext(
+        LossContext(spec, loss_fn, 1024), contextlib.nullcontext(), cfg.trainer.max_grad_norm
+    )
     train_step(StatsModel(model), None, list(mbs), ctx)
     return [p.grad.clone() for p in model.parameters()]
 
@@ -162,7 +164,9 @@ def test_non_finite_loss_never_reaches_the_optimizer(tmp_path, tiny_data):
     mbs = batches(data.train, data.train_views, [0, 1], 2, tok.pad_token_id, "cpu")
     import contextlib
 
-    ctx = StepContext(spec, nan_loss, contextlib.nullcontext(), 1024, cfg.trainer.max_grad_norm)
+    ctx = StepContext(
+        LossContext(spec, nan_loss, 1024), contextlib.nullcontext(), cfg.trainer.max_grad_norm
+    )
     result = train_step(StatsModel(model), None, list(mbs), ctx)
     assert not result.applied  # the loop skips optimizer.step()
     assert math.isnan(result.metrics["loss"])

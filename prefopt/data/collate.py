@@ -14,6 +14,8 @@ from torch import Tensor
 
 from prefopt.data.tokenize import TokenizedGroup
 
+Group = tuple[TokenizedGroup, tuple[int, ...]]  # a group and the response indices of its view
+
 
 class Batch(NamedTuple):
     input_ids: Tensor  # (N, T) one row per real response, right-padded
@@ -47,7 +49,7 @@ class Batch(NamedTuple):
         return Batch(*(t.to(device) if isinstance(t, Tensor) else t for t in self))
 
 
-def collate(groups: list[tuple[TokenizedGroup, tuple[int, ...]]], pad_id: int) -> Batch:
+def collate(groups: list[Group], pad_id: int) -> Batch:
     """Lay out groups (each with the response indices of its view) as padded rows."""
     rows = [
         (b, k, g.prompt_ids, g.response_ids[r])
@@ -75,7 +77,7 @@ def collate(groups: list[tuple[TokenizedGroup, tuple[int, ...]]], pad_id: int) -
     )
 
 
-def group_fields(groups: list[tuple[TokenizedGroup, tuple[int, ...]]]) -> tuple[Tensor, ...]:
+def group_fields(groups: list[Group]) -> tuple[Tensor, ...]:
     """(scores float32, mask bool, has_eos bool), each (B, K): the fields every layout shares."""
     B, K = len(groups), max(len(idx) for _, idx in groups)
     scores = torch.zeros((B, K), dtype=torch.float32)
@@ -88,7 +90,7 @@ def group_fields(groups: list[tuple[TokenizedGroup, tuple[int, ...]]]) -> tuple[
     return scores, mask, has_eos
 
 
-def per_slot(groups: list[tuple[TokenizedGroup, tuple[int, ...]]], field: str) -> Tensor | None:
+def per_slot(groups: list[Group], field: str) -> Tensor | None:
     """(B, K) float32 of a per-response list field, or None when the groups lack it."""
     if any(getattr(g, field) is None for g, _ in groups):
         return None

@@ -24,6 +24,7 @@ from typing import NamedTuple
 import datasets
 
 from prefopt.atomic import file_sha256, publish_dir
+from prefopt.data.collate import Group
 from prefopt.data.example import DataError
 from prefopt.data.schemas import ParseOptions, parse_row
 from prefopt.data.sources import iter_rows, read_rows, source_key
@@ -35,7 +36,15 @@ from prefopt.data.tokenize import (
 )
 from prefopt.errors import ConfigError
 
-__all__ = ["DataSplits", "build_splits", "group_at", "iter_rows", "load_tokenized", "make_views"]
+__all__ = [
+    "DataSplits",
+    "build_splits",
+    "group_at",
+    "iter_rows",
+    "load_tokenized",
+    "make_views",
+    "view_group",
+]
 log = logging.getLogger(__name__)
 datasets.disable_progress_bars()  # one bar per cache write drowns the training log
 CACHE_VERSION = "2"  # 2: entries carry manifest.json
@@ -174,6 +183,12 @@ def load_tokenized(
 
 def group_at(data: datasets.Dataset, i: int) -> TokenizedGroup:
     return TokenizedGroup(**data[i])
+
+
+def view_group(data: datasets.Dataset, view: View) -> Group:
+    """The tokenized group a view reads and the indices of its responses."""
+    row, idx = view
+    return group_at(data, row), idx
 
 
 def make_views(data: datasets.Dataset, pairs: str | None) -> list[View]:

@@ -35,12 +35,12 @@ import datasets
 import torch
 from torch import Tensor
 
-from prefopt.data.collate import Batch, collate, group_fields, per_slot
+from prefopt.data.collate import Batch, Group, collate, group_fields, per_slot
 from prefopt.data.loading import View, group_at
 from prefopt.data.tokenize import TokenizedGroup
 
 LAYOUTS = ("padded", "packed", "shared")
-Groups = list[tuple[TokenizedGroup, tuple[int, ...]]]
+Groups = list[Group]
 FLEX_BLOCK = 128  # FlexAttention's block size: compiled kernels read mask inputs up to a multiple
 
 

@@ -53,9 +53,11 @@ from prefopt.eval.prompts import last_user, load_prompts, read_records
 from prefopt.losses import build_loss
 from prefopt.model import parallel
 from prefopt.model.load import load_model
-from prefopt.train.extras import ExtraEnv, StepExtras, reference_model_needed
-from prefopt.train.passes import PassOptions, evaluate
+from prefopt.train.extras import ExtraEnv, StepExtras, StepRows, reference_model_needed
+from prefopt.train.heldout import evaluate
+from prefopt.train.passes import PassOptions
 from prefopt.train.setup import make_autocast, prepare_data
+from prefopt.train.step import LossContext
 
 log = logging.getLogger("prefopt")
 TASKS = ("constraints", "preference", "lengths", "judge")
@@ -157,11 +159,10 @@ def preference(cfg: DictConfig, hf_model, tok) -> dict[str, float]:
         ref = parallel.shard(ref_hf, world, precision, trainable=False)
     state = spec.init_state(cfg.loss) if spec.state else None
     t = cfg.trainer
-    passes = PassOptions.of(t, tok.pad_token_id, autocast, world)
+    passes = PassOptions.of(t, tok.pad_token_id, autocast)
     extras = StepExtras.build(spec, cfg.loss, ExtraEnv(ref, passes, tok.eos_token_id))
-    metrics = evaluate(
-        policy, ref, data.eval, data.eval_views, spec, loss_fn, passes, state, extras
-    )
+    ctx = LossContext(spec, loss_fn, t.logps_chunk_size, state)
+    metrics = evaluate(policy, ref, StepRows.split(data.eval, data.eval_views), ctx, passes, extras)
     return {"loss_name": spec.name, **metrics}
 
 

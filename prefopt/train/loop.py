@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -42,12 +43,13 @@ from prefopt.train.checkpoint import (
     save_checkpoint,
 )
 from prefopt.train.extras import ExtraEnv, StepExtras, StepRows
+from prefopt.train.heldout import evaluate
 from prefopt.train.logger import SweepInfo, build_logger
 from prefopt.train.optim import build_optimizer, lr_at, set_lr
-from prefopt.train.passes import PassOptions, evaluate
+from prefopt.train.passes import PassOptions
 from prefopt.train.plan import format_plan, plan_for_run
 from prefopt.train.setup import build_models, make_autocast, prepare_data
-from prefopt.train.step import StepContext, step_micro_batches, train_step
+from prefopt.train.step import LossContext, StepContext, step_micro_batches, train_step
 from prefopt.train.summary import best_of, export, git_commit, peak_memory_gib, print_eval
 
 log = logging.getLogger("prefopt")
@@ -109,7 +111,7 @@ def run(  # noqa: C901  (one function from build to summary, read top to bottom)
         show_first_batch(step_micro_batches(t, data, first_views, world, tok.pad_token_id))
         return {}
     # no-grad passes (evaluation, reference log-probs, the loss's extras): batch, chunk, share
-    passes = PassOptions.of(t, tok.pad_token_id, autocast, world)
+    passes = PassOptions.of(t, tok.pad_token_id, autocast)
     policy, ref, data = build_models(cfg, spec, tok, data, world, precision, passes)
     # what the loss declares beyond (policy, ref, scores): per-step inputs and regularizers
     extras = StepExtras.build(spec, cfg.loss, ExtraEnv(ref, passes, tok.eos_token_id))
@@ -124,10 +126,18 @@ def run(  # noqa: C901  (one function from build to summary, read top to bottom)
     policy.train()
     logger = build_logger(cfg.logger, run_dir, cfg, sweep)
 
+    # what the loss needs besides the models and a batch: the same in the step and the evaluation
+    step_ctx = StepContext(
+        LossContext(spec, loss_fn, t.logps_chunk_size),
+        autocast,
+        t.max_grad_norm,
+        sync_every_micro_batch=t.grad_sync == "every",
+    )
+    eval_rows = StepRows.split(data.eval, data.eval_views)
+
     def run_eval() -> dict[str, float]:
-        metrics = evaluate(
-            policy, ref, data.eval, data.eval_views, spec, loss_fn, passes, state.loss_state, extras
-        )
+        ctx = replace(step_ctx.loss, state=state.loss_state)
+        metrics = evaluate(policy, ref, eval_rows, ctx, passes, extras)
         logger.log({f"eval/{k}": v for k, v in metrics.items()}, step=state.step)
         return metrics
 
@@ -154,17 +164,7 @@ def run(  # noqa: C901  (one function from build to summary, read top to bottom)
         rows = StepRows(data.train, data.train_views, step_views, state.step)
         inputs = extras.inputs(policy, rows)
         regularizer = extras.regularizer(policy, rows, state.extra_state)
-        ctx = StepContext(
-            spec,
-            loss_fn,
-            autocast,
-            t.logps_chunk_size,
-            t.max_grad_norm,
-            state.loss_state,
-            inputs,
-            regularizer,
-            t.grad_sync == "every",
-        )
+        ctx = step_ctx.for_step(state.loss_state, inputs, regularizer)
         metrics, applied, stop_signal, stat_sums = train_step(
             policy, ref, micro_batches, ctx, preempt.requested
         )

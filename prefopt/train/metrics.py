@@ -73,7 +73,8 @@ class ReducedMetrics:
         return self.packed[self.names.index(name)]
 
     def read(self, extra: dict[str, Tensor] | None = None) -> dict[str, float]:
-        """One device-to-host transfer: averages over valid groups plus counts, flags (how many ranks raised them) and ``extra`` scalars as they are."""
+        """One device-to-host transfer: averages over valid groups, plus counts, flags (how many
+        ranks raised them) and ``extra`` scalars as they are."""
         extra = extra or {}
         tail = [v.detach().double().reshape(()).to(self.packed.device) for v in extra.values()]
         values = torch.cat([self.packed, torch.stack(tail)]) if tail else self.packed

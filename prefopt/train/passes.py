@@ -1,85 +1,73 @@
-"""No-grad passes over a split: their settings (``PassOptions``) and held-out evaluation."""
+"""No-grad passes over many groups (held-out evaluation, reference log-probs, KTO's mismatched
+pairs): their settings (``PassOptions``) and the one loop they share, ``rank_batches``: each
+rank takes a slice of the groups, every rank runs as many forwards, and the groups that only even
+out the slices are marked so that nothing counts them.
+
+Nothing here knows a loss or an extra; ``prefopt.train.heldout`` (evaluation),
+``prefopt.train.reference`` and ``prefopt.train.extras`` build on it.
+"""
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from typing import NamedTuple
 
-import datasets
-import torch
+from torch import nn
 
-from prefopt.data.loading import View
-from prefopt.data.packing import batches
-from prefopt.losses import LossSpec
-from prefopt.losses.registry import LossFn, LossState
+from prefopt.config import TrainerConfig
+from prefopt.data.collate import Batch, Group
+from prefopt.data.packing import PackedBatch, collate_layout
 from prefopt.model import parallel
-from prefopt.model.logprobs import StatsModel
-from prefopt.model.parallel import rank_slice
-from prefopt.train.extras import StepExtras, StepRows
-from prefopt.train.metrics import MetricSums
-from prefopt.train.step import forward_loss
 
 
 class PassOptions(NamedTuple):
-    """How a no-grad pass over a split runs (evaluation, reference log-probs, step extras):
-    groups per forward, padding id, log-prob chunk, precision, this rank's share, layout."""
+    """How a no-grad pass runs: groups per forward, padding id, log-prob chunk, precision
+    (autocast), layout. Each rank takes its own slice (``parallel.rank()`` of ``size()``)."""
 
     batch_groups: int
     pad_id: int
     chunk_size: int
     autocast: AbstractContextManager
-    rank: int = 0
-    world_size: int = 1
     layout: str = "padded"
 
     @classmethod
-    def of(cls, t, pad_id: int, autocast: AbstractContextManager, world) -> PassOptions:
-        """From ``trainer`` settings and the ``parallel.World`` (rank, ranks)."""
-        return cls(
-            t.eval_batch_groups,
-            pad_id,
-            t.logps_chunk_size,
-            autocast,
-            world.rank,
-            world.world_size,
-            t.layout,
-        )
+    def of(cls, t: TrainerConfig, pad_id: int, autocast: AbstractContextManager) -> PassOptions:
+        """From the ``trainer`` settings: ``eval_batch_groups``, the chunk and the layout."""
+        return cls(t.eval_batch_groups, pad_id, t.logps_chunk_size, autocast, t.layout)
 
 
-@torch.no_grad()
-def evaluate(
-    policy: StatsModel,
-    ref: StatsModel | None,
-    data: datasets.Dataset,
-    views: list[View],
-    spec: LossSpec,
-    loss_fn: LossFn,
-    opts: PassOptions,
-    loss_state: LossState | None = None,
-    extras: StepExtras | None = None,
-) -> dict[str, float]:
-    """Mean loss and metrics over every valid held-out group (same definitions as training),
-    each rank taking a slice; the padding that evens out the slices is not counted. The loss's
-    ``extras`` give their inputs once for the whole split (KTO's ``kl_estimate``)."""
-    was_training = policy.training
-    policy.eval()
-    sums = MetricSums()
-    device = next(policy.parameters()).device
-    rows = StepRows(data, views, list(range(len(views))))
-    inputs = extras.inputs(policy, rows) if extras else {}
-    order, own = rank_slice(len(views), opts.rank, opts.world_size)
+class PassBatch(NamedTuple):
+    """One forward of a no-grad pass on this rank."""
+
+    items: list[int]  # the indices of its groups among the pass's ``n``
+    batch: Batch | PackedBatch
+    own: int  # its first ``own`` groups are this rank's; the rest only even out the slices
+
+
+def rank_batches(
+    n: int, group: Callable[[int], Group], model: nn.Module, opts: PassOptions
+) -> Iterator[PassBatch]:
+    """This rank's share of the groups ``group(0) .. group(n - 1)``, ``opts.batch_groups`` at a
+    time in ``opts.layout`` on ``model``'s device. The share is padded (wrapping around) to the
+    same length on every rank, so all ranks run the same number of sharded forwards; after the
+    last one the model's gathered root is freed (``parallel.reshard``)."""
+    order, own = parallel.rank_slice(n, parallel.rank(), parallel.size())
+    device = next(model.parameters()).device
     size = opts.batch_groups
-    for start, batch in zip(
-        range(0, len(order), size),
-        batches(data, views, order, size, opts.pad_id, device, opts.layout),
-        strict=True,
-    ):
-        with opts.autocast:
-            out = forward_loss(
-                policy, ref, batch, spec, loss_fn, opts.chunk_size, loss_state, inputs
-            )
-        keep = torch.arange(start, start + batch.num_groups, device=out.valid.device) < own
-        sums.add(out, batch.num_tokens, keep)
-    policy.train(was_training)
-    parallel.reshard(policy)
-    return sums.finish()
+    for start in range(0, len(order), size):
+        items = order[start : start + size]
+        batch = collate_layout([group(i) for i in items], opts.pad_id, opts.layout).to(device)
+        yield PassBatch(items, batch, max(0, min(len(items), own - start)))
+    parallel.reshard(model)
+
+
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode for the block, then back in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)

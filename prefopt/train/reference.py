@@ -16,17 +16,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from prefopt.atomic import publish_dir
-from prefopt.data.loading import make_views
-from prefopt.data.packing import batches
+from prefopt.data.loading import make_views, view_group
 from prefopt.model.logprobs import StatsModel
-from prefopt.model.parallel import (
-    all_gather_objects,
-    barrier,
-    is_main,
-    rank_slice,
-    reshard,
-)
-from prefopt.train.passes import PassOptions
+from prefopt.model.parallel import all_gather_objects, barrier, is_main
+from prefopt.train.passes import PassOptions, evaluating, rank_batches
 
 log = logging.getLogger(__name__)
 
@@ -50,33 +43,22 @@ def precompute_reference(
     """``data`` with ``ref_logps`` and ``ref_eos_logps`` columns (one value per response).
 
     Each rank computes a slice; the slices are gathered so every rank holds the whole split.
+    The pass runs padded rows, whatever the run's layout: the cache holds per-response values.
     """
     target = Path(cache_dir, "reference", key) if cache_dir else None
     if target is not None and (target / "dataset_info.json").is_file():
         log.info("reference log-probs: cached at %s", target)
         return datasets.load_from_disk(str(target))
-    was_training = model.training
-    model.eval()
-    views = make_views(data, None)
-    order, own = rank_slice(len(views), opts.rank, opts.world_size)
-    device = next(model.parameters()).device
+    views, opts = make_views(data, None), opts._replace(layout="padded")
     mine: dict[int, tuple[list[float], list[float]]] = {}
-    for start, batch in zip(
-        range(0, len(order), opts.batch_groups),
-        batches(data, views, order, opts.batch_groups, opts.pad_id, device),
-        strict=True,
-    ):
-        with opts.autocast:
-            stats = model(batch, opts.chunk_size)
-        for b in range(batch.num_groups):
-            if start + b < own:  # the rest is padding that evens out the ranks' slices
-                k = int(batch.mask[b].sum())  # views list every response in order
-                mine[order[start + b]] = (
-                    stats.logps[b, :k].float().tolist(),
-                    stats.eos_logps[b, :k].float().tolist(),
-                )
-    model.train(was_training)
-    reshard(model)
+    with evaluating(model):
+        for p in rank_batches(len(views), lambda i: view_group(data, views[i]), model, opts):
+            with opts.autocast:
+                stats = model(p.batch, opts.chunk_size)
+            for b, row in enumerate(p.items[: p.own]):  # the rest evens out the ranks' slices
+                k = int(p.batch.mask[b].sum())  # views list every response in order
+                logps, eos = stats.logps[b, :k], stats.eos_logps[b, :k]
+                mine[row] = (logps.float().tolist(), eos.float().tolist())
     merged = {row: v for part in all_gather_objects(mine) for row, v in part.items()}
     out = data.add_column("ref_logps", [merged[i][0] for i in range(len(data))])
     out = out.add_column("ref_eos_logps", [merged[i][1] for i in range(len(data))])

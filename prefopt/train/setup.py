@@ -82,12 +82,11 @@ def build_models(
         log.info("%s", adapters.summary(policy).line())
     if spec.needs_reference and not ref_model:
         cache = cfg.cache_dir if cfg.dataset.cache else None
-        opts = passes._replace(layout="padded")  # the cache holds per-response values
 
         def one(split: datasets.Dataset) -> datasets.Dataset:
             key = reference_key(cfg.model, cfg.seed, t.precision, split)
             with adapters.adapters_off(policy):  # LoRA: the base, whatever the adapters' init
-                return precompute_reference(policy, split, key, cache, opts)
+                return precompute_reference(policy, split, key, cache, passes)
 
         data = data._replace(train=one(data.train), eval=one(data.eval))
     return policy, ref, data

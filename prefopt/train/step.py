@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 import torch
@@ -57,53 +57,65 @@ def step_micro_batches(
     )
 
 
+@dataclass(frozen=True)
+class LossContext:
+    """What turns a batch's statistics into its loss, the same in a training step and in a
+    held-out evaluation (``prefopt.train.heldout``)."""
+
+    spec: LossSpec
+    fn: LossFn  # the loss with its hyperparameters bound (``build_loss``)
+    chunk_size: int  # response tokens per log-prob chunk
+    state: LossState | None = None  # running statistics of stateful losses
+    # The loss extras' keyword inputs for this step or evaluation pass (KTO's kl_estimate).
+    inputs: dict[str, Tensor] = field(default_factory=dict)
+
+
 def forward_loss(
-    policy: StatsModel,
-    ref: StatsModel | None,
-    batch: Batch,
-    spec: LossSpec,
-    loss_fn: LossFn,
-    chunk_size: int,
-    loss_state: LossState | None = None,
-    inputs: dict[str, Tensor] | None = None,
+    policy: StatsModel, ref: StatsModel | None, batch: Batch | PackedBatch, ctx: LossContext
 ) -> LossOutput:
-    """The batch's statistics (and the reference's), then the loss. ``inputs``: the loss's
-    keyword inputs from its extras (KTO's ``kl_estimate``), computed once for the whole step."""
-    stats = policy(batch, chunk_size)
+    """The batch's statistics (and the reference's: cached in the batch, or a no-grad forward of
+    the frozen reference), then the loss with the context's state and extras' inputs."""
+    stats = policy(batch, ctx.chunk_size)
     ref_stats = None
-    if spec.needs_reference and batch.ref_logps is not None:  # trainer.reference=precompute
+    if ctx.spec.needs_reference and batch.ref_logps is not None:  # trainer.reference=precompute
         ref_stats = stats._replace(
             logps=batch.ref_logps.to(stats.logps.dtype),
             eos_logps=batch.ref_eos_logps.to(stats.logps.dtype),
         ).detach()
-    elif spec.needs_reference:
+    elif ctx.spec.needs_reference:
         with torch.no_grad():
-            ref_stats = ref(batch, chunk_size)
-    kwargs = dict(inputs or {})
-    if spec.state is not None:
-        kwargs["state"] = loss_state
-    return loss_fn(stats, ref_stats, batch.scores, **kwargs)
+            ref_stats = ref(batch, ctx.chunk_size)
+    kwargs = dict(ctx.inputs)
+    if ctx.spec.state is not None:
+        kwargs["state"] = ctx.state
+    return ctx.fn(stats, ref_stats, batch.scores, **kwargs)
 
 
 @dataclass(frozen=True)
 class StepContext:
-    """What one optimizer step needs besides the models and its micro-batches."""
+    """What one optimizer step needs besides the models and its micro-batches: the run's
+    settings (``loop.py`` builds it once) and, per step, ``for_step``'s values."""
 
-    spec: LossSpec
-    loss_fn: LossFn
+    loss: LossContext
     autocast: AbstractContextManager
-    chunk_size: int  # response tokens per log-prob chunk
     max_grad_norm: float
-    loss_state: LossState | None = None  # running statistics of stateful losses
-    # The loss extras' keyword inputs for this step (``StepExtras.inputs``: KTO's kl_estimate).
-    inputs: dict[str, torch.Tensor] = field(default_factory=dict)
-    # Their per-step term that is not per group (``StepExtras.regularizer``: SPO's on-policy KL):
-    # it runs its own backward after the group losses are normalised and returns its detached
-    # per-rank value.
-    regularizer: Callable[[], torch.Tensor] | None = None
     # trainer.grad_sync=every: reduce-scatter each micro-batch's gradients (they accumulate
     # sharded); False (``last``): only the last one's (FSDP2 accumulates them unsharded)
     sync_every_micro_batch: bool = True
+    # The loss extras' per-step term that is not per group (``StepExtras.regularizer``: SPO's
+    # on-policy KL): it runs its own backward after the group losses are normalised and returns
+    # its detached per-rank value.
+    regularizer: Callable[[], torch.Tensor] | None = None
+
+    def for_step(
+        self,
+        state: LossState | None,
+        inputs: dict[str, Tensor],
+        regularizer: Callable[[], Tensor] | None,
+    ) -> StepContext:
+        """This context for one step: the loss's state and the extras' inputs and term."""
+        loss = replace(self.loss, state=state, inputs=inputs)
+        return replace(self, loss=loss, regularizer=regularizer)
 
 
 class StepResult(NamedTuple):
@@ -137,16 +149,7 @@ def train_step(
         last = i == len(micro_batches) - 1
         parallel.set_gradient_sync(policy, ctx.sync_every_micro_batch or last)
         with ctx.autocast:
-            out = forward_loss(
-                policy,
-                ref,
-                batch,
-                ctx.spec,
-                ctx.loss_fn,
-                ctx.chunk_size,
-                ctx.loss_state,
-                ctx.inputs,
-            )
+            out = forward_loss(policy, ref, batch, ctx.loss)
         torch.where(out.valid, out.losses, 0.0).sum().backward()
         sums.add(out, batch.num_tokens)
     totals = sums.reduce({"stop": stop_requested})

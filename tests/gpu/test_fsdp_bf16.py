@@ -21,7 +21,7 @@ from prefopt.data.packing import collate_layout
 from prefopt.losses import get_spec
 from prefopt.model import parallel
 from prefopt.model.load import load_model
-from prefopt.train.step import forward_loss
+from prefopt.train.step import LossContext, forward_loss
 
 from .test_kernels import _groups
 
@@ -57,7 +57,7 @@ def _changed_fraction(tok, make_optimizer, master: str = "float32") -> float:
     loss_fn = functools.partial(spec.fn, **spec.hparams(spec.config_cls()))
     batch = collate_layout(_groups(8, seed=0), tok.pad_token_id, "shared").to(world.device)
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        out = forward_loss(policy, None, batch, spec, loss_fn, chunk_size=1024)
+        out = forward_loss(policy, None, batch, LossContext(spec, loss_fn, 1024))
     out.losses[out.valid].mean().backward()
     make_optimizer(params).step()
     changed = sum(int((p.detach() != b).sum()) for p, b in zip(params, before, strict=True))

@@ -5,16 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import datasets
 from torch import Tensor
 
 from prefopt.data.loading import View
 from prefopt.model.logprobs import StatsModel
-
-if TYPE_CHECKING:  # passes imports the extras: only the type here
-    from prefopt.train.passes import PassOptions
+from prefopt.train.passes import PassOptions
 
 ExtraState = dict[str, Any]  # one extra's state on one rank, checkpointed with that rank
 
@@ -28,6 +26,11 @@ class StepRows(NamedTuple):
     # ``order[rank::world_size]``); an evaluation pass: every view of the split.
     order: list[int]
     step: int = 0  # optimizer steps completed before this one (an evaluation: 0, unused)
+
+    @classmethod
+    def split(cls, data: datasets.Dataset, views: list[View]) -> StepRows:
+        """Every view of a split, in order: the rows of an evaluation pass."""
+        return cls(data, views, list(range(len(views))))
 
 
 @dataclass(frozen=True)

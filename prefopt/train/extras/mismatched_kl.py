@@ -13,23 +13,22 @@ The ``mismatched_kl`` extra (``MismatchedKL``) passes it to the loss as ``kl_est
 
 from __future__ import annotations
 
-import datasets
 import torch
 from torch import Tensor
 
-from prefopt.data.collate import collate
-from prefopt.data.loading import View, group_at
+from prefopt.data.collate import Group
+from prefopt.data.loading import view_group
 from prefopt.data.tokenize import TokenizedGroup
 from prefopt.model import parallel
 from prefopt.model.logprobs import StatsModel
-from prefopt.model.parallel import rank_slice
 from prefopt.train.extras.base import StepExtra, StepRows
+from prefopt.train.passes import PassOptions, rank_batches
 
 
-def mismatched_pairs(data: datasets.Dataset, views: list[View], order: list[int]) -> list:
-    """K = 1 groups: the prompt of ``views[order[j]]`` with the first response of
-    ``views[order[j + 1]]`` (cyclically), in the order of ``order``."""
-    groups = [(group_at(data, views[i][0]), views[i][1]) for i in order]
+def mismatched_pairs(rows: StepRows) -> list[Group]:
+    """K = 1 groups: the prompt of the j-th view of ``rows.order`` with the first response of
+    the (j + 1)-th (cyclically), in that order."""
+    groups = [view_group(rows.data, rows.views[i]) for i in rows.order]
     out = []
     for (g, _), (other, idx) in zip(groups, groups[1:] + groups[:1], strict=True):
         r = idx[0]
@@ -39,30 +38,19 @@ def mismatched_pairs(data: datasets.Dataset, views: list[View], order: list[int]
 
 
 @torch.no_grad()
-def kl_estimate(
-    policy: StatsModel,
-    ref: StatsModel,
-    data: datasets.Dataset,
-    views: list[View],
-    order: list[int],
-    opts,
-) -> Tensor:
-    """() float64: mean log-ratio over the mismatched pairs of ``order``, every rank taking a
+def kl_estimate(policy: StatsModel, ref: StatsModel, rows: StepRows, opts: PassOptions) -> Tensor:
+    """() float64: mean log-ratio over the mismatched pairs of ``rows``, every rank taking a
     slice (padded to the same number of forwards; padding is not counted), reduced over ranks.
-    ``opts``: ``prefopt.train.passes.PassOptions`` (batch size, padding id, chunk, autocast)."""
-    pairs = mismatched_pairs(data, views, order)
-    mine, own = rank_slice(len(pairs), parallel.rank(), parallel.size())
-    batch_groups, chunk_size = opts.batch_groups, opts.chunk_size
+    The pairs are padded rows whatever the run's layout (K = 1: no prompt to share)."""
+    pairs = mismatched_pairs(rows)
     device = next(policy.parameters()).device
     total = torch.zeros(2, dtype=torch.float64, device=device)  # (sum, count)
-    for start in range(0, len(mine), batch_groups):
-        chunk = mine[start : start + batch_groups]
-        batch = collate([pairs[i] for i in chunk], opts.pad_id).to(device)
+    padded = opts._replace(layout="padded")
+    for p in rank_batches(len(pairs), pairs.__getitem__, policy, padded):
         with opts.autocast:
-            ratio = (policy(batch, chunk_size).logps - ref(batch, chunk_size).logps)[:, 0]
-        counted = torch.arange(start, start + len(chunk), device=device) < own
-        total += torch.stack([(ratio.double() * counted).sum(), counted.double().sum()])
-    parallel.reshard(policy)
+            ratio = policy(p.batch, opts.chunk_size).logps - ref(p.batch, opts.chunk_size).logps
+        counted = torch.arange(len(p.items), device=device) < p.own
+        total += torch.stack([(ratio[:, 0].double() * counted).sum(), counted.double().sum()])
     parallel.all_reduce_sum(total)
     return total[0] / total[1].clamp(min=1)
 
@@ -74,9 +62,4 @@ class MismatchedKL(StepExtra):
     uses_reference = True  # the mismatched pairs are rows no reference cache holds
 
     def inputs(self, policy: StatsModel, rows: StepRows) -> dict[str, Tensor]:
-        env = self.env
-        return {
-            "kl_estimate": kl_estimate(
-                policy, env.ref, rows.data, rows.views, rows.order, env.passes
-            )
-        }
+        return {"kl_estimate": kl_estimate(policy, self.env.ref, rows, self.env.passes)}
