@@ -1,9 +1,14 @@
-"""Config checks run before any work: unknown keys, value ranges, choices, the loss schema.
+"""Config checks run before any work: unknown keys, value ranges, choices, the loss schema; then
+the composed config becomes the schema's typed object, once.
 
 Hydra rejects a typo in ``key=value``, but ``+key=value`` adds any key, even to a typed node
 (``+trainer.max_stepz=3``), and the loss node is untyped in ``TrainConfig``. :func:`check_schema`
 walks the composed config and refuses every key its node's dataclass does not declare, suggesting
-the close match. :func:`validate` adds the ranges and choices, each error naming the key and value.
+the close match. :func:`check_ranges` adds the ranges, :func:`check_choices` the values of every
+``choice`` field (``prefopt/config.py`` declares them), each error naming the key and value.
+:func:`validate` (training) and :func:`typed` (the other entry points) return the typed config
+(``OmegaConf.to_object``: ``TrainConfig`` with its loss node as the loss's dataclass); nothing
+below an entry point sees the ``DictConfig``.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from prefopt.config import Layout, TrainConfig, TrainerConfig, check_choice
 from prefopt.errors import ConfigError
 
 
@@ -107,24 +113,27 @@ RULES: list[Rule] = [
     ("dataset.max_eval_examples", lambda v: v >= 1, ">= 1 (or null for all)"),
 ]
 
-CHOICES: dict[str, tuple[str, ...]] = {
-    "trainer.schedule": ("cosine", "linear", "constant"),
-    "trainer.precision": ("auto", "bf16", "fp32"),
-    "trainer.device": ("auto", "cpu", "cuda"),
-    "trainer.reference": ("model", "precompute"),
-    "trainer.grad_sync": ("every", "last"),
-    "dataset.bad_rows": ("error", "skip"),
-    "dataset.pairs": ("best_vs_worst", "best_vs_each", "all_pairs"),
-    "dataset.prompt_truncation": ("keep_end", "skip", "error"),
-    "dataset.response_truncation": ("cut_end", "skip", "error"),
-    "logger.kind": ("none", "wandb"),
-    "logger.mode": ("auto", "online", "offline"),
-    "model.source": ("hub", "gguf", "tiny"),
-}
-
 
 def _number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def check_choices(node: DictConfig, prefix: str = "") -> None:
+    """Raise :class:`ConfigError` for the first ``choice`` field (``prefopt.config.choice``) of
+    any schema in ``node`` whose value is not one its ``Literal`` allows."""
+    if node._is_none():
+        return
+    typ = OmegaConf.get_type(node)
+    if dataclasses.is_dataclass(typ):
+        for f in dataclasses.fields(typ):
+            value = OmegaConf.select(node, f.name, throw_on_missing=False)
+            if "choices" in f.metadata and value is not None and value not in f.metadata["choices"]:
+                raise ConfigError(
+                    f"{prefix}{f.name}={value!r}: expected one of {f.metadata['choices']}"
+                )
+    for key, value in node.items_ex(resolve=False):
+        if isinstance(value, DictConfig):
+            check_choices(value, f"{prefix}{key}.")
 
 
 def check_ranges(cfg: DictConfig) -> None:
@@ -143,10 +152,7 @@ def check_ranges(cfg: DictConfig) -> None:
             good = False
         if not good:
             raise ConfigError(f"{key}={value}: must be {required}")
-    for key, options in CHOICES.items():
-        value = OmegaConf.select(cfg, key, throw_on_missing=False)
-        if value is not None and value not in options:
-            raise ConfigError(f"{key}={value!r}: expected one of {options}")
+    check_choices(cfg)
     d = cfg.dataset
     if d.max_prompt_length >= d.max_length:
         raise ConfigError(
@@ -161,9 +167,10 @@ def check_ranges(cfg: DictConfig) -> None:
         )
 
 
-def validate_config(cfg: DictConfig) -> None:
+def validate_config(cfg: DictConfig) -> TrainConfig:
     """Missing values, unknown keys, the loss schema, ranges and choices: no heavy imports, so the
-    CLI runs it right after composition, before torch and transformers load."""
+    CLI runs it right after composition, before torch and transformers load. Returns the typed
+    config."""
     from prefopt.data.schemas import SCHEMAS
 
     missing = sorted(OmegaConf.missing_keys(cfg))
@@ -175,16 +182,26 @@ def validate_config(cfg: DictConfig) -> None:
     if cfg.dataset.schema not in SCHEMAS:
         known = sorted(SCHEMAS)
         raise ConfigError(f"dataset.schema={cfg.dataset.schema!r}: expected one of {known}")
+    return OmegaConf.to_object(cfg)
 
 
-def validate(cfg: DictConfig) -> None:
-    """Fail before any work: :func:`validate_config`, then what needs the installed libraries."""
+def typed(cfg: DictConfig) -> Any:
+    """A composed config of the other entry points (generate, evaluate, datagen, ursla) as its
+    schema's typed object, after the checks every schema gets: unknown keys and choices."""
+    check_schema(cfg)
+    check_choices(cfg)
+    return OmegaConf.to_object(cfg)
+
+
+def validate(composed: DictConfig) -> TrainConfig:
+    """Fail before any work: :func:`validate_config`, then what needs the installed libraries.
+    Returns the typed config the run uses from here on."""
     import torch
 
     from prefopt.model.adapters import check_quantize
     from prefopt.model.attention import Target, choose
 
-    validate_config(cfg)
+    cfg = validate_config(composed)
     check_quantize(cfg.model)  # LoRA / QLoRA: a clear error before loading
     t = cfg.trainer
     if t.device == "cuda" and not torch.cuda.is_available():
@@ -196,14 +213,12 @@ def validate(cfg: DictConfig) -> None:
     # the kernel registry refuses a kernel that cannot run this layout, device or precision
     # (the model's own needs, a logit softcap, are checked once its config is read)
     choose(cfg.model.attn_implementation, Target.of_trainer(t))
+    return cfg
 
 
-def validate_batching(t: DictConfig, world_size: int) -> None:
+def validate_batching(t: TrainerConfig, world_size: int) -> None:
     """Every rank must run the same number of micro-batches per step (sharded collectives)."""
-    from prefopt.data.packing import LAYOUTS
-
-    if t.layout not in LAYOUTS:
-        raise ConfigError(f"trainer.layout={t.layout!r}: expected one of {LAYOUTS}")
+    check_choice("trainer.layout", t.layout, Layout)
     if t.micro_batch_tokens:  # the token-budget plan gives every rank as many micro-batches
         if t.global_batch_groups % world_size:
             raise ConfigError(

@@ -2,7 +2,14 @@
 
 Each group's YAML files name their schema in ``defaults`` (``_schema`` here, ``_schema_<loss>``
 for losses, stored by the loss registry), so an unknown key or a wrong type fails at composition
-with a message naming the key.
+with a message naming the key. The entry points turn the composed config into these dataclasses
+once (``prefopt.checks.validate``: ``OmegaConf.to_object``); the code below them takes the typed
+part it needs.
+
+Each set of allowed values is declared once, here, as a ``Literal``; the field that takes it is
+made by ``choice`` (OmegaConf has no ``Literal`` type: the field is a ``str`` that carries its
+values), ``prefopt.checks`` refuses any other value naming the key, and code that needs the
+values reads them with ``options``.
 """
 
 from __future__ import annotations
@@ -11,13 +18,54 @@ import os
 from dataclasses import dataclass, field
 from datetime import datetime
 from importlib.resources import files
-from typing import Any
+from typing import Any, Literal, get_args
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import MISSING, OmegaConf
 
-from prefopt.errors import report_user_errors
+from prefopt.errors import ConfigError, report_user_errors
+
+Source = Literal["hub", "gguf", "tiny"]
+Dtype = Literal["float32", "bfloat16", "float16"]  # the weights' dtype on disk or for inference
+Quantize = Literal["none", "4bit", "8bit"]
+Aspect = Literal["helpfulness", "honesty", "instruction_following", "truthfulness"]  # UltraFeedback
+ScoreField = Literal["overall_score", "fine-grained_score", Aspect, "mean_aspects"]
+BadRows = Literal["error", "skip"]
+Pairs = Literal["best_vs_worst", "best_vs_each", "all_pairs"]
+PromptTruncation = Literal["keep_end", "skip", "error"]
+ResponseTruncation = Literal["cut_end", "skip", "error"]
+Layout = Literal["padded", "packed", "shared"]
+Schedule = Literal["cosine", "linear", "constant"]
+Device = Literal["auto", "cpu", "cuda"]
+ComputePrecision = Literal["auto", "bf16", "fp32"]
+MasterDtype = Literal["float32", "bfloat16"]
+GradSync = Literal["every", "last"]
+ReferenceMode = Literal["model", "precompute"]
+LoggerKind = Literal["none", "wandb"]
+LoggerMode = Literal["auto", "online", "offline"]
+
+
+def options(kind: Any) -> tuple[str, ...]:
+    """The allowed values of a ``Literal`` declared here, in order."""
+    return get_args(kind)
+
+
+def choice(kind: Any, *default: str | None) -> Any:
+    """A ``str`` field whose allowed values are ``kind``'s; its default is the first of them, or
+    the one given (``None`` for an optional field)."""
+    values = options(kind)
+    return field(default=default[0] if default else values[0], metadata={"choices": values})
+
+
+def check_choice(key: str, value: str, kind: Any) -> None:
+    """Refuse a value that ``kind`` does not allow, naming the key (``prefopt.checks`` runs it on
+    every ``choice`` field of a composed config; library calls given a bare string run it too)."""
+    if value not in options(kind):
+        raise ConfigError(f"{key}={value!r}: expected one of {options(kind)}")
+
+
+LAYOUTS = options(Layout)
 
 
 @dataclass
@@ -51,16 +99,16 @@ class LoraConfig:
 class ModelConfig:
     name_or_path: str = MISSING  # Hub id or local directory (the tokenizer comes from here too)
     revision: str | None = None
-    source: str = "hub"  # hub | gguf (convert a GGUF file once, cache safetensors) | tiny
+    source: str = choice(Source)  # hub | gguf (convert a GGUF file once, cache safetensors) | tiny
     gguf_package: str | None = None  # Python package shipping the GGUF file (source=gguf)
     gguf_file: str | None = None  # file name inside that package, or an absolute path
-    dtype: str = "float32"  # dtype of the weights on disk; training keeps fp32 master weights
+    dtype: str = choice(Dtype)  # dtype of the weights on disk; training keeps fp32 master weights
     attn_implementation: str = "auto"  # auto: the fastest exact kernel for the layout
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     lora: LoraConfig | None = None  # None: full fine-tuning; +model/lora=default for adapters
-    quantize: str = "none"  # none | 4bit (QLoRA, NF4) | 8bit: the frozen base via bitsandbytes
+    quantize: str = choice(Quantize)  # 4bit (QLoRA, NF4) | 8bit: the frozen base via bitsandbytes
 
 
 @dataclass
@@ -73,15 +121,14 @@ class DatasetConfig:
     eval_size: int = 64
     max_train_examples: int | None = None
     max_eval_examples: int | None = None
-    score_field: str = "fine-grained_score"  # ultrafeedback only: which rating becomes the score
-    bad_rows: str = "error"  # error: stop naming file/row/key | skip: drop, log the count
-    pairs: str = (
-        "best_vs_worst"  # for pairwise (K = 2) losses: best_vs_worst|best_vs_each|all_pairs
-    )
+    # ultrafeedback only: which rating becomes the score
+    score_field: str = choice(ScoreField, "fine-grained_score")
+    bad_rows: str = choice(BadRows)  # error: stop naming file/row/key | skip: drop, log the count
+    pairs: str = choice(Pairs)  # how pairwise (K = 2) losses read a group
     max_length: int = 1024  # prompt + response tokens per sequence
     max_prompt_length: int = 512
-    prompt_truncation: str = "keep_end"  # keep_end (drop the oldest tokens) | skip | error
-    response_truncation: str = "cut_end"  # cut_end (response loses its EOS) | skip | error
+    prompt_truncation: str = choice(PromptTruncation)  # keep_end: drop the oldest tokens
+    response_truncation: str = choice(ResponseTruncation)  # cut_end: the response loses its EOS
     system_prompt: str | None = None  # prepended as a system message when the prompt has none
     cache: bool = True  # cache tokenized data under ${cache_dir}/tokenized
 
@@ -104,10 +151,10 @@ class TrainerConfig:
     micro_batch_groups: int = 4  # groups per forward; accumulation = global / micro
     # > 0: fill micro-batches to this many forward positions instead (length-grouped, per step)
     micro_batch_tokens: int = 0
-    layout: str = "padded"  # padded | packed (one row, no padding) | shared (each prompt once)
+    layout: str = choice(Layout)  # packed: one row, no padding; shared: each prompt once
     compile: bool = False  # torch.compile each decoder block (dynamic shapes)
     warmup_ratio: float = 0.1
-    schedule: str = "cosine"  # cosine | linear | constant (after linear warmup)
+    schedule: str = choice(Schedule)  # after linear warmup
     min_lr_ratio: float = 0.0
     max_grad_norm: float = 1.0
     eval_every: int = 0  # steps; 0 = only before and after training
@@ -118,19 +165,19 @@ class TrainerConfig:
     stop_at_step: int = 0  # checkpoint and stop here as if preempted (time-boxed jobs); 0 = off
     export_final: bool = True  # HF-format model + tokenizer in <run_dir>/final
     log_every: int = 1
-    device: str = "auto"  # auto | cpu | cuda
-    precision: str = "auto"  # compute dtype: auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    device: str = choice(Device)
+    precision: str = choice(ComputePrecision)  # compute dtype; auto: bf16 on CUDA, fp32 on CPU
     # the policy's sharded weights, gradients and optimizer state: float32 (master weights, any
     # dtype on disk) | bfloat16 (half the memory; needs optimizer=adamw_bf16_sr, which rounds
     # stochastically so small updates are not lost)
-    master_dtype: str = "float32"
+    master_dtype: str = choice(MasterDtype)
     # when micro-batch gradients are reduce-scattered: every (each micro-batch; they accumulate
     # sharded, torchtitan's choice) | last (the last micro-batch of a step only: fewer
     # collectives, but until then FSDP2 holds an unsharded fp32 gradient of every trainable
     # parameter on every rank, 4 bytes per parameter whatever the world size; docs/scale.md)
-    grad_sync: str = "every"
+    grad_sync: str = choice(GradSync)
     logps_chunk_size: int = 1024  # response tokens per log-prob chunk (peak memory ~ chunk x vocab)
-    reference: str = "model"  # model: frozen copy in the loop | precompute: one cached pass
+    reference: str = choice(ReferenceMode)  # model: frozen copy in the loop; precompute: cached
     collective_timeout_s: float = 600.0  # a rank that stops answering fails the job after this
     num_threads: int = 0  # torch CPU threads; 0 = torch's default
     progress: bool = True  # console progress bar
@@ -140,12 +187,12 @@ class TrainerConfig:
 
 @dataclass
 class LoggerConfig:
-    kind: str = "none"  # none | wandb  (metrics.jsonl is always written)
+    kind: str = choice(LoggerKind)  # metrics.jsonl is always written
     project: str = "prefopt"
     entity: str | None = None
     group: str | None = None
     tags: list[str] = field(default_factory=list)
-    mode: str = "auto"  # auto: online with WANDB_API_KEY, else offline | online | offline
+    mode: str = choice(LoggerMode)  # auto: online with WANDB_API_KEY, else offline
 
 
 @dataclass
@@ -206,8 +253,8 @@ class GenerateConfig:
     prompts: PromptsConfig = MISSING
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     model_id: str | None = None  # the name written as generator / model_id; None: from the model
-    device: str = "auto"  # auto | cpu | cuda
-    dtype: str | None = None  # override model.dtype for inference (bfloat16 on GPU)
+    device: str = choice(Device)
+    dtype: str | None = choice(Dtype, None)  # override model.dtype for inference (bf16 on GPU)
     seed: int = 0
     out_dir: str = MISSING
     cache_dir: str = MISSING
@@ -235,7 +282,7 @@ class JudgeConfig:
     baseline: str | None = None  # the same prompts answered by the baseline model
     batch_size: int = 8
     max_length: int = 4096
-    dtype: str = "float32"
+    dtype: str = choice(Dtype)
 
 
 @dataclass

@@ -285,7 +285,7 @@ def test_quantize_without_cuda_is_a_clear_error(tmp_path, tiny_data):
     with pytest.raises(ConfigError, match=r"model\.quantize=8bit .*needs adapters") as e:
         validate(_cfg(tmp_path / "run", tiny_data, "model.quantize=8bit"))
     assert e.value.fix == "add +model/lora=default"
-    with pytest.raises(ValueError, match=r"model\.quantize must be one of"):
+    with pytest.raises(ValueError, match=r"model\.quantize='3bit': expected one of"):
         validate(_cfg(tmp_path / "run", tiny_data, *LORA, "model.quantize=3bit"))
 
 

@@ -145,7 +145,7 @@ def _toy_cfg(run_dir: Path, data, *overrides: str):
 
 
 def test_toy_extra_input_reaches_the_loss_and_its_gradient_the_parameters(tmp_path, tiny_data, toy):
-    from prefopt.data.packing import batches
+    from prefopt.data.batching import Batching, batches
     from prefopt.model.load import load_model, load_tokenizer
     from prefopt.train.passes import PassOptions
     from prefopt.train.setup import prepare_data
@@ -161,7 +161,7 @@ def test_toy_extra_input_reaches_the_loss_and_its_gradient_the_parameters(tmp_pa
     extras = StepExtras.build(spec, cfg.loss, ExtraEnv(None, opts, tok.eos_token_id))
     views, state = [0, 1, 2], {}
     rows = StepRows(data.train, data.train_views, views)
-    mbs = list(batches(data.train, data.train_views, views, 2, tok.pad_token_id, "cpu"))
+    mbs = list(batches(data.train, data.train_views, views, 2, Batching(pad_id=tok.pad_token_id)))
     loss = LossContext(spec, loss_fn, 1024, inputs=extras.inputs(policy, rows))
     regularizer = extras.regularizer(policy, rows, state)
     ctx = StepContext(loss, contextlib.nullcontext(), 1e9, regularizer=regularizer)

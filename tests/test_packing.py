@@ -17,22 +17,20 @@ from torch.utils._pytree import tree_flatten
 from transformers.models.llama import modeling_llama
 
 from prefopt.config import ModelConfig
-from prefopt.data.collate import collate
-from prefopt.data.packing import (
-    PackedBatch,
+from prefopt.data.batching import (
+    Batching,
     ViewSize,
     budget_batches,
-    collate_layout,
-    doc_blocks,
-    document_mask,
-    document_mask_mod,
     plan_micro_batches,
     view_size,
 )
+from prefopt.data.collate import collate
+from prefopt.data.packing import PackedBatch, collate_layout, doc_blocks
 from prefopt.data.tokenize import TokenizedGroup
 from prefopt.losses import get_spec
 from prefopt.model.attention import decoder_inputs
 from prefopt.model.kernels.flex import block_mask
+from prefopt.model.kernels.masks import document_mask, document_mask_mod
 from prefopt.model.kernels.varlen import sdpa_segments, varlen_attention
 from prefopt.model.load import load_model, tiny_tokenizer
 from prefopt.model.logprobs import group_stats, sequence_kl
@@ -296,9 +294,8 @@ def test_budget_batches_split_a_step_across_ranks(tok):
     assert sizes[0] == ViewSize(10 + 2 + 7, 2, 17)  # view 4: prompt 10, responses (3)->7, (0)->2
     seen = []
     for rank in (0, 1):
-        for mb in budget_batches(
-            data, views, order, 30, "shared", tok.pad_token_id, "cpu", rank=rank, world_size=2
-        ):
+        how = Batching("shared", tok.pad_token_id, "cpu", rank=rank, world_size=2)
+        for mb in budget_batches(data, views, order, 30, how):
             assert mb.forward_tokens <= 30 or mb.num_groups == 1
             bounds = mb.cu_seqlens.tolist()  # one document per group in the shared layout
             seen += [

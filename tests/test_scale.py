@@ -12,8 +12,8 @@ import torch
 from omegaconf import OmegaConf
 from scale_checks import compose_cfg, full_grads, grad_memory_check, sharded_policy, skip_check
 
+from prefopt.data.batching import Batching, batches
 from prefopt.data.collate import views_at
-from prefopt.data.packing import batches
 from prefopt.losses import build_loss
 from prefopt.model import parallel
 from prefopt.model.load import load_model
@@ -103,7 +103,9 @@ def _kto_grads(tmp_path, micro: int):
     opts = PassOptions(2, tok.pad_token_id, 64, contextlib.nullcontext())
     extras = StepExtras.build(spec, cfg.loss, ExtraEnv(ref, opts, tok.eos_token_id))
     inputs = extras.inputs(policy, StepRows(data.train, data.train_views, views))
-    mbs = list(batches(data.train, data.train_views, views, micro, tok.pad_token_id, "cpu"))
+    mbs = list(
+        batches(data.train, data.train_views, views, micro, Batching(pad_id=tok.pad_token_id))
+    )
     ctx = StepContext(LossContext(spec, loss_fn, 64, inputs=inputs), contextlib.nullcontext(), 1e9)
     result = train_step(policy, ref, mbs, ctx)
     grads = full_grads(policy)

@@ -100,7 +100,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, tiny_data):
 
 
 def _step_grads(tmp_path, tiny_data, micro: int) -> list[torch.Tensor]:
-    from prefopt.data.packing import batches
+    from prefopt.data.batching import Batching, batches
     from prefopt.model.load import load_model, load_tokenizer
     from prefopt.train.loop import prepare_data
 
@@ -116,7 +116,9 @@ def _step_grads(tmp_path, tiny_data, micro: int) -> list[torch.Tensor]:
     spec, loss_fn = build_loss(cfg.loss)
     data = prepare_data(cfg, tok, spec)
     model = load_model(cfg.model, cfg.cache_dir, tok, seed=0).double()
-    mbs = batches(data.train, data.train_views, [0, 1, 2, 3], micro, tok.pad_token_id, "cpu")
+    mbs = batches(
+        data.train, data.train_views, [0, 1, 2, 3], micro, Batching(pad_id=tok.pad_token_id)
+    )
     import contextlib
 
     ctx = StepContext(
@@ -153,7 +155,7 @@ def test_non_finite_loss_never_reaches_the_optimizer(tmp_path, tiny_data):
         return LossOutput(losses, torch.ones_like(losses, dtype=torch.bool), {})
 
     cfg = _cfg(tmp_path / "r", tiny_data, "loss=simpo")
-    from prefopt.data.packing import batches
+    from prefopt.data.batching import Batching, batches
     from prefopt.model.load import load_model, load_tokenizer
     from prefopt.train.loop import prepare_data
 
@@ -161,7 +163,7 @@ def test_non_finite_loss_never_reaches_the_optimizer(tmp_path, tiny_data):
     spec, _ = build_loss(cfg.loss)
     data = prepare_data(cfg, tok, spec)
     model = load_model(cfg.model, cfg.cache_dir, tok, seed=0)
-    mbs = batches(data.train, data.train_views, [0, 1], 2, tok.pad_token_id, "cpu")
+    mbs = batches(data.train, data.train_views, [0, 1], 2, Batching(pad_id=tok.pad_token_id))
     import contextlib
 
     ctx = StepContext(

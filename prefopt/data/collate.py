@@ -2,12 +2,14 @@
 
 Padded layout: one row per (group, response): prompt + response, right-padded. It is the
 reference layout; the packed and prompt-shared layouts (``prefopt.data.packing``) replace
-``collate`` and keep ``Batch``'s (B, K) fields, so the statistics and losses do not change.
+``collate`` and share ``GroupBatch``'s (B, K) fields, so the statistics and losses do not change.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -17,10 +19,16 @@ from prefopt.data.tokenize import TokenizedGroup
 Group = tuple[TokenizedGroup, tuple[int, ...]]  # a group and the response indices of its view
 
 
-class Batch(NamedTuple):
-    input_ids: Tensor  # (N, T) one row per real response, right-padded
-    attention_mask: Tensor  # (N, T)
-    response_mask: Tensor  # (N, T) True on response tokens (the trained-on targets)
+def _moved(value: Any, device: torch.device | str) -> Any:
+    return value.to(device) if hasattr(value, "to") else value  # tensors and tensor indexes
+
+
+@dataclass(frozen=True, kw_only=True)
+class GroupBatch:
+    """What a micro-batch holds in every layout (``Batch``: padded; ``packing.PackedBatch``:
+    packed or shared): the groups' (B, K) fields and where each row (one response) sits in
+    them. Losses and the loop read only these, so the layouts are interchangeable."""
+
     row_group: Tensor  # (N,) group index b of each row
     row_slot: Tensor  # (N,) response slot k of each row
     scores: Tensor  # (B, K) float32
@@ -36,17 +44,29 @@ class Batch(NamedTuple):
 
     @property
     def num_tokens(self) -> int:
-        """Sequence tokens: prompt + response of every row (the same count in every layout);
-        a plain int, so reading it never waits for the device."""
+        """Sequence tokens: prompt + response of every row (the same count in every layout, so
+        a throughput metric built on it compares layouts on the same data); a plain int, so
+        reading it never waits for the device."""
         return self.sequence_tokens
+
+    def to(self, device: torch.device | str) -> Any:
+        """The batch with every tensor (and tensor index) on ``device``."""
+        moved = {f.name: _moved(getattr(self, f.name), device) for f in dataclasses.fields(self)}
+        return dataclasses.replace(self, **moved)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Batch(GroupBatch):
+    """The padded layout: one right-padded row per (group, response)."""
+
+    input_ids: Tensor  # (N, T) one row per real response, right-padded
+    attention_mask: Tensor  # (N, T)
+    response_mask: Tensor  # (N, T) True on response tokens (the trained-on targets)
 
     @property
     def forward_tokens(self) -> int:
         """Positions the forward computes, padding included."""
         return self.input_ids.numel()
-
-    def to(self, device: torch.device | str) -> Batch:
-        return Batch(*(t.to(device) if isinstance(t, Tensor) else t for t in self))
 
 
 def collate(groups: list[Group], pad_id: int) -> Batch:
@@ -65,20 +85,19 @@ def collate(groups: list[Group], pad_id: int) -> Batch:
         attention_mask[n, : len(p) + len(r)] = True
         response_mask[n, len(p) : len(p) + len(r)] = True
     return Batch(
-        input_ids,
-        attention_mask,
-        response_mask,
-        torch.tensor([b for b, *_ in rows]),
-        torch.tensor([k for _, k, *_ in rows]),
-        *group_fields(groups),
-        per_slot(groups, "ref_logps"),
-        per_slot(groups, "ref_eos_logps"),
-        sum(len(p) + len(r) for *_, p, r in rows),
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        response_mask=response_mask,
+        row_group=torch.tensor([b for b, *_ in rows]),
+        row_slot=torch.tensor([k for _, k, *_ in rows]),
+        **group_fields(groups),
+        sequence_tokens=sum(len(p) + len(r) for *_, p, r in rows),
     )
 
 
-def group_fields(groups: list[Group]) -> tuple[Tensor, ...]:
-    """(scores float32, mask bool, has_eos bool), each (B, K): the fields every layout shares."""
+def group_fields(groups: list[Group]) -> dict[str, Tensor | None]:
+    """The (B, K) fields every layout shares, by name: scores (float32), mask and has_eos
+    (bool), and the cached reference log-probs (float32, None when the groups lack them)."""
     B, K = len(groups), max(len(idx) for _, idx in groups)
     scores = torch.zeros((B, K), dtype=torch.float32)
     mask = torch.zeros((B, K), dtype=torch.bool)
@@ -87,7 +106,13 @@ def group_fields(groups: list[Group]) -> tuple[Tensor, ...]:
         scores[b, : len(idx)] = torch.tensor([g.scores[r] for r in idx], dtype=torch.float32)
         mask[b, : len(idx)] = True
         has_eos[b, : len(idx)] = torch.tensor([g.has_eos[r] for r in idx])
-    return scores, mask, has_eos
+    return {
+        "scores": scores,
+        "mask": mask,
+        "has_eos": has_eos,
+        "ref_logps": per_slot(groups, "ref_logps"),
+        "ref_eos_logps": per_slot(groups, "ref_eos_logps"),
+    }
 
 
 def per_slot(groups: list[Group], field: str) -> Tensor | None:

@@ -24,6 +24,7 @@ from typing import NamedTuple
 import datasets
 
 from prefopt.atomic import file_sha256, publish_dir
+from prefopt.config import BadRows, Pairs, check_choice
 from prefopt.data.collate import Group
 from prefopt.data.example import DataError
 from prefopt.data.schemas import ParseOptions, parse_row
@@ -48,8 +49,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 datasets.disable_progress_bars()  # one bar per cache write drowns the training log
 CACHE_VERSION = "2"  # 2: entries carry manifest.json
-PAIR_MODES = ("best_vs_worst", "best_vs_each", "all_pairs")
-BAD_ROWS = ("error", "skip")
 LOGGED_SKIPS = 5  # the first skipped rows are logged one by one; all are counted
 View = tuple[int, tuple[int, ...]]  # (row of the tokenized dataset, response indices)
 
@@ -120,8 +119,7 @@ def load_tokenized(
     ``bad_rows=error`` raises the first bad row's :class:`DataError`; ``skip`` drops every bad
     row (unreadable line, malformed row, truncation policy ``skip``) and counts it.
     """
-    if bad_rows not in BAD_ROWS:
-        raise ConfigError(f"dataset.bad_rows={bad_rows!r}: expected one of {BAD_ROWS}")
+    check_choice("dataset.bad_rows", bad_rows, BadRows)
     key = hashlib.sha256(
         "\x00".join(
             [
@@ -199,8 +197,8 @@ def make_views(data: datasets.Dataset, pairs: str | None) -> list[View]:
     A split where no view carries a preference (two different scores) cannot train: it raises
     :class:`DataError` naming the source (``data.info.description``).
     """
-    if pairs is not None and pairs not in PAIR_MODES:
-        raise ConfigError(f"dataset.pairs={pairs!r}: expected one of {PAIR_MODES}")
+    if pairs is not None:
+        check_choice("dataset.pairs", pairs, Pairs)
     scores = data["scores"]
     views = _views(scores, pairs)
     tied = sum(max(s) == min(s) for s in scores)

@@ -1,4 +1,4 @@
-"""Padding-free layouts and token-budget micro-batches.
+"""Padding-free layouts: the groups of a micro-batch in one row.
 
 Three layouts of the same groups give the same ``GroupStats`` (tests/test_packing.py):
 
@@ -14,32 +14,28 @@ The packed layouts describe attention with two integer vectors over the row: ``d
 document a token belongs to) and ``branch_ids`` (0 for tokens every later token of the document
 may see: the prompt, or the whole sequence in ``packed``; k + 1 for response k of a shared
 prompt). Query i may attend to key j iff j <= i, doc[i] == doc[j] and branch[j] in (0, branch[i]).
-Collation also writes that rule in the forms the kernels read, none of them (L, L): ``varlen``
-(FlashAttention's variable-length interface: one segment per prompt and per response, separate
-query and key offsets, ``VarlenIndex``), ``blocks`` (the FlexAttention block sparsity, built at
-128-token granularity by ``doc_blocks``) and ``cu_seqlens`` (whole documents, for transformers'
-own ``flash_attention_2``, ``packed`` only). ``document_mask`` (dense) is the reference the tests
-compare them with.
-
-Micro-batches are filled to a token budget by ``plan_micro_batches``: a pure function of the
-step's ordered views, so a resumed run (which replays the same views per step) plans the same
-micro-batches.
+Collation also writes that rule in the forms the kernels read, none of them (L, L), here on the
+host so that a forward never waits for one: ``varlen`` (FlashAttention's variable-length
+interface: one segment per prompt and per response, separate query and key offsets,
+``VarlenIndex``), ``blocks`` (the FlexAttention block sparsity, built at 128-token granularity by
+``doc_blocks``) and ``cu_seqlens`` (whole documents, for transformers' own
+``flash_attention_2``, ``packed`` only). The masks the kernels evaluate from ``doc_ids`` and
+``branch_ids`` (dense, FlexAttention's ``mask_mod``) live with them,
+``prefopt/model/kernels/masks.py``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import NamedTuple
 
-import datasets
 import torch
 from torch import Tensor
 
-from prefopt.data.collate import Batch, Group, collate, group_fields, per_slot
-from prefopt.data.loading import View, group_at
-from prefopt.data.tokenize import TokenizedGroup
+from prefopt.config import Layout, check_choice
+from prefopt.data.collate import Batch, Group, GroupBatch, collate, group_fields
 
-LAYOUTS = ("padded", "packed", "shared")
 Groups = list[Group]
 FLEX_BLOCK = 128  # FlexAttention's block size: compiled kernels read mask inputs up to a multiple
 
@@ -107,12 +103,10 @@ class VarlenIndex(NamedTuple):
         return VarlenIndex(cu, cu, None, width, width)
 
 
-class PackedBatch(NamedTuple):
-    """The groups of a micro-batch in one row (``packed`` or ``shared`` layout).
-
-    The (B, K) fields are exactly ``Batch``'s, so losses and the loop see no difference; the
-    per-row fields (``row_group``, ``row_slot``) are too, with one row per real response.
-    """
+@dataclass(frozen=True, kw_only=True)
+class PackedBatch(GroupBatch):
+    """The groups of a micro-batch in one row (``packed`` or ``shared`` layout); the (B, K) and
+    per-row fields are ``GroupBatch``'s, with one row per real response."""
 
     input_ids: Tensor  # (1, L) every document back to back, no padding
     position_ids: Tensor  # (1, L) restart at 0 per document; responses continue after the prompt
@@ -122,39 +116,16 @@ class PackedBatch(NamedTuple):
     target_index: Tensor  # (M,) position whose hidden state predicts each response token
     targets: Tensor  # (M,) the response tokens, row after row
     row_lengths: Tensor  # (N,) response tokens per row (EOS included)
-    row_group: Tensor  # (N,) group index b of each row
-    row_slot: Tensor  # (N,) response slot k of each row
-    scores: Tensor  # (B, K) float32
-    mask: Tensor  # (B, K) bool, real responses
-    has_eos: Tensor  # (B, K) bool
-    ref_logps: Tensor | None = None  # (B, K) precomputed reference log-probs, when cached
-    ref_eos_logps: Tensor | None = None  # (B, K)
     max_seqlen: int = 0  # longest document (flash-attn varlen)
     shared: bool = False  # prompts shared: responses of one document must not see each other
-    sequence_tokens: int = 0  # prompt + response per row, as the padded layout counts them
     row_index: Tensor | None = None  # (M,) row of each target: sums per row without a host sync
     blocks: DocBlocks | None = None  # FlexAttention block sparsity (``doc_blocks``)
     varlen: VarlenIndex | None = None  # the varlen kernels' segments (``VarlenIndex``)
 
     @property
-    def num_groups(self) -> int:
-        return self.scores.shape[0]
-
-    @property
-    def num_tokens(self) -> int:
-        """Sequence tokens (prompt counted once per response): the same number in every layout,
-        so a throughput metric built on it compares layouts on the same data."""
-        return self.sequence_tokens
-
-    @property
     def forward_tokens(self) -> int:
         """Positions the forward computes (a shared prompt counts once)."""
         return self.input_ids.shape[1]
-
-    def to(self, device: torch.device | str) -> PackedBatch:
-        return PackedBatch(
-            *(t.to(device) if isinstance(t, Tensor | DocBlocks | VarlenIndex) else t for t in self)
-        )
 
 
 def collate_packed(groups: Groups, share_prompts: bool) -> PackedBatch:
@@ -197,7 +168,6 @@ def collate_packed(groups: Groups, share_prompts: bool) -> PackedBatch:
             doc_lengths[-1] += R
             target_index += [prompt_end, *range(start, start + R - 1)]
             rows.append((b, k, R))
-    scores, mask, has_eos = group_fields(groups)
     doc_ids, branch_ids = torch.tensor(doc), torch.tensor(branch)
     return PackedBatch(
         input_ids=torch.tensor([ids]),
@@ -210,11 +180,7 @@ def collate_packed(groups: Groups, share_prompts: bool) -> PackedBatch:
         row_lengths=torch.tensor([R for *_, R in rows]),
         row_group=torch.tensor([b for b, *_ in rows]),
         row_slot=torch.tensor([k for _, k, _ in rows]),
-        scores=scores,
-        mask=mask,
-        has_eos=has_eos,
-        ref_logps=per_slot(groups, "ref_logps"),
-        ref_eos_logps=per_slot(groups, "ref_eos_logps"),
+        **group_fields(groups),
         max_seqlen=max(doc_lengths),
         shared=share_prompts,
         sequence_tokens=sum(len(groups[b][0].prompt_ids) + R for b, _, R in rows),
@@ -226,45 +192,10 @@ def collate_packed(groups: Groups, share_prompts: bool) -> PackedBatch:
 
 def collate_layout(groups: Groups, pad_id: int, layout: str = "padded") -> Batch | PackedBatch:
     """``collate`` (padded) or ``collate_packed`` by layout name; ``group_stats`` accepts both."""
+    check_choice("trainer.layout", layout, Layout)
     if layout == "padded":
         return collate(groups, pad_id)
-    if layout in ("packed", "shared"):
-        return collate_packed(groups, layout == "shared")
-    raise ValueError(f"trainer.layout must be one of {LAYOUTS}, got {layout!r}")
-
-
-# ---- attention masks ----
-
-
-def document_mask(batch: PackedBatch) -> Tensor:
-    """(L, L) bool, True where query i may attend to key j (module docstring's rule).
-
-    Built in place, one (L, L) buffer at a time (16K tokens: 256 MB): the reference for tests and
-    the ``sdpa``/``eager`` implementations; training kernels read ``spans`` or ``blocks``.
-    """
-    doc, branch = batch.doc_ids, batch.branch_ids
-    allowed = doc[:, None] == doc[None, :]
-    allowed &= (branch[None, :] == 0) | (branch[None, :] == branch[:, None])
-    return allowed.tril_()
-
-
-def document_mask_mod(batch: PackedBatch) -> Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]:
-    """The same rule as a FlexAttention ``mask_mod(b, h, q, kv)``.
-
-    Compiled FlexAttention evaluates the mask on whole 128-token blocks, so indices past the row
-    occur; the lookups are padded to a multiple of the block (padding is document -1, which no
-    real token sees), otherwise they read out of bounds (verified: wrong outputs on CPU).
-    """
-    L = batch.doc_ids.numel()
-    pad = -L % FLEX_BLOCK
-    doc = torch.nn.functional.pad(batch.doc_ids, (0, pad), value=-1)
-    branch = torch.nn.functional.pad(batch.branch_ids, (0, pad), value=0)
-
-    def mask_mod(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
-        visible = (branch[kv] == 0) | (branch[kv] == branch[q])
-        return (doc[q] == doc[kv]) & (kv <= q) & visible
-
-    return mask_mod
+    return collate_packed(groups, layout == "shared")
 
 
 def doc_blocks(doc: Tensor, branch: Tensor, block: int = FLEX_BLOCK) -> DocBlocks:
@@ -300,105 +231,3 @@ def doc_blocks(doc: Tensor, branch: Tensor, block: int = FLEX_BLOCK) -> DocBlock
         return sel.sum(-1).to(torch.int32)[None, None], order.to(torch.int32)[None, None]
 
     return DocBlocks(*indices(partial), *indices(full))
-
-
-# ---- token-budget micro-batches ----
-
-
-class ViewSize(NamedTuple):
-    tokens: int  # positions the view adds to a packed row in its layout
-    rows: int  # responses (rows of the padded layout)
-    width: int  # longest prompt + response: the padded row width the view needs
-
-
-def view_size(group: TokenizedGroup, idx: Sequence[int], layout: str) -> ViewSize:
-    P, R = len(group.prompt_ids), [len(group.response_ids[r]) for r in idx]
-    tokens = P + sum(R) if layout == "shared" else sum(P + r for r in R)
-    return ViewSize(tokens, len(R), P + max(R))
-
-
-def _cost(sizes: Sequence[ViewSize], items: list[int], padded: bool) -> int:
-    """Positions a micro-batch computes: rows x widest row (padded) or the packed row length."""
-    if padded:
-        return sum(sizes[i].rows for i in items) * max(sizes[i].width for i in items)
-    return sum(sizes[i].tokens for i in items)
-
-
-def plan_micro_batches(
-    sizes: Sequence[ViewSize], budget: int, layout: str = "packed", num_splits: int = 1
-) -> list[list[int]]:
-    """Split a step's views (``sizes[i]`` for the i-th view) into micro-batches of at most
-    ``budget`` forward positions; returns indices into ``sizes``, ascending in each micro-batch.
-
-    Deterministic (a pure function of its inputs; ties broken by index) and exhaustive: every view
-    is in exactly one micro-batch, and a view over the budget gets one of its own. Views are
-    taken longest first (length grouping): ``padded`` fills micro-batches one after another, so
-    similar widths share one and little is padding; the packed layouts fill the first micro-batch
-    with room (first-fit decreasing), so few, full rows are run. The number of micro-batches is a
-    multiple of ``num_splits`` (ranks; rank r runs ``plan[r::num_splits]``) by halving the largest
-    ones, so every rank runs the same number of sharded forwards.
-    """
-    if budget <= 0:
-        raise ValueError(f"the micro-batch token budget must be positive, got {budget}")
-    padded = layout == "padded"
-    key = (lambda i: sizes[i].width) if padded else (lambda i: sizes[i].tokens)
-    bins: list[list[int]] = []
-    loads: list[int] = []
-    for i in sorted(range(len(sizes)), key=lambda i: (-key(i), i)):
-        if padded:
-            fits = [len(bins) - 1] if bins and _cost(sizes, [*bins[-1], i], True) <= budget else []
-        else:
-            fits = [j for j, load in enumerate(loads) if load + sizes[i].tokens <= budget][:1]
-        if fits:
-            bins[fits[0]].append(i)
-            loads[fits[0]] += sizes[i].tokens
-        else:
-            bins.append([i])
-            loads.append(sizes[i].tokens)
-    while len(bins) % num_splits:
-        splittable = [j for j, b in enumerate(bins) if len(b) > 1]
-        if not splittable:
-            msg = f"{len(sizes)} views cannot make a multiple of {num_splits} micro-batches"
-            raise ValueError(f"{msg}; make the global batch a multiple of the ranks")
-        j = max(splittable, key=lambda j: (_cost(sizes, bins[j], padded), -j))
-        half = len(bins[j]) // 2
-        bins[j : j + 1] = [bins[j][:half], bins[j][half:]]
-    return [sorted(b) for b in bins]
-
-
-def budget_batches(
-    data: datasets.Dataset,
-    views: list[View],
-    order: list[int],
-    budget: int,
-    layout: str,
-    pad_id: int,
-    device: torch.device | str,
-    rank: int = 0,
-    world_size: int = 1,
-) -> list[Batch | PackedBatch]:
-    """This rank's micro-batches of the step whose views are ``order`` (the global order: every
-    rank plans the same split and runs its share ``plan[rank::world_size]``)."""
-    groups = [(group_at(data, views[i][0]), views[i][1]) for i in order]
-    sizes = [view_size(g, idx, layout) for g, idx in groups]
-    plan = plan_micro_batches(sizes, budget, layout, world_size)
-    return [
-        collate_layout([groups[i] for i in mb], pad_id, layout).to(device)
-        for mb in plan[rank::world_size]
-    ]
-
-
-def batches(
-    data: datasets.Dataset,
-    views: list[View],
-    order: list[int],
-    size: int,
-    pad_id: int,
-    device: torch.device | str,
-    layout: str = "padded",
-):
-    """Collated batches of ``size`` views taken in ``order``, in ``layout``."""
-    for start in range(0, len(order), size):
-        chunk = [views[i] for i in order[start : start + size]]
-        groups = [(group_at(data, row), idx) for row, idx in chunk]
-        yield collate_layout(groups, pad_id, layout).to(device)

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from prefopt.config import Aspect, ScoreField, check_choice, options
 from prefopt.data.example import DataError, Example, Message
 from prefopt.errors import ConfigError
 
@@ -18,8 +19,7 @@ from prefopt.errors import ConfigError
 # finite here but inf in training, so it is refused at load time rather than skipping a step.
 FLOAT32_MAX = 3.4028234663852886e38
 ROLES = ("system", "user", "assistant")
-ASPECTS = ("helpfulness", "honesty", "instruction_following", "truthfulness")
-SCORE_FIELDS = ("overall_score", "fine-grained_score", *ASPECTS, "mean_aspects")
+ASPECTS = options(Aspect)
 
 
 @dataclass(frozen=True)
@@ -37,10 +37,7 @@ class ParseOptions:
     score_field: str = "fine-grained_score"
 
     def __post_init__(self) -> None:
-        if self.score_field not in SCORE_FIELDS:
-            raise ConfigError(
-                f"dataset.score_field={self.score_field!r}: expected one of {SCORE_FIELDS}"
-            )
+        check_choice("dataset.score_field", self.score_field, ScoreField)
 
 
 Parser = Callable[[dict[str, Any], str, ParseOptions], Example]

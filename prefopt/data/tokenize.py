@@ -19,11 +19,9 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
+from prefopt.config import PromptTruncation, ResponseTruncation, check_choice
 from prefopt.data.example import DataError, Example
 from prefopt.errors import ConfigError
-
-PROMPT_TRUNCATION = ("keep_end", "skip", "error")
-RESPONSE_TRUNCATION = ("cut_end", "skip", "error")
 
 
 @dataclass(frozen=True)
@@ -35,16 +33,8 @@ class TokenizeOptions:
     system_prompt: str | None = None
 
     def __post_init__(self) -> None:
-        if self.prompt_truncation not in PROMPT_TRUNCATION:
-            raise ConfigError(
-                f"dataset.prompt_truncation={self.prompt_truncation!r}: expected one of "
-                f"{PROMPT_TRUNCATION}"
-            )
-        if self.response_truncation not in RESPONSE_TRUNCATION:
-            raise ConfigError(
-                f"dataset.response_truncation={self.response_truncation!r}: expected one of "
-                f"{RESPONSE_TRUNCATION}"
-            )
+        check_choice("dataset.prompt_truncation", self.prompt_truncation, PromptTruncation)
+        check_choice("dataset.response_truncation", self.response_truncation, ResponseTruncation)
         if not 0 < self.max_prompt_length < self.max_length:
             raise ConfigError(
                 f"dataset.max_prompt_length={self.max_prompt_length} must be in (0, "

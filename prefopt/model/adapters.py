@@ -37,12 +37,10 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-from prefopt.config import LoraConfig, ModelConfig
+from prefopt.config import LoraConfig, ModelConfig, Quantize, check_choice
 
 if TYPE_CHECKING:
     import peft
-
-QUANTIZE = ("none", "4bit", "8bit")
 
 
 # ---- building ----
@@ -68,8 +66,7 @@ def check_quantize(cfg: ModelConfig) -> None:
     """Fail before loading when ``model.quantize`` cannot work here, naming the option."""
     from prefopt.errors import ConfigError
 
-    if cfg.quantize not in QUANTIZE:
-        raise ConfigError(f"model.quantize must be one of {QUANTIZE}, got {cfg.quantize!r}")
+    check_choice("model.quantize", cfg.quantize, Quantize)
     if cfg.quantize == "none":
         return
     if cfg.lora is not None and cfg.lora.export_merged:

@@ -41,8 +41,9 @@ from torch.nn.attention.flex_attention import BlockMask
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from prefopt.config import LAYOUTS
 from prefopt.data.collate import Batch
-from prefopt.data.packing import LAYOUTS, PackedBatch, VarlenIndex
+from prefopt.data.packing import PackedBatch, VarlenIndex
 from prefopt.errors import ConfigError
 from prefopt.model.kernels import flex, varlen
 from prefopt.model.kernels import inputs as batch_inputs

@@ -28,11 +28,11 @@ from transformers import (
 )
 
 from prefopt.atomic import publish_dir
-from prefopt.config import ModelConfig, TinyModelConfig
+from prefopt.config import ModelConfig, Source, TinyModelConfig, check_choice
 from prefopt.errors import hub_download
 from prefopt.model.adapters import quantization_kwargs
 from prefopt.model.attention import Target, choose, prepare, softcap_of, this_device
-from prefopt.model.parallel import is_main
+from prefopt.model.parallel import DTYPES, is_main
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,6 @@ TINY_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # The architecture (config.json's shape keys) of every Hub model a recipe or experiment names,
 # so that the memory plan runs without network (prefopt/assets/model_configs/README.md).
 SHIPPED_CONFIGS = Path(__file__).resolve().parents[1] / "assets" / "model_configs"
@@ -178,15 +177,14 @@ def model_config(
         config = shipped
     elif cfg.source == "tiny":
         config = tiny_llama_config(cfg.tiny, tokenizer)
-    elif cfg.source in ("hub", "gguf"):
+    else:
+        check_choice("model.source", cfg.source, Source)
         with hub_download("the config.json of model", cfg.name_or_path):
             config = AutoConfig.from_pretrained(
                 local_or_hub(cfg, cache_dir),
                 revision=cfg.revision,
                 trust_remote_code=cfg.trust_remote_code,
             )
-    else:
-        raise ValueError(f"model.source must be hub, gguf or tiny, got {cfg.source!r}")
     target = target or Target(this_device(), half=cfg.dtype != "float32")
     config._attn_implementation = choose(
         cfg.attn_implementation, target._replace(softcap=softcap_of(config))
@@ -248,7 +246,8 @@ def load_model(
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    elif cfg.source in ("hub", "gguf"):
+    else:
+        check_choice("model.source", cfg.source, Source)
         with hub_download("model", cfg.name_or_path):
             model = AutoModelForCausalLM.from_pretrained(
                 local_or_hub(cfg, cache_dir),
@@ -259,8 +258,6 @@ def load_model(
                 trust_remote_code=cfg.trust_remote_code,
                 **quantization_kwargs(cfg),  # QLoRA: a bitsandbytes-quantized frozen base
             )
-    else:
-        raise ValueError(f"model.source must be hub, gguf or tiny, got {cfg.source!r}")
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(model)
     return model

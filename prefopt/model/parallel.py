@@ -39,6 +39,7 @@ from torch.distributed.fsdp import (
 )
 from transformers import PreTrainedModel
 
+from prefopt.config import ComputePrecision, MasterDtype, check_choice
 from prefopt.errors import ConfigError
 from prefopt.model.adapters import base_checkpoint_key, quantized_params
 from prefopt.model.logprobs import StatsModel
@@ -135,21 +136,18 @@ class Precision:
         return self.compute == torch.bfloat16
 
 
-DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# the torch dtype of each name ``prefopt.config.Dtype`` allows
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_precision(device: torch.device, precision: str, master_dtype: str) -> Precision:
     """``trainer.precision`` (auto: bf16 compute on CUDA, fp32 on CPU) and
     ``trainer.master_dtype`` (float32; bfloat16 only with a stochastic-rounding optimizer)."""
-    if precision not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"trainer.precision must be auto, bf16 or fp32, got {precision!r}")
-    if master_dtype not in DTYPE_NAMES:
-        raise ValueError(
-            f"trainer.master_dtype must be one of {sorted(DTYPE_NAMES)}, got {master_dtype!r}"
-        )
+    check_choice("trainer.precision", precision, ComputePrecision)
+    check_choice("trainer.master_dtype", master_dtype, MasterDtype)
     bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     compute = torch.bfloat16 if bf16 else torch.float32
-    return Precision(compute, DTYPE_NAMES[master_dtype], compute)
+    return Precision(compute, DTYPES[master_dtype], compute)
 
 
 def shard(

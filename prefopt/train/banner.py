@@ -291,7 +291,7 @@ def _threads() -> int:
 def batch_shapes(batch) -> str:
     """One line per tensor field of a collated micro-batch: name, shape, dtype."""
     lines = []
-    for name, value in batch._asdict().items():
+    for name, value in vars(batch).items():
         if hasattr(value, "shape"):
             lines.append(
                 f"  {name:<16} {tuple(value.shape)} {str(value.dtype).removeprefix('torch.')}"

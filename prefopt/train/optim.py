@@ -8,7 +8,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from prefopt.config import TrainerConfig
+from prefopt.config import Schedule, TrainerConfig, check_choice
 from prefopt.deps import check
 
 STOCHASTIC_ROUNDING = ("prefopt.train.optim.adamw_bf16_sr",)
@@ -77,8 +77,7 @@ def lr_at(step: int, base_lr: float, t: TrainerConfig, max_steps: int) -> float:
         scale = floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
     elif t.schedule == "linear":
         scale = floor + (1 - floor) * (1 - min(progress, 1.0))
-    elif t.schedule == "constant":
-        scale = 1.0
     else:
-        raise ValueError(f"trainer.schedule must be cosine, linear or constant, got {t.schedule!r}")
+        check_choice("trainer.schedule", t.schedule, Schedule)
+        scale = 1.0  # constant
     return base_lr * scale

@@ -14,9 +14,10 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor
 
+from prefopt.data.batching import Batching, batches, budget_batches
 from prefopt.data.collate import Batch
 from prefopt.data.loading import DataSplits
-from prefopt.data.packing import PackedBatch, batches, budget_batches
+from prefopt.data.packing import PackedBatch
 from prefopt.losses import LossSpec
 from prefopt.losses.registry import LossFn, LossState
 from prefopt.model import parallel
@@ -31,30 +32,11 @@ def step_micro_batches(
     """This rank's micro-batches of a step, in ``trainer.layout``: filled to
     ``micro_batch_tokens`` (planned over the whole step, so every rank runs as many), or
     ``micro_batch_groups`` views at a time from the rank's slice of the step."""
+    how = Batching(t.layout, pad_id, world.device, world.rank, world.world_size)
     if t.micro_batch_tokens:
-        return budget_batches(
-            data.train,
-            data.train_views,
-            step_views,
-            t.micro_batch_tokens,
-            t.layout,
-            pad_id,
-            world.device,
-            world.rank,
-            world.world_size,
-        )
+        return budget_batches(data.train, data.train_views, step_views, t.micro_batch_tokens, how)
     order = step_views[world.rank :: world.world_size]
-    return list(
-        batches(
-            data.train,
-            data.train_views,
-            order,
-            t.micro_batch_groups,
-            pad_id,
-            world.device,
-            t.layout,
-        )
-    )
+    return list(batches(data.train, data.train_views, order, t.micro_batch_groups, how))
 
 
 @dataclass(frozen=True)

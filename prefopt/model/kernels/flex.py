@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-from prefopt.data.packing import FLEX_BLOCK, PackedBatch, document_mask_mod
+from prefopt.data.packing import FLEX_BLOCK, PackedBatch
+from prefopt.model.kernels.masks import document_mask_mod
 
 _compiled_flex: Callable[..., Tensor] | None = None
 _block_masks: list[tuple[Tensor, BlockMask]] = []  # the last few micro-batches' masks

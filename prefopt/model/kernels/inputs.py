@@ -15,8 +15,9 @@ from torch import Tensor, nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from prefopt.data.collate import Batch
-from prefopt.data.packing import PackedBatch, VarlenIndex, document_mask
+from prefopt.data.packing import PackedBatch, VarlenIndex
 from prefopt.model.kernels import flex
+from prefopt.model.kernels.masks import document_mask
 from prefopt.model.kernels.varlen import segment_attention
 
 
