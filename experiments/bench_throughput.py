@@ -63,8 +63,8 @@ from prefopt.errors import ConfigError  # noqa: E402
 from prefopt.losses import build_loss  # noqa: E402
 from prefopt.model import parallel  # noqa: E402
 from prefopt.model.attention import Target, choose, kernel_description, prepare  # noqa: E402
+from prefopt.model.blocks import compile_blocks  # noqa: E402
 from prefopt.model.load import tiny_tokenizer  # noqa: E402
-from prefopt.model.logprobs import compile_blocks  # noqa: E402
 from prefopt.train.optim import build_optimizer  # noqa: E402
 from prefopt.train.setup import make_autocast  # noqa: E402
 from prefopt.train.step import (  # noqa: E402

@@ -14,9 +14,7 @@ values reads them with ``options``.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
-from datetime import datetime
 from importlib.resources import files
 from typing import Any, Literal, get_args
 
@@ -25,6 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import MISSING, OmegaConf
 
 from prefopt.errors import ConfigError, report_user_errors
+from prefopt.launch import job_start
 
 Source = Literal["hub", "gguf", "tiny"]
 Dtype = Literal["float32", "bfloat16", "float16"]  # the weights' dtype on disk or for inference
@@ -317,16 +316,6 @@ def register_configs() -> None:
 def asset_path(name: str) -> str:
     """Path of a file shipped in ``prefopt/assets`` (``${asset:name}`` in configs)."""
     return str(files("prefopt") / "assets" / name)
-
-
-def job_start(pattern: str) -> str:
-    """``${prefopt.now:%Y-%m-%d_%H-%M-%S}`` in run dir names: Hydra's ``now`` for one process;
-    under torchrun the time the job's first rank started, so that every rank names one dir."""
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return datetime.now().strftime(pattern)
-    from prefopt.model.parallel import shared_start_time  # torch, only for a multi-rank job
-
-    return shared_start_time().strftime(pattern)
 
 
 def run_dir() -> str:

@@ -318,7 +318,7 @@ def test_train_top_blocks_freezes_everything_below():
     from transformers import AutoModelForCausalLM
 
     from prefopt.config import TinyModelConfig
-    from prefopt.model.freeze import freeze_below_top_blocks
+    from prefopt.model.blocks import freeze_below_top_blocks
     from prefopt.model.load import tiny_llama_config, tiny_tokenizer
 
     model = AutoModelForCausalLM.from_config(tiny_llama_config(TinyModelConfig(), tiny_tokenizer()))

@@ -38,6 +38,7 @@ from torch.distributed.checkpoint.state_dict import (
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from prefopt.config import LoraConfig, ModelConfig, Quantize, check_choice
+from prefopt.model import parallel
 
 if TYPE_CHECKING:
     import peft
@@ -152,9 +153,9 @@ def reset_adapters(model: nn.Module) -> None:
 
     peft draws each adapter matrix whole, on the CPU, in module order, and each rank keeps its
     own shard of it: the same values on any number of ranks (random ops on DTensor shards would
-    draw per shard, so 2 ranks would start from other adapters than 1)."""
+    draw per shard, so 2 ranks would start from other adapters than 1; ``parallel.copy_full_``
+    writes each rank's shard)."""
     from peft.tuners.lora import LoraLayer
-    from torch.distributed.tensor import DTensor, distribute_tensor
 
     config = peft_model(model).peft_config
     for m in model.modules():
@@ -171,13 +172,7 @@ def reset_adapters(model: nn.Module) -> None:
                 for linear, param in sharded.items():
                     full = linear.weight.detach()
                     linear.weight = param  # the sharded parameter FSDP manages, back in place
-                    if isinstance(param, DTensor):
-                        local = distribute_tensor(
-                            full, param.device_mesh, param.placements, src_data_rank=None
-                        ).to_local()
-                        param.to_local().copy_(local)
-                    else:
-                        param.copy_(full)
+                    parallel.copy_full_(param, full)
 
 
 def peft_model(module: nn.Module) -> peft.PeftModel | None:
@@ -193,12 +188,6 @@ def peft_model(module: nn.Module) -> peft.PeftModel | None:
 
 def is_adapted(module: nn.Module) -> bool:
     return peft_model(module) is not None
-
-
-def quantized_params(model: nn.Module) -> set[nn.Parameter]:
-    """bitsandbytes' packed weights (QLoRA): FSDP2 cannot shard them, so every rank keeps its
-    own frozen copy (an 8B base in NF4 is about 5 GB) and only the adapters are sharded."""
-    return {p for p in model.parameters() if type(p).__module__.startswith("bitsandbytes")}
 
 
 # ---- the reference: the policy with its adapters off ----

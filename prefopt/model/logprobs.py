@@ -171,14 +171,3 @@ class StatsModel(nn.Module):
         until after the backward: the chunked KL recomputes its logits there.
         """
         return sequence_kl(self.model, ref.model, batch, chunk_size)
-
-
-def compile_blocks(model: PreTrainedModel, dynamic: bool = True) -> PreTrainedModel:
-    """``torch.compile`` each decoder block in place (before FSDP wrapping, after activation
-    checkpointing is enabled), the per-block recipe of torchtitan: small graphs, one compile
-    reused by every block. ``dynamic``: packed rows change length every micro-batch, so compile
-    for symbolic lengths instead of recompiling per shape. The chunked log-probs stay eager.
-    """
-    for block in model.get_decoder().layers:
-        block.compile(dynamic=dynamic)
-    return model

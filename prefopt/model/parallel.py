@@ -15,10 +15,10 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -37,11 +37,11 @@ from torch.distributed.fsdp import (
     fully_shard,
     register_fsdp_forward_method,
 )
+from torch.distributed.tensor import DTensor, distribute_tensor
 from transformers import PreTrainedModel
 
 from prefopt.config import ComputePrecision, MasterDtype, check_choice
-from prefopt.errors import ConfigError
-from prefopt.model.adapters import base_checkpoint_key, quantized_params
+from prefopt.model.blocks import decoder_blocks
 from prefopt.model.logprobs import StatsModel
 
 log = logging.getLogger("prefopt")
@@ -86,40 +86,6 @@ def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> World:
     return World(dist.get_rank(), dist.get_world_size(), local_rank, dev, mesh)
 
 
-def shared_start_time() -> datetime:
-    """The time the first rank of this torchrun job asked, the same on every rank.
-
-    Each rank resolves ``hydra.run.dir`` (``${prefopt.now:...}``) on its own before the process
-    group exists; ranks that start in different seconds would otherwise write their checkpoint
-    shards to different directories. torchrun's agent hosts a store at ``MASTER_ADDR:MASTER_PORT``
-    (``TORCHELASTIC_USE_AGENT_STORE``) from before the workers start: the first rank to ask sets
-    its time there, and every rank reads that one.
-    """
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        raise ConfigError(
-            f"{os.environ.get('WORLD_SIZE')} ranks started without torchrun's store: they cannot "
-            "agree on a run dir named by the time",
-            fix="pass hydra.run.dir=<dir>, the same on every rank, or launch with torchrun",
-        )
-    store = dist.TCPStore(
-        os.environ["MASTER_ADDR"],
-        int(os.environ["MASTER_PORT"]),
-        is_master=False,
-        timeout=timedelta(seconds=60),
-    )
-    key = f"prefopt/start_time/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
-    mine = datetime.now().isoformat()
-    return datetime.fromisoformat(store.compare_set(key, "", mine).decode())
-
-
-def decoder_blocks(model: PreTrainedModel) -> list[nn.Module]:
-    """The transformer blocks of an HF causal LM (``get_decoder().layers`` for Llama-like ones)."""
-    layers = getattr(model.get_decoder(), "layers", None)
-    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-        raise ValueError(f"{type(model).__name__}: no decoder blocks found to shard")
-    return list(layers)
-
-
 @dataclass(frozen=True)
 class Precision:
     """The dtypes of a run. ``master``: the policy's sharded parameters, which the optimizer
@@ -150,6 +116,12 @@ def resolve_precision(device: torch.device, precision: str, master_dtype: str) -
     return Precision(compute, DTYPES[master_dtype], compute)
 
 
+def quantized_params(model: nn.Module) -> set[nn.Parameter]:
+    """bitsandbytes' packed weights (QLoRA): FSDP2 cannot shard them, so every rank keeps its
+    own frozen copy (an 8B base in NF4 is about 5 GB) and only the adapters are sharded."""
+    return {p for p in model.parameters() if type(p).__module__.startswith("bitsandbytes")}
+
+
 def shard(
     model: PreTrainedModel, world: World, precision: Precision, trainable: bool = True
 ) -> StatsModel:
@@ -174,7 +146,7 @@ def shard(
         param_dtype=precision.compute if precision.compute != dtype else None,
         reduce_dtype=torch.float32 if trainable else None,
     )
-    units = decoder_blocks(model)
+    units = decoder_blocks(model, "shard")
     ignored = quantized_params(model) or None  # QLoRA: the 4/8-bit base stays whole per rank
     for block in units:
         fully_shard(
@@ -226,18 +198,23 @@ def tied_names(model: nn.Module) -> set[str]:
     return tied
 
 
-def load_weights(wrapper: StatsModel, weights: Path | dict[str, Tensor]) -> None:
+def load_weights(
+    wrapper: StatsModel,
+    weights: Path | dict[str, Tensor],
+    file_key: Callable[[str], str | None] = str,
+) -> None:
     """Fill a sharded model's parameters without materializing the whole model on any rank.
 
     ``weights`` is a directory of Hugging Face safetensors files: every rank reads only the
     slices of its own shards (``torch.distributed.checkpoint``'s Hugging Face reader), and values
     are converted from the dtype on disk to the shards' dtype. Or a full state dict held by rank
-    0 (the random tiny model, a ``.bin`` checkpoint): broadcast shard by shard.
+    0 (the random tiny model, a ``.bin`` checkpoint): broadcast shard by shard. ``file_key``
+    names each parameter as the files do, None for one they lack (a LoRA model:
+    ``prefopt.model.adapters.base_checkpoint_key``).
     """
     model = wrapper.model
-    # A LoRA model names the base weights differently and holds adapters the files do not have.
     state = model.state_dict()  # the sharded parameters (DTensors), under the module's names
-    file_keys = {k: base_checkpoint_key(k) for k in state}
+    file_keys = {k: file_key(k) for k in state}
     adapted = any(v is None for v in file_keys.values())
     if isinstance(weights, dict):
         full = {k: weights[f] for k, f in file_keys.items() if f is not None} if is_main() else {}
@@ -281,6 +258,31 @@ def reshard(module: nn.Module) -> None:
     is not resharded after forward), so optimizer and checkpoints see the sharded ones again."""
     if isinstance(module, FSDPModule):
         module.reshard()
+
+
+def divide_gradients(params: Iterable[nn.Parameter], divisor: Tensor) -> None:
+    """Divide every gradient by ``divisor`` (at least 1), in place on this rank's shards: the
+    gradients are sums over micro-batches and ranks (``shard`` sets plain sums)."""
+    for p in params:
+        grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+        grad.div_(divisor.clamp(min=1).to(grad.dtype))
+
+
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> Tensor:
+    """Clip the gradients to a total norm of ``max_norm`` over every rank's shards; return the
+    norm before clipping as a plain tensor, the same on every rank."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def copy_full_(param: Tensor, full: Tensor) -> None:
+    """Write the whole tensor ``full`` into ``param``, which may be sharded: each rank keeps its
+    own shard of it (the same values on any number of ranks)."""
+    if isinstance(param, DTensor):
+        local = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+        param.to_local().copy_(local.to_local())
+    else:
+        param.copy_(full)
 
 
 def set_gradient_sync(module: nn.Module, sync: bool) -> None:

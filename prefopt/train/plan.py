@@ -44,9 +44,9 @@ class Shape:
     @staticmethod
     def of(model) -> Shape:
         """From a model (on the meta device is enough): exact counts."""
-        from prefopt.model.parallel import decoder_blocks
+        from prefopt.model.blocks import decoder_blocks
 
-        blocks = decoder_blocks(model)
+        blocks = decoder_blocks(model, "plan")
         params = sum(p.numel() for p in model.parameters())
         block = sum(p.numel() for p in blocks[0].parameters())
         cfg = model.config
@@ -213,7 +213,7 @@ def shape_and_inputs(cfg, world_size: int, device_type: str) -> tuple[Shape, Pla
     ``trainer.train_top_blocks``, the top blocks and the final norm, as the loop freezes them."""
     from prefopt.model.adapters import count_adapter_parameters
     from prefopt.model.attention import workspace_bytes
-    from prefopt.model.freeze import freeze_below_top_blocks
+    from prefopt.model.blocks import freeze_below_top_blocks
     from prefopt.model.load import empty_model, model_config, tiny_tokenizer
 
     tok = tiny_tokenizer() if cfg.model.source == "tiny" else None

@@ -19,9 +19,9 @@ from prefopt.data.tokenize import TokenizeOptions, Tokenizer
 from prefopt.losses import LossSpec
 from prefopt.model import adapters, parallel
 from prefopt.model.attention import Target
-from prefopt.model.freeze import freeze_below_top_blocks
+from prefopt.model.blocks import compile_blocks, freeze_below_top_blocks
 from prefopt.model.load import empty_model, initial_weights, load_model, model_config
-from prefopt.model.logprobs import StatsModel, compile_blocks
+from prefopt.model.logprobs import StatsModel
 from prefopt.train.extras import reference_model_needed
 from prefopt.train.passes import PassOptions
 from prefopt.train.reference import precompute_reference, reference_key
@@ -66,7 +66,7 @@ def build_models(
             compile_blocks(model)
         wrapper = parallel.shard(model, world, precision, trainable=trainable)
         if not quantized:
-            parallel.load_weights(wrapper, weights)
+            parallel.load_weights(wrapper, weights, adapters.base_checkpoint_key)
         if adapters.is_adapted(wrapper):  # LoRA: initialise the adapters after allocation
             with torch.random.fork_rng():
                 torch.manual_seed(cfg.seed)

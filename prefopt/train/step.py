@@ -137,16 +137,13 @@ def train_step(
     totals = sums.reduce({"stop": stop_requested})
     valid = totals["valid_groups"]
     params = [p for p in policy.parameters() if p.grad is not None]
-    for p in params:  # one normalisation for accumulation and ranks, on the local shards
-        grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
-        grad.div_(valid.clamp(min=1).to(grad.dtype))
+    parallel.divide_gradients(params, valid)  # one normalisation for accumulation and ranks
     extra: dict[str, torch.Tensor] = {}
     if ctx.regularizer is not None:  # a per-step term (SPO's KL), added after the normalisation
         with ctx.autocast:
             value = ctx.regularizer()
         extra["regularizer"] = parallel.all_reduce_sum(value.double().clone()) / parallel.size()
-    norm = torch.nn.utils.clip_grad_norm_(params, ctx.max_grad_norm)
-    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    norm = parallel.clip_grad_norm(params, ctx.max_grad_norm)
     ok = torch.isfinite(totals["loss"]) & torch.isfinite(norm) & (valid > 0)
     if "regularizer" in extra:
         ok &= torch.isfinite(extra["regularizer"])

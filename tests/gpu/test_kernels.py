@@ -17,11 +17,12 @@ from prefopt.data.collate import collate
 from prefopt.data.packing import collate_layout
 from prefopt.data.tokenize import TokenizedGroup
 from prefopt.model.attention import AUTO, KERNELS, Target, choose, kernel_description
+from prefopt.model.blocks import compile_blocks
 from prefopt.model.kernels import varlen
 from prefopt.model.kernels.flex import block_mask, compiled_flex, flex_rows
 from prefopt.model.kernels.masks import document_mask
 from prefopt.model.load import model_config
-from prefopt.model.logprobs import compile_blocks, group_stats
+from prefopt.model.logprobs import group_stats
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")
