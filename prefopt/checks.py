@@ -17,12 +17,14 @@ import dataclasses
 import difflib
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 
 from prefopt.config import Layout, TrainConfig, TrainerConfig, check_choice
 from prefopt.errors import ConfigError
+
+T = TypeVar("T")
 
 
 def _unknown_keys(node: DictConfig, prefix: str) -> list[ConfigError]:
@@ -185,12 +187,16 @@ def validate_config(cfg: DictConfig) -> TrainConfig:
     return OmegaConf.to_object(cfg)
 
 
-def typed(cfg: DictConfig) -> Any:
-    """A composed config of the other entry points (generate, evaluate, datagen, ursla) as its
-    schema's typed object, after the checks every schema gets: unknown keys and choices."""
+def typed(cfg: DictConfig, schema: type[T]) -> T:
+    """A composed config of the other entry points (generate, evaluate, datagen, ursla, the
+    memory plan) as its ``schema``'s typed object, after the checks every schema gets: unknown
+    keys and choices."""
     check_schema(cfg)
     check_choices(cfg)
-    return OmegaConf.to_object(cfg)
+    out = OmegaConf.to_object(cfg)
+    if not isinstance(out, schema):
+        raise TypeError(f"the composed config is a {type(out).__name__}, not a {schema.__name__}")
+    return out
 
 
 def validate(composed: DictConfig) -> TrainConfig:

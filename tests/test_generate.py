@@ -11,6 +11,8 @@ from conftest import compose_config, read_jsonl, write_jsonl
 from omegaconf import OmegaConf
 from tokenizers import processors
 
+from prefopt.checks import typed
+from prefopt.config import GenerateConfig
 from prefopt.data.example import DataError
 from prefopt.eval import generate
 from prefopt.eval.generate import ResultsLog, check_settings, settings_of
@@ -474,8 +476,8 @@ def test_changed_settings_in_the_same_dir_are_refused(tmp_path):
 def test_changed_model_settings_in_the_same_dir_are_refused(tmp_path, change):
     out = tmp_path / "run"
     out.mkdir()
-    cfg = _cfg(out, "prompts.n=2")
+    cfg = typed(_cfg(out, "prompts.n=2"), GenerateConfig)
     check_settings(out / "generation_settings.json", settings_of(cfg, "m"))
-    other = _cfg(out, "prompts.n=2", change)
+    other = typed(_cfg(out, "prompts.n=2", change), GenerateConfig)
     with pytest.raises(ValueError, match="other settings"):
         check_settings(out / "generation_settings.json", settings_of(other, "m"))

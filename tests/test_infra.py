@@ -115,7 +115,7 @@ def test_wandb_logger_goes_offline_without_api_key(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
     cfg = OmegaConf.structured(LoggerConfig(kind="wandb", project="t", tags=["a"]))
-    logger = build_logger(cfg, str(tmp_path), OmegaConf.create({"x": 1}))
+    logger = build_logger(cfg, str(tmp_path), {"x": 1})
     logger.log({"train/loss": 0.5}, step=1)
     logger.close()
     assert any(p.name.startswith("offline-run") for p in (tmp_path / "wandb").iterdir())
@@ -201,7 +201,7 @@ def test_wandb_runs_of_a_sweep_share_a_group_and_carry_their_values(tmp_path, mo
     cfg = OmegaConf.structured(LoggerConfig(kind="wandb", project="t"))
     sweep = SweepInfo(group="refa_dynamic/2026-11-22_18-00-00", tags=["loss.beta=2.5"])
     (tmp_path / "0").mkdir()
-    logger = build_logger(cfg, str(tmp_path / "0"), OmegaConf.create({}), sweep)
+    logger = build_logger(cfg, str(tmp_path / "0"), {}, sweep)
     run = logger.loggers[1].run
     assert run.group == sweep.group and "loss.beta=2.5" in run.tags
     logger.close()

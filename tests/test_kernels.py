@@ -176,7 +176,9 @@ def test_banner_line_reads_the_models_needs(tok, faked, monkeypatch):
 
     cfg = compose_config("train", "model=tiny", "trainer=gpu", "model.attn_implementation=auto")
     faked("prefopt_varlen_torch", "prefopt_flex")
-    assert "prefopt_varlen_torch for shared rows on cuda" in attention_line(cfg, tok, "cuda")
+    assert "prefopt_varlen_torch for shared rows on cuda" in attention_line(
+        cfg.model, cfg.trainer, cfg.cache_dir, tok, "cuda"
+    )
     original = load.tiny_llama_config
 
     def capped(t, tokenizer):
@@ -185,7 +187,9 @@ def test_banner_line_reads_the_models_needs(tok, faked, monkeypatch):
         return config
 
     monkeypatch.setattr(load, "tiny_llama_config", capped)
-    assert "prefopt_flex for shared rows on cuda" in attention_line(cfg, tok, "cuda")
+    assert "prefopt_flex for shared rows on cuda" in attention_line(
+        cfg.model, cfg.trainer, cfg.cache_dir, tok, "cuda"
+    )
 
 
 def _clear_availability_caches() -> None:

@@ -24,7 +24,7 @@ from typing import NamedTuple
 import datasets
 
 from prefopt.atomic import file_sha256, publish_dir
-from prefopt.config import BadRows, Pairs, check_choice
+from prefopt.config import BadRows, DatasetConfig, Pairs, check_choice
 from prefopt.data.collate import Group
 from prefopt.data.example import DataError
 from prefopt.data.schemas import ParseOptions, parse_row
@@ -232,7 +232,7 @@ def _views(scores: list[list[float]], pairs: str | None) -> list[View]:
 
 
 def build_splits(
-    cfg, tokenizer: Tokenizer, cache_dir: str | None, seed: int
+    cfg: DatasetConfig, tokenizer: Tokenizer, cache_dir: str | None, seed: int
 ) -> tuple[datasets.Dataset, datasets.Dataset, Counter[str]]:
     """Train and eval tokenized groups for a ``DatasetConfig``, with merged counts.
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
-from prefopt.config import PromptTruncation, ResponseTruncation, check_choice
+from prefopt.config import DatasetConfig, PromptTruncation, ResponseTruncation, check_choice
 from prefopt.data.example import DataError, Example
 from prefopt.errors import ConfigError
 
@@ -31,6 +31,17 @@ class TokenizeOptions:
     prompt_truncation: str = "keep_end"
     response_truncation: str = "cut_end"
     system_prompt: str | None = None
+
+    @classmethod
+    def of(cls, d: DatasetConfig) -> TokenizeOptions:
+        """The ``dataset`` config's lengths, truncation policies and system prompt."""
+        return cls(
+            d.max_length,
+            d.max_prompt_length,
+            d.prompt_truncation,
+            d.response_truncation,
+            d.system_prompt,
+        )
 
     def __post_init__(self) -> None:
         check_choice("dataset.prompt_truncation", self.prompt_truncation, PromptTruncation)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,8 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from prefopt.checks import check_schema
+from prefopt.checks import typed
+from prefopt.config import DatagenConfig, ScorerConfig
 from prefopt.errors import report_user_errors
 from prefopt.eval import constraints
 from prefopt.eval.generate import (
@@ -40,6 +42,8 @@ from prefopt.eval.generate import (
     settings_of,
 )
 from prefopt.eval.prompts import Prompt, Record, load_prompts
+
+Scorer = Callable[[list[Prompt], list[Record]], None]  # adds "scores" to each record
 
 
 def verifier_scorer(prompts: list[Prompt], records: list[Record]) -> None:
@@ -54,7 +58,7 @@ def verifier_scorer(prompts: list[Prompt], records: list[Record]) -> None:
         rec["passed"] = [v.passed for v in verdicts]
 
 
-def reward_model_scorer(cfg: DictConfig, device: str):
+def reward_model_scorer(cfg: ScorerConfig, device: str) -> Scorer:
     from prefopt.eval.judge import load_reward_model, score
 
     if not cfg.reward_model:
@@ -110,7 +114,8 @@ def write_jsonl_atomic(rows: list[dict[str, Any]], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
+def run(composed: DictConfig) -> dict[str, Any]:
+    cfg = typed(composed, DatagenConfig)  # the typed config from here on
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     prompts = load_prompts(cfg.prompts)
@@ -153,7 +158,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 @hydra.main(config_path="../../conf", config_name="datagen", version_base="1.3")
 @report_user_errors
 def main(cfg: DictConfig) -> None:
-    check_schema(cfg)
     run(cfg)
 
 

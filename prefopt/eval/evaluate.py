@@ -26,6 +26,7 @@ Results go to ``<out_dir>/evaluation.json`` and are printed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import statistics
@@ -33,10 +34,12 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import prefopt.losses  # noqa: F401  (registers loss schemas before composition)
-from prefopt.checks import check_schema
+from prefopt.checks import typed
+from prefopt.config import EvaluateConfig
 from prefopt.errors import report_user_errors
 from prefopt.eval import constraints
 from prefopt.eval.generate import (
@@ -125,7 +128,9 @@ def constraint_report(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return report
 
 
-def generate_for_constraints(cfg: DictConfig, model, tok) -> str:
+def generate_for_constraints(
+    cfg: EvaluateConfig, model: PreTrainedModel, tok: PreTrainedTokenizerBase
+) -> str:
     """Answer the prompt set into ``<out_dir>/constraints/generations.jsonl`` (resumable)."""
     out = Path(cfg.out_dir, "constraints")
     out.mkdir(parents=True, exist_ok=True)
@@ -138,7 +143,9 @@ def generate_for_constraints(cfg: DictConfig, model, tok) -> str:
     return str(path)
 
 
-def preference(cfg: DictConfig, hf_model, tok) -> dict[str, float]:
+def preference(
+    cfg: EvaluateConfig, hf_model: PreTrainedModel, tok: PreTrainedTokenizerBase
+) -> dict[str, float]:
     """Held-out metrics of ``loss`` with the training loop's own evaluation code."""
     world = parallel.init_distributed(cfg.device, cfg.trainer.collective_timeout_s)
     spec, loss_fn = build_loss(cfg.loss)
@@ -154,7 +161,7 @@ def preference(cfg: DictConfig, hf_model, tok) -> dict[str, float]:
                 "starting model's directory or Hub id>, or use a reference-free "
                 "loss (loss=simpo)"
             )
-        ref_cfg = OmegaConf.merge(cfg.model, {"name_or_path": cfg.ref_model, "source": "hub"})
+        ref_cfg = dataclasses.replace(cfg.model, name_or_path=cfg.ref_model, source="hub")
         ref_hf = load_model(ref_cfg, cfg.cache_dir, tok, cfg.seed)
         ref = parallel.shard(ref_hf, world, precision, trainable=False)
     state = spec.init_state(cfg.loss) if spec.state else None
@@ -166,7 +173,7 @@ def preference(cfg: DictConfig, hf_model, tok) -> dict[str, float]:
     return {"loss_name": spec.name, **metrics}
 
 
-def judge(cfg: DictConfig) -> dict[str, Any]:
+def judge(cfg: EvaluateConfig) -> dict[str, Any]:
     from prefopt.eval.judge import load_reward_model, score, win_rates
 
     j = cfg.judge
@@ -205,7 +212,8 @@ def judge(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
+def run(composed: DictConfig) -> dict[str, Any]:
+    cfg = typed(composed, EvaluateConfig)  # the typed config from here on
     unknown = sorted(set(cfg.tasks) - set(TASKS))
     if unknown:
         raise ValueError(f"tasks: unknown {unknown}; choose from {list(TASKS)}")
@@ -236,7 +244,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 @hydra.main(config_path="../../conf", config_name="evaluate", version_base="1.3")
 @report_user_errors
 def main(cfg: DictConfig) -> None:
-    check_schema(cfg)
     try:
         run(cfg)
     finally:

@@ -21,6 +21,7 @@ by ``prefopt.eval.submissions``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -32,11 +33,12 @@ from typing import Any
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from prefopt.checks import check_schema
+from prefopt.checks import typed
+from prefopt.config import GenerateConfig, GenerationConfig
 from prefopt.errors import report_user_errors
 from prefopt.eval.prompts import Prompt, Record, encode_prompts, load_prompts
 from prefopt.eval.submissions import write_submissions
@@ -104,7 +106,7 @@ def generate_all(
     model: PreTrainedModel,
     tok: PreTrainedTokenizerBase,
     prompts: list[Prompt],
-    gen: DictConfig,
+    gen: GenerationConfig,
     results: ResultsLog,
     seed: int,
     score: Callable[[list[Prompt], list[Record]], None] | None = None,
@@ -178,7 +180,7 @@ def generate_all(
 
 
 # ------------------------------------------------------------------ the run
-def model_id_of(cfg: DictConfig) -> str:
+def model_id_of(cfg: GenerateConfig) -> str:
     if cfg.model_id:
         return cfg.model_id
     path = cfg.model.name_or_path.rstrip("/")
@@ -191,7 +193,7 @@ def inference_device(name: str) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
 
 
-def load_for_inference(cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_for_inference(cfg: GenerateConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     device = inference_device(cfg.device)
     tok = load_tokenizer(cfg.model, cfg.cache_dir)
     model = load_model(cfg.model, cfg.cache_dir, tok, cfg.seed).to(device)
@@ -200,15 +202,15 @@ def load_for_inference(cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedToke
     return model.eval(), tok
 
 
-def settings_of(cfg: DictConfig, model_id: str) -> dict[str, Any]:
-    gen = OmegaConf.to_container(cfg.generation)
-    prompts = OmegaConf.to_container(cfg.prompts)
-    model = OmegaConf.to_container(cfg.model)
+def settings_of(cfg: GenerateConfig, model_id: str) -> dict[str, Any]:
+    gen = dataclasses.asdict(cfg.generation)
+    prompts = dataclasses.asdict(cfg.prompts)
+    model = dataclasses.asdict(cfg.model)
     model.pop("gradient_checkpointing", None)
     key = json.dumps([model, cfg.dtype, gen, prompts, cfg.seed], sort_keys=True)
     return {
         "model_id": model_id,
-        "model": OmegaConf.to_container(cfg.model),
+        "model": dataclasses.asdict(cfg.model),
         "dtype": cfg.dtype,
         "generation": gen,
         "prompts": prompts,
@@ -218,8 +220,9 @@ def settings_of(cfg: DictConfig, model_id: str) -> dict[str, Any]:
     }
 
 
-def run(cfg: DictConfig) -> Path:
-    """Generate (or resume) into ``cfg.out_dir``; write the submission files; return the dir."""
+def run(composed: DictConfig) -> Path:
+    """Generate (or resume) into ``out_dir``; write the submission files; return the dir."""
+    cfg = typed(composed, GenerateConfig)  # the typed config from here on
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model_id = model_id_of(cfg)
@@ -241,7 +244,6 @@ def run(cfg: DictConfig) -> Path:
 @hydra.main(config_path="../../conf", config_name="generate", version_base="1.3")
 @report_user_errors
 def main(cfg: DictConfig) -> None:
-    check_schema(cfg)
     run(cfg)
 
 

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-from omegaconf import DictConfig
 from transformers import PreTrainedTokenizerBase
 
+from prefopt.config import GenerationConfig, PromptsConfig
 from prefopt.data.example import DataError, Message
 from prefopt.data.tokenize import TokenizeOptions, Tokenizer, keep_end
 from prefopt.errors import hub_download
@@ -95,7 +95,7 @@ def prompt_from_row(row: Any, index: int, where: str) -> Prompt:
     return Prompt(pid, [{"role": "user", "content": content}], meta)
 
 
-def load_prompts(cfg: DictConfig) -> list[Prompt]:
+def load_prompts(cfg: PromptsConfig) -> list[Prompt]:
     """The prompt set ``prompts`` names (``limit`` keeps the first N); ids must be unique."""
     if cfg.source == "constraints":
         tasks = constraints.make_tasks(cfg.split, cfg.n, cfg.seed)
@@ -132,7 +132,7 @@ def last_user(record: Record) -> str:
 
 # ------------------------------------------------------------------ encoding
 def encode_prompts(
-    tok: PreTrainedTokenizerBase, prompts: list[Prompt], gen: DictConfig
+    tok: PreTrainedTokenizerBase, prompts: list[Prompt], gen: GenerationConfig
 ) -> tuple[list[list[int]], int]:
     """Chat-templated prompt ids (one BOS, as in training); over-long prompts keep their end."""
     opts = TokenizeOptions(

@@ -42,9 +42,10 @@ from typing import Any
 import hydra
 import torch
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from prefopt.checks import typed
 from prefopt.config import DatasetConfig, ModelConfig
 from prefopt.data.example import DataError, Message
 from prefopt.data.loading import iter_rows
@@ -304,8 +305,8 @@ def load_dataset_responses(cfg: UrslaConfig) -> tuple[list[list[Message]], list[
     return prompts, texts
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    cfg = OmegaConf.to_object(cfg)  # UrslaConfig, validated by the schema
+def run(composed: DictConfig) -> dict[str, Any]:
+    cfg = typed(composed, UrslaConfig)  # the typed config from here on
     if cfg.dtype != "auto":
         cfg.model.dtype = cfg.dtype
     if cfg.num_threads:

@@ -58,7 +58,7 @@ class LossSpec:
     # for this loss ("mismatched_kl": KTO's kl_estimate; "on_policy_kl": SPO's KL term).
     extras: tuple[str, ...] = ()
 
-    def hparams(self, cfg: Any) -> dict[str, Any]:
+    def hparams(self, cfg: LossConfig) -> dict[str, Any]:
         """The config fields that ``fn`` takes as keywords.
 
         Fields the function does not name (``name``; SPO's ``kl_*`` settings, read by its extra;
@@ -72,7 +72,7 @@ class LossSpec:
             if f.name in params and f.name != "state"
         }
 
-    def state_fields(self, cfg: Any) -> dict[str, Any]:
+    def state_fields(self, cfg: LossConfig) -> dict[str, Any]:
         """Every field of the loss config but ``name``: what ``state.init``/``update`` get."""
         return {
             f.name: getattr(cfg, f.name)
@@ -80,11 +80,11 @@ class LossSpec:
             if f.name != "name"
         }
 
-    def init_state(self, cfg: Any) -> LossState:
+    def init_state(self, cfg: LossConfig) -> LossState:
         """The running statistics before the first step (stateful losses only)."""
         return self.state.init(**self.state_fields(cfg))
 
-    def update_state(self, state: LossState, sums: dict[str, Tensor], cfg: Any) -> LossState:
+    def update_state(self, state: LossState, sums: dict[str, Tensor], cfg: LossConfig) -> LossState:
         """The state after one applied step, from its all-reduced ``stat_updates``."""
         return self.state.update(state, sums, **self.state_fields(cfg))
 
@@ -142,7 +142,7 @@ def get_spec(name: str) -> LossSpec:
         raise KeyError(f"unknown loss {name!r}; registered losses: {sorted(LOSSES)}") from None
 
 
-def build_loss(cfg: Any) -> tuple[LossSpec, LossFn]:
+def build_loss(cfg: LossConfig) -> tuple[LossSpec, LossFn]:
     """Return the spec and ``fn`` with the config's hyper-parameters bound as keywords."""
     spec = get_spec(cfg.name)
     return spec, functools.partial(spec.fn, **spec.hparams(cfg))

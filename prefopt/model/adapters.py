@@ -35,10 +35,18 @@ from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_state_dict,
 )
-from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import (
+    AutoModelForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from prefopt.config import LoraConfig, ModelConfig, Quantize, check_choice
+from prefopt.data.collate import Batch
+from prefopt.data.packing import PackedBatch
 from prefopt.model import parallel
+from prefopt.types import GroupStats
 
 if TYPE_CHECKING:
     import peft
@@ -245,7 +253,7 @@ class AdaptersOff:
         self.policy = policy
         self.model = _OffModel(peft_model(policy))
 
-    def __call__(self, batch: Any, chunk_size: int) -> Any:
+    def __call__(self, batch: Batch | PackedBatch, chunk_size: int) -> GroupStats:
         was_training = self.policy.training
         self.policy.eval()  # a reference runs in eval mode (no dropout, no recompute)
         try:
@@ -336,7 +344,11 @@ def _gather(policy: nn.Module, adapters_only: bool) -> dict[str, Tensor]:
 
 
 def export(
-    policy: nn.Module, tokenizer: Any, path: Path, merged_path: Path | None, is_main: bool
+    policy: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    path: Path,
+    merged_path: Path | None,
+    is_main: bool,
 ) -> None:
     """The adapter in PEFT format (``adapter_config.json``, ``adapter_model.safetensors``) in
     ``path``; with ``merged_path`` also the merged model in HF format, ``from_pretrained``-able.

@@ -38,10 +38,10 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask
-from transformers import AttentionInterface
+from transformers import AttentionInterface, PretrainedConfig
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from prefopt.config import LAYOUTS
+from prefopt.config import LAYOUTS, TrainerConfig
 from prefopt.data.collate import Batch
 from prefopt.data.packing import PackedBatch, VarlenIndex
 from prefopt.errors import ConfigError
@@ -58,7 +58,7 @@ class Target(NamedTuple):
     softcap: bool = False  # the model caps attention logits (Gemma-2's attn_logit_softcapping)
 
     @staticmethod
-    def of_trainer(t: Any, device: str | None = None) -> Target:
+    def of_trainer(t: TrainerConfig, device: str | None = None) -> Target:
         """The target of a ``trainer`` config: its layout, device and compute precision."""
         if device is None:
             device = t.device if t.device != "auto" else this_device()
@@ -70,7 +70,7 @@ def this_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def softcap_of(config: Any) -> bool:
+def softcap_of(config: PretrainedConfig) -> bool:
     return bool(getattr(config, "attn_logit_softcapping", None))
 
 

@@ -171,7 +171,8 @@ def model_config(
     ``tokenizer`` sizes the vocabulary of ``model=tiny``; other models read their config.json.
     ``target`` (the run's device, layout and precision; None: this machine, any layout) and the
     model's own needs (a logit softcap) choose the attention kernel. ``shapes_only`` (the memory
-    plan): a recipe model's shipped shapes, no network."""
+    plan): a recipe model's shipped shapes, no network, and eager attention (the shapes do not
+    depend on the kernel, and eager runs on any machine the plan runs on)."""
     shipped = shipped_config(cfg) if shapes_only else None
     if shipped is not None:
         config = shipped
@@ -186,9 +187,8 @@ def model_config(
                 trust_remote_code=cfg.trust_remote_code,
             )
     target = target or Target(this_device(), half=cfg.dtype != "float32")
-    config._attn_implementation = choose(
-        cfg.attn_implementation, target._replace(softcap=softcap_of(config))
-    )
+    kernel = "eager" if shapes_only else cfg.attn_implementation
+    config._attn_implementation = choose(kernel, target._replace(softcap=softcap_of(config)))
     prepare(config._attn_implementation)
     return config
 

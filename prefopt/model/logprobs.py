@@ -12,6 +12,8 @@ states that predict response tokens, those tokens, and the tokens per row; the r
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
@@ -39,7 +41,9 @@ def token_logps(
     return _chunked(_chunk_logps, (hidden, targets), (head, softcap), chunk_size)
 
 
-def _chunked(fn, split: tuple[Tensor, ...], const: tuple, chunk_size: int) -> Tensor:
+def _chunked(
+    fn: Callable[..., Tensor], split: tuple[Tensor, ...], const: tuple, chunk_size: int
+) -> Tensor:
     """cat of ``fn(*chunk, *const)`` over row chunks of ``split``; each chunk is recomputed in
     backward, so only one chunk's (chunk x vocab) logits ever exist."""
     out = []

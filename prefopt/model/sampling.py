@@ -7,7 +7,7 @@ One function serves benchmark outputs (``prefopt.eval.generate``), on-policy dat
 from __future__ import annotations
 
 import torch
-from transformers import GenerationConfig, PreTrainedModel
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 
 def decoding_config(
@@ -63,7 +63,7 @@ def generate_ids(
     return [rows[i * k : (i + 1) * k] for i in range(len(prompts))]
 
 
-def eos_ids(tok, model: PreTrainedModel) -> list[int]:
+def eos_ids(tok: PreTrainedTokenizerBase, model: PreTrainedModel) -> list[int]:
     """The tokenizer's EOS plus any the model's generation config adds (Llama 3's <|eot_id|>)."""
     extra = model.generation_config.eos_token_id if model.generation_config else None
     extra = [extra] if isinstance(extra, int) else list(extra or [])

@@ -15,8 +15,18 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from omegaconf import DictConfig
+from prefopt.config import LoggerConfig, ModelConfig, TrainConfig, TrainerConfig
+
+if TYPE_CHECKING:  # the banner imports torch and transformers only where it needs them
+    import datasets
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
+
+    from prefopt.data.collate import GroupBatch
+    from prefopt.data.loading import DataSplits, View
+    from prefopt.losses import LossSpec
+    from prefopt.model.parallel import World
 
 log = logging.getLogger("prefopt")
 
@@ -74,7 +84,7 @@ def count_params(path: str, trust_remote_code: bool = False) -> int | None:
     return params_of_config(config, "meta")
 
 
-def params_of_config(config, device) -> int:
+def params_of_config(config: PretrainedConfig, device: str) -> int:
     """Build the architecture on ``device`` (meta: shapes only) and count; tied weights once."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -84,7 +94,7 @@ def params_of_config(config, device) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def tokens_per_group(data, layout: str, views) -> float:
+def tokens_per_group(data: datasets.Dataset, layout: str, views: list[View]) -> float:
     """Mean forward positions of one training view: padded/packed run the prompt once per
     response, shared once per group. (Padded adds padding on top: a lower bound there.)"""
     if not views:
@@ -98,7 +108,7 @@ def tokens_per_group(data, layout: str, views) -> float:
     return total / len(views)
 
 
-def logger_mode(cfg: DictConfig) -> str:
+def logger_mode(cfg: LoggerConfig) -> str:
     """What the logger will do, in words: W&B online / offline / off."""
     if cfg.kind != "wandb":
         return "off (metrics.jsonl and the console only)"
@@ -174,11 +184,11 @@ def format_banner(f: RunFacts, warnings: list[str]) -> str:
 
 
 def run_facts(
-    cfg: DictConfig,
-    tok,
-    data,
-    spec,
-    world,
+    cfg: TrainConfig,
+    tok: PreTrainedTokenizerBase,
+    data: DataSplits,
+    spec: LossSpec,
+    world: World,
     max_steps: int,
     plan: str | None = None,
     params: int | None = None,
@@ -204,8 +214,7 @@ def run_facts(
     G = t.global_batch_groups
     tokens = tokens_per_group(data.train, t.layout, data.train_views) * G
     precision = resolve_precision(world.device, t.precision, t.master_dtype)
-    lora = m.get("lora") is not None
-    recipe = cfg.get("recipe") or {}
+    lora = m.lora is not None
     if world.device.type == "cuda":
         import torch
 
@@ -226,7 +235,7 @@ def run_facts(
         model=m.name_or_path,
         params=params,
         trainable=_trainable(t, m),
-        recipe=recipe.get("name") or "none",
+        recipe=cfg.recipe.name,
         data=f"{d.schema}: {source}",
         train_groups=len(data.train),
         eval_groups=len(data.eval),
@@ -243,17 +252,19 @@ def run_facts(
         precision=f"{'bf16' if precision.bf16 else 'fp32'} compute, weights on disk {m.dtype}",
         master_dtype=str(precision.master).removeprefix("torch."),
         layout=t.layout,
-        attention=attention_line(cfg, tok, world.device.type),
+        attention=attention_line(m, t, cfg.cache_dir, tok, world.device.type),
         reference=reference,
         lr=float(cfg.optimizer.lr),
-        recipe_lr=recipe.get("lr"),
+        recipe_lr=cfg.recipe.lr,
         run_dir=str(cfg.run_dir),
         logger=logger_mode(cfg.logger),
         plan=plan,
     )
 
 
-def attention_line(cfg: DictConfig, tok, device: str) -> str:
+def attention_line(
+    m: ModelConfig, t: TrainerConfig, cache_dir: str, tok: PreTrainedTokenizerBase, device: str
+) -> str:
     """The kernel the run's attention uses, as the registry chooses it for this device, layout
     and precision and for the model's needs (a logit softcap, read from its config.json; when
     that cannot be read, the choice for a model without one)."""
@@ -261,18 +272,18 @@ def attention_line(cfg: DictConfig, tok, device: str) -> str:
     from prefopt.model.attention import Target, choose, kernel_description
     from prefopt.model.load import model_config
 
-    target = Target.of_trainer(cfg.trainer, device)
+    target = Target.of_trainer(t, device)
     try:
-        name = model_config(cfg.model, cfg.cache_dir, tok, target)._attn_implementation
+        name = model_config(m, cache_dir, tok, target)._attn_implementation
     except PrefoptError:  # the registry's refusal: the user's to fix
         raise
     except (OSError, ValueError):  # config.json unreachable (no network, no cache)
-        name = choose(cfg.model.attn_implementation, target)
-    return kernel_description(name, cfg.trainer.layout, device)
+        name = choose(m.attn_implementation, target)
+    return kernel_description(name, t.layout, device)
 
 
-def _trainable(t, m) -> str:
-    if m.get("lora") is not None:
+def _trainable(t: TrainerConfig, m: ModelConfig) -> str:
+    if m.lora is not None:
         return f"LoRA adapters only (rank {m.lora.rank}; counts in the memory plan)"
     return f"top {t.train_top_blocks} blocks" if t.train_top_blocks else "all"
 
@@ -288,7 +299,7 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
-def batch_shapes(batch) -> str:
+def batch_shapes(batch: GroupBatch) -> str:
     """One line per tensor field of a collated micro-batch: name, shape, dtype."""
     lines = []
     for name, value in vars(batch).items():
@@ -314,7 +325,7 @@ def announce(facts: RunFacts, run_dir: str, status: str) -> list[str]:
     return warnings
 
 
-def show_first_batch(micro_batches: list) -> None:
+def show_first_batch(micro_batches: list[GroupBatch]) -> None:
     """The dry run's last word: the shapes of the first step's micro-batches on this rank."""
     from prefopt.model.parallel import is_main
 

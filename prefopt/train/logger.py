@@ -9,8 +9,7 @@ import os
 from pathlib import Path
 from typing import IO, Any, NamedTuple, Protocol
 
-from omegaconf import DictConfig, OmegaConf
-
+from prefopt.config import LoggerConfig, LoggerKind, check_choice
 from prefopt.model.parallel import is_main
 
 log = logging.getLogger(__name__)
@@ -66,7 +65,11 @@ class WandbLogger:
     """W&B run in the run dir; offline mode when no API key is configured (sync later)."""
 
     def __init__(
-        self, cfg: DictConfig, run_dir: str, config: dict[str, Any], sweep: SweepInfo | None = None
+        self,
+        cfg: LoggerConfig,
+        run_dir: str,
+        config: dict[str, Any],
+        sweep: SweepInfo | None = None,
     ) -> None:
         import wandb
 
@@ -118,14 +121,14 @@ class SweepInfo(NamedTuple):
 
 
 def build_logger(
-    cfg: DictConfig, run_dir: str, full_config: DictConfig, sweep: SweepInfo | None = None
+    cfg: LoggerConfig, run_dir: str, config: dict[str, Any], sweep: SweepInfo | None = None
 ) -> MetricLogger:
+    """metrics.jsonl, and W&B when ``logger.kind=wandb`` (``config``: the run's values, which W&B
+    records with the run). Off rank 0: a logger that writes nothing."""
     if not is_main():
         return MultiLogger([])
+    check_choice("logger.kind", cfg.kind, LoggerKind)
     loggers: list[MetricLogger] = [JsonlLogger(Path(run_dir, "metrics.jsonl"))]
     if cfg.kind == "wandb":
-        config = OmegaConf.to_container(full_config, resolve=True)
         loggers.append(WandbLogger(cfg, run_dir, config, sweep))
-    elif cfg.kind != "none":
-        raise ValueError(f"logger.kind must be 'none' or 'wandb', got {cfg.kind!r}")
     return MultiLogger(loggers)

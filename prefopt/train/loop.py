@@ -16,11 +16,11 @@ whose loss or gradient is not finite is dropped before the optimizer sees it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -71,10 +71,11 @@ def count_skip(state: TrainState, consecutive: int, lr: float) -> int:
 
 
 def run(  # noqa: C901  (one function from build to summary, read top to bottom)
-    cfg: DictConfig, overrides: list[str] | None = None, sweep: SweepInfo | None = None
+    composed: DictConfig, overrides: list[str] | None = None, sweep: SweepInfo | None = None
 ) -> dict[str, float]:
-    """Train as ``cfg`` says; return the final held-out metrics ({} when stopped early)."""
-    validate(cfg)
+    """Train as the composed config says; return the final held-out metrics ({} when stopped
+    early). The config is checked and made typed here, once: below, each part is a dataclass."""
+    cfg = validate(composed)  # TrainConfig; cfg.loss is the loss's own dataclass
     t = cfg.trainer
     world = parallel.init_distributed(t.device, t.collective_timeout_s)
     validate_batching(t, world.world_size)
@@ -124,7 +125,7 @@ def run(  # noqa: C901  (one function from build to summary, read top to bottom)
         state = load_checkpoint(resume_from, policy, optimizer, world.world_size)
         log.info("resumed from %s at step %d", resume_from, state.step)
     policy.train()
-    logger = build_logger(cfg.logger, run_dir, cfg, sweep)
+    logger = build_logger(cfg.logger, run_dir, dataclasses.asdict(cfg), sweep)
 
     # what the loss needs besides the models and a batch: the same in the step and the evaluation
     step_ctx = StepContext(
@@ -136,7 +137,7 @@ def run(  # noqa: C901  (one function from build to summary, read top to bottom)
     eval_rows = StepRows.split(data.eval, data.eval_views)
 
     def run_eval() -> dict[str, float]:
-        ctx = replace(step_ctx.loss, state=state.loss_state)
+        ctx = dataclasses.replace(step_ctx.loss, state=state.loss_state)
         metrics = evaluate(policy, ref, eval_rows, ctx, passes, extras)
         logger.log({f"eval/{k}": v for k, v in metrics.items()}, step=state.step)
         return metrics

@@ -6,9 +6,8 @@ import math
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
 
-from prefopt.config import Schedule, TrainerConfig, check_choice
+from prefopt.config import OptimizerConfig, Schedule, TrainerConfig, check_choice
 from prefopt.deps import check
 
 STOCHASTIC_ROUNDING = ("prefopt.train.optim.adamw_bf16_sr",)
@@ -19,7 +18,9 @@ def uses_torchao(target: str) -> bool:
     return target.startswith("torchao.") or target in STOCHASTIC_ROUNDING
 
 
-def build_optimizer(cfg: DictConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+def build_optimizer(
+    cfg: OptimizerConfig, params: list[torch.nn.Parameter]
+) -> torch.optim.Optimizer:
     target = cfg._target_
     if uses_torchao(target):
         check("torchao")  # installed, and a release with torchao.optim
@@ -38,7 +39,7 @@ def build_optimizer(cfg: DictConfig, params: list[torch.nn.Parameter]) -> torch.
 
 
 def adamw_bf16_sr(
-    params, lr: float, betas: list[float], weight_decay: float, eps: float
+    params: list[torch.nn.Parameter], lr: float, betas: list[float], weight_decay: float, eps: float
 ) -> torch.optim.Optimizer:
     """torchao's AdamW with bf16 stochastic rounding of the weight update (for bf16 master
     weights, ``trainer.master_dtype=bfloat16``); its moments are kept in the weights' dtype."""

@@ -21,8 +21,16 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
+from prefopt.config import TrainConfig
 from prefopt.errors import report_user_errors
+
+if TYPE_CHECKING:  # torch and transformers are imported where the plan builds the model
+    import torch
+    from transformers import PreTrainedModel
+
+    from prefopt.model.parallel import World
 
 GIB = 1024**3
 SAFETY = 0.92  # the share of device memory a plan may fill (allocator fragmentation, kernels)
@@ -42,7 +50,7 @@ class Shape:
     vocab: int
 
     @staticmethod
-    def of(model) -> Shape:
+    def of(model: PreTrainedModel) -> Shape:
         """From a model (on the meta device is enough): exact counts."""
         from prefopt.model.blocks import decoder_blocks
 
@@ -181,7 +189,7 @@ def optimizer_state_bytes(target: str, master_bytes: int) -> float:
     return 2.0 * master_bytes  # two moments in the parameters' dtype
 
 
-def inputs_from_config(cfg, world_size: int, device_type: str) -> PlanInputs:
+def inputs_from_config(cfg: TrainConfig, world_size: int, device_type: str) -> PlanInputs:
     """The plan's inputs as the composed training config says."""
     t, d = cfg.trainer, cfg.dataset
     bf16 = t.precision == "bf16" or (t.precision == "auto" and device_type == "cuda")
@@ -205,7 +213,9 @@ def inputs_from_config(cfg, world_size: int, device_type: str) -> PlanInputs:
     )
 
 
-def shape_and_inputs(cfg, world_size: int, device_type: str) -> tuple[Shape, PlanInputs]:
+def shape_and_inputs(
+    cfg: TrainConfig, world_size: int, device_type: str
+) -> tuple[Shape, PlanInputs]:
     """Exact counts from the model built on the meta device (only its config.json is read: the
     shapes shipped for recipe models, else from the Hub or a local directory; built in code for
     ``model=tiny``) and the plan's inputs; with
@@ -217,9 +227,7 @@ def shape_and_inputs(cfg, world_size: int, device_type: str) -> tuple[Shape, Pla
     from prefopt.model.load import empty_model, model_config, tiny_tokenizer
 
     tok = tiny_tokenizer() if cfg.model.source == "tiny" else None
-    eager = cfg.model.copy()  # the shapes do not depend on the attention kernel: eager
-    eager.attn_implementation = "eager"  # runs on any machine the plan runs on
-    config = model_config(eager, cfg.cache_dir, tok, shapes_only=True)
+    config = model_config(cfg.model, cfg.cache_dir, tok, shapes_only=True)
     model = empty_model(cfg.model, config)
     shape = Shape.of(model)
     inputs = inputs_from_config(cfg, world_size, device_type)
@@ -233,18 +241,18 @@ def shape_and_inputs(cfg, world_size: int, device_type: str) -> tuple[Shape, Pla
         inputs.compute_bytes,
     )
     inputs = replace(inputs, attention_bytes=attention)
-    top = cfg.trainer.get("train_top_blocks", 0)
+    top = cfg.trainer.train_top_blocks
     if top > 0:  # the frozen blocks are held in the compute dtype, like a LoRA base
         trained = freeze_below_top_blocks(model, top)
         inputs = replace(inputs, trainable_params=trained, activation_blocks=top)
-    if cfg.model.get("lora") is not None:
+    if cfg.model.lora is not None:
         adapter, _ = count_adapter_parameters(config, cfg.model.lora)
-        frozen = {"4bit": 0.5, "8bit": 1.0}.get(cfg.model.get("quantize", "none"))
+        frozen = {"4bit": 0.5, "8bit": 1.0}.get(cfg.model.quantize)
         inputs = replace(inputs, trainable_params=adapter, frozen_bytes=frozen, reference="none")
     return shape, inputs
 
 
-def device_capacity(device) -> tuple[int, str] | None:
+def device_capacity(device: torch.device) -> tuple[int, str] | None:
     """The memory of the device a run trains on and its name; None on CPU (nothing checked)."""
     if device.type != "cuda":
         return None
@@ -254,7 +262,7 @@ def device_capacity(device) -> tuple[int, str] | None:
     return props.total_memory, f"{props.name} ({device})"
 
 
-def plan_for_run(cfg, world) -> MemoryPlan:
+def plan_for_run(cfg: TrainConfig, world: World) -> MemoryPlan:
     """The composed run's plan on this world; on a GPU, refuse it when it does not fit."""
     plan = plan_memory(*shape_and_inputs(cfg, world.world_size, world.device.type))
     capacity = device_capacity(world.device)
@@ -276,16 +284,18 @@ def main(argv: list[str] | None = None) -> None:
 
     from hydra import compose, initialize_config_dir
 
-    import prefopt.config  # noqa: F401  (schemas)
-    import prefopt.losses  # noqa: F401
+    import prefopt.losses  # noqa: F401  (the loss schemas)
     from prefopt import deps
+    from prefopt.checks import typed
 
     deps.check(*deps.CORE)
     deps.keep_torchao_out(lora=False)  # the plan builds the model on the meta device only
 
     conf = Path(__file__).resolve().parents[2] / "conf"
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        cfg = compose("train", overrides=[*args.overrides, "run_dir=/nonexistent"])
+        cfg = typed(
+            compose("train", overrides=[*args.overrides, "run_dir=/nonexistent"]), TrainConfig
+        )
     shape, inputs = shape_and_inputs(cfg, args.world_size, "cuda")
     plan = plan_memory(shape, inputs)
     capacity = int(args.gpu_memory_gib * GIB)

@@ -5,6 +5,7 @@ tokenized data and keyed by model, precision and data, so a stale cache is never
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -13,9 +14,9 @@ from pathlib import Path
 
 import datasets
 import torch
-from omegaconf import DictConfig, OmegaConf
 
 from prefopt.atomic import publish_dir
+from prefopt.config import ModelConfig
 from prefopt.data.loading import make_views, view_group
 from prefopt.model.logprobs import StatsModel
 from prefopt.model.parallel import all_gather_objects, barrier, is_main
@@ -24,9 +25,9 @@ from prefopt.train.passes import PassOptions, evaluating, rank_batches
 log = logging.getLogger(__name__)
 
 
-def reference_key(model_cfg: DictConfig, seed: int, precision: str, data: datasets.Dataset) -> str:
+def reference_key(model_cfg: ModelConfig, seed: int, precision: str, data: datasets.Dataset) -> str:
     """Everything the cached values depend on: weights (by identity), numerics and the data."""
-    ident = OmegaConf.to_container(model_cfg, resolve=True)
+    ident = dataclasses.asdict(model_cfg)
     ident.pop("gradient_checkpointing", None)  # does not change values
     blob = json.dumps([ident, seed, precision, data._fingerprint], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]

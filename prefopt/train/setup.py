@@ -8,12 +8,13 @@ import contextlib
 import logging
 from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Protocol
 
 import datasets
 import torch
-from omegaconf import DictConfig
 from transformers import PreTrainedTokenizerBase
 
+from prefopt.config import DatasetConfig, TrainConfig
 from prefopt.data.loading import DataSplits, build_splits, make_views
 from prefopt.data.tokenize import TokenizeOptions, Tokenizer
 from prefopt.losses import LossSpec
@@ -30,7 +31,7 @@ log = logging.getLogger("prefopt")
 
 
 def build_models(
-    cfg: DictConfig,
+    cfg: TrainConfig,
     spec: LossSpec,
     tok: PreTrainedTokenizerBase,
     data: DataSplits,
@@ -100,18 +101,20 @@ def make_autocast(precision: parallel.Precision, device: torch.device) -> Abstra
     return contextlib.nullcontext()
 
 
-def prepare_data(cfg: DictConfig, tok: PreTrainedTokenizerBase, spec: LossSpec) -> DataSplits:
+class DataRun(Protocol):
+    """What data preparation reads of a run's config (``TrainConfig``, ``EvaluateConfig``)."""
+
+    dataset: DatasetConfig
+    cache_dir: str
+    seed: int
+
+
+def prepare_data(cfg: DataRun, tok: PreTrainedTokenizerBase, spec: LossSpec) -> DataSplits:
     """Tokenized train/eval groups and their views (score-ordered pairs for pairwise losses)."""
     d = cfg.dataset
-    opts = TokenizeOptions(
-        d.max_length,
-        d.max_prompt_length,
-        d.prompt_truncation,
-        d.response_truncation,
-        d.system_prompt,
-    )
     cache = str(Path(cfg.cache_dir)) if d.cache else None
-    train, eval_data, counts = build_splits(d, Tokenizer(tok, opts), cache, cfg.seed)
+    tokenizer = Tokenizer(tok, TokenizeOptions.of(d))
+    train, eval_data, counts = build_splits(d, tokenizer, cache, cfg.seed)
     log.info("data: %d train / %d eval groups; %s", len(train), len(eval_data), dict(counts))
     if spec.k not in (None, 2):
         raise ValueError(f"loss {spec.name!r} wants K={spec.k}; only K=2 or any K is supported")

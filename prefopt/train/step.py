@@ -11,9 +11,9 @@ from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 import torch
-from omegaconf import DictConfig
 from torch import Tensor
 
+from prefopt.config import TrainerConfig
 from prefopt.data.batching import Batching, batches, budget_batches
 from prefopt.data.collate import Batch
 from prefopt.data.loading import DataSplits
@@ -27,7 +27,7 @@ from prefopt.types import LossOutput
 
 
 def step_micro_batches(
-    t: DictConfig, data: DataSplits, step_views: list[int], world: parallel.World, pad_id: int
+    t: TrainerConfig, data: DataSplits, step_views: list[int], world: parallel.World, pad_id: int
 ) -> list[Batch | PackedBatch]:
     """This rank's micro-batches of a step, in ``trainer.layout``: filled to
     ``micro_batch_tokens`` (planned over the whole step, so every rank runs as many), or

@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
 
 from torch import Tensor
 
-from prefopt.losses.registry import LossSpec
+from prefopt.losses.registry import LossConfig, LossSpec
 from prefopt.model.logprobs import StatsModel
 from prefopt.train.extras.base import ExtraEnv, ExtraState, StepExtra, StepRows
 from prefopt.train.extras.mismatched_kl import MismatchedKL
@@ -66,7 +65,7 @@ def extra_classes(spec: LossSpec) -> dict[str, type[StepExtra]]:
 
 
 def reference_model_needed(
-    spec: LossSpec, loss_cfg: Any, reference: str, *, training: bool = True
+    spec: LossSpec, loss_cfg: LossConfig, reference: str, *, training: bool = True
 ) -> bool:
     """Whether the run holds a frozen reference model, for the loss config ``loss_cfg`` and
     ``trainer.reference``: reference log-probs read in the loop (``model``), or an active extra
@@ -89,7 +88,7 @@ class StepExtras:
         self.extras = extras
 
     @classmethod
-    def build(cls, spec: LossSpec, loss_cfg: Any, env: ExtraEnv) -> StepExtras:
+    def build(cls, spec: LossSpec, loss_cfg: LossConfig, env: ExtraEnv) -> StepExtras:
         active = {n: k for n, k in extra_classes(spec).items() if k.active(loss_cfg)}
         names = [i for k in active.values() for i in k.input_names]
         if len(names) != len(set(names)):

@@ -11,6 +11,8 @@ import datasets
 from torch import Tensor
 
 from prefopt.data.loading import View
+from prefopt.losses.registry import LossConfig
+from prefopt.model.adapters import AdaptersOff
 from prefopt.model.logprobs import StatsModel
 from prefopt.train.passes import PassOptions
 
@@ -39,7 +41,7 @@ class ExtraEnv:
     none; a LoRA run's is the policy with its adapters off), the no-grad pass settings (groups
     per forward, padding id, log-prob chunk, autocast) and the tokenizer's EOS id."""
 
-    ref: Any
+    ref: StatsModel | AdaptersOff | None
     passes: PassOptions
     eos_id: int
 
@@ -69,11 +71,11 @@ class StepExtra:
     config_fields: ClassVar[tuple[str, ...]] = ()
     uses_reference: ClassVar[bool] = False
 
-    def __init__(self, loss_cfg: Any, env: ExtraEnv) -> None:
+    def __init__(self, loss_cfg: LossConfig, env: ExtraEnv) -> None:
         self.env = env
 
     @classmethod
-    def active(cls, loss_cfg: Any) -> bool:
+    def active(cls, loss_cfg: LossConfig) -> bool:
         """Whether the loop runs this extra for the loss config ``loss_cfg``."""
         return True
 

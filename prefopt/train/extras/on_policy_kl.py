@@ -13,6 +13,7 @@ from transformers import PreTrainedModel
 
 from prefopt.data.collate import collate
 from prefopt.data.tokenize import TokenizedGroup
+from prefopt.losses.registry import LossConfig
 from prefopt.model import parallel
 from prefopt.model.logprobs import StatsModel
 from prefopt.model.parallel import unsharded
@@ -68,13 +69,13 @@ class OnPolicyKL(StepExtra):
     config_fields = ("kl_weight", "kl_every", "kl_num_samples", "kl_max_new_tokens")
     uses_reference = True  # the samples are rows no reference cache holds
 
-    def __init__(self, loss_cfg, env: ExtraEnv) -> None:
+    def __init__(self, loss_cfg: LossConfig, env: ExtraEnv) -> None:
         super().__init__(loss_cfg, env)
         self.weight, self.every = loss_cfg.kl_weight, loss_cfg.kl_every
         self.num_samples, self.max_new_tokens = loss_cfg.kl_num_samples, loss_cfg.kl_max_new_tokens
 
     @classmethod
-    def active(cls, loss_cfg) -> bool:
+    def active(cls, loss_cfg: LossConfig) -> bool:
         return loss_cfg.kl_weight > 0  # 0 turns the term (and its reference model) off
 
     def regularizer(self, policy: StatsModel, rows: StepRows, state: ExtraState):
