@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+import prefopt.eval.constraints.schema  # noqa: F401  (registers constraints_reference)
 from prefopt.data.example import DataError, Example
 from prefopt.data.schemas import SCHEMAS, ParseOptions, parse_row, register_schema
 from prefopt.errors import ConfigError

@@ -248,28 +248,3 @@ def parse_armorm(row: dict[str, Any], where: str, opts: ParseOptions) -> Example
     keys = ("prompt", "all_generated_responses", "all_rm_scores")
     pieces = [_get(row, k, where) for k in keys]
     return _example(where, *pieces, id=_optional_str(row, "prompt_id", where), keys=keys)
-
-
-@register_schema("constraints_reference")
-def parse_constraints_reference(row: dict[str, Any], where: str, opts: ParseOptions) -> Example:
-    """A row of the offline constraint benchmark (canonical keys plus the task's ``family`` and
-    ``params``, as ``prefopt.eval.datagen`` writes them) with the benchmark's reference answer
-    appended as one more response, scored by the task's verifier (10, a pass).
-
-    The embedded default uses it: the model's own samples of a prompt differ by task-specific
-    partial credit that does not carry over to unseen prompts, while "the reference answer over
-    the model's own samples" does, so a few CPU steps move the held-out reward accuracy.
-    """
-    from prefopt.eval import constraints  # stdlib only; the benchmark's tasks and verifiers
-
-    example = parse_canonical(row, where, opts)
-    try:
-        task = constraints.task_from_row(row, where)
-    except ValueError as e:
-        wants = "dataset.schema=constraints_reference wants the benchmark's rows"
-        raise DataError(f"{e} ({wants})") from None
-    reference = constraints.ideal_response(task)
-    score = constraints.verify(task, reference).score
-    return Example(
-        example.prompt, [*example.responses, reference], [*example.scores, score], example.id
-    )

@@ -45,6 +45,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+import prefopt.eval.constraints.schema  # noqa: F401  (dataset.schema=constraints_reference)
 from prefopt.checks import typed
 from prefopt.config import DatasetConfig, ModelConfig
 from prefopt.data.example import DataError, Message
