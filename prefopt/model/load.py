@@ -107,6 +107,19 @@ def local_or_hub(cfg: ModelConfig, cache_dir: str) -> str:
     return str(_cached_gguf_dir(cfg, cache_dir)) if cfg.source == "gguf" else cfg.name_or_path
 
 
+def from_source(cls: type, what: str, cfg: ModelConfig, cache_dir: str, **kwargs: object):
+    """``cls.from_pretrained`` on the model's files (a Hub id, a directory, or the GGUF file's
+    converted copy) at its revision; a download that fails offline names ``what`` and the id."""
+    check_choice("model.source", cfg.source, Source)
+    with hub_download(what, cfg.name_or_path):
+        return cls.from_pretrained(
+            local_or_hub(cfg, cache_dir),
+            revision=cfg.revision,
+            trust_remote_code=cfg.trust_remote_code,
+            **kwargs,
+        )
+
+
 def tiny_llama_config(t: TinyModelConfig, tokenizer: PreTrainedTokenizerBase) -> LlamaConfig:
     """The architecture of ``model.source=tiny`` (weights are drawn by ``load_model``)."""
     return LlamaConfig(
@@ -127,12 +140,7 @@ def tiny_llama_config(t: TinyModelConfig, tokenizer: PreTrainedTokenizerBase) ->
 def load_tokenizer(cfg: ModelConfig, cache_dir: str) -> PreTrainedTokenizerBase:
     if cfg.source == "tiny":
         return tiny_tokenizer()
-    with hub_download("the tokenizer of model", cfg.name_or_path):
-        tok = AutoTokenizer.from_pretrained(
-            local_or_hub(cfg, cache_dir),
-            revision=cfg.revision,
-            trust_remote_code=cfg.trust_remote_code,
-        )
+    tok = from_source(AutoTokenizer, "the tokenizer of model", cfg, cache_dir)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token  # padding is masked out; any id will do
     if tok.chat_template is None:
@@ -179,13 +187,7 @@ def model_config(
     elif cfg.source == "tiny":
         config = tiny_llama_config(cfg.tiny, tokenizer)
     else:
-        check_choice("model.source", cfg.source, Source)
-        with hub_download("the config.json of model", cfg.name_or_path):
-            config = AutoConfig.from_pretrained(
-                local_or_hub(cfg, cache_dir),
-                revision=cfg.revision,
-                trust_remote_code=cfg.trust_remote_code,
-            )
+        config = from_source(AutoConfig, "the config.json of model", cfg, cache_dir)
     target = target or Target(this_device(), half=cfg.dtype != "float32")
     kernel = "eager" if shapes_only else cfg.attn_implementation
     config._attn_implementation = choose(kernel, target._replace(softcap=softcap_of(config)))
@@ -247,17 +249,16 @@ def load_model(
             torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     else:
-        check_choice("model.source", cfg.source, Source)
-        with hub_download("model", cfg.name_or_path):
-            model = AutoModelForCausalLM.from_pretrained(
-                local_or_hub(cfg, cache_dir),
-                revision=cfg.revision,
-                dtype=dtype,
-                # the registry's choice for this machine and the model's needs (a logit softcap)
-                attn_implementation=model_config(cfg, cache_dir, tokenizer)._attn_implementation,
-                trust_remote_code=cfg.trust_remote_code,
-                **quantization_kwargs(cfg),  # QLoRA: a bitsandbytes-quantized frozen base
-            )
+        model = from_source(
+            AutoModelForCausalLM,
+            "model",
+            cfg,
+            cache_dir,
+            dtype=dtype,
+            # the registry's choice for this machine and the model's needs (a logit softcap)
+            attn_implementation=model_config(cfg, cache_dir, tokenizer)._attn_implementation,
+            **quantization_kwargs(cfg),  # QLoRA: a bitsandbytes-quantized frozen base
+        )
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(model)
     return model
