@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 import torch
 from torch import Tensor
@@ -49,7 +49,7 @@ class GroupBatch:
         reading it never waits for the device."""
         return self.sequence_tokens
 
-    def to(self, device: torch.device | str) -> Any:
+    def to(self, device: torch.device | str) -> Self:
         """The batch with every tensor (and tensor index) on ``device``."""
         moved = {f.name: _moved(getattr(self, f.name), device) for f in dataclasses.fields(self)}
         return dataclasses.replace(self, **moved)
